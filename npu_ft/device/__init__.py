@@ -1,0 +1,86 @@
+"""Device layer: picks cpu, cuda or npu and answers every device question.
+
+Selection order: an explicit name (argument, config ``device:``), else the ``NPU_FT_DEVICE`` env
+var, else auto = npu > cuda > cpu. Asking explicitly for a device that cannot be used raises
+:class:`DeviceUnavailableError` with the reason, e.g. "npu unavailable: torch_npu could not be
+imported (...)".
+
+>>> from npu_ft.device import get_backend
+>>> dev = get_backend("cpu")
+>>> dev.torch_device(), dev.dist_backend
+(device(type='cpu'), 'gloo')
+"""
+
+from __future__ import annotations
+
+import os
+
+from .base import DeviceBackend, DeviceUnavailableError, MemoryReading
+from .cpu import CpuBackend
+from .cuda import CudaBackend
+from .npu import NpuBackend
+
+ENV_VAR = "NPU_FT_DEVICE"
+AUTO_ORDER = ("npu", "cuda", "cpu")
+
+_BACKENDS: dict[str, DeviceBackend] = {"cpu": CpuBackend(), "cuda": CudaBackend(), "npu": NpuBackend()}
+
+__all__ = [
+    "AUTO_ORDER",
+    "DeviceBackend",
+    "DeviceUnavailableError",
+    "ENV_VAR",
+    "MemoryReading",
+    "all_backends",
+    "backend_for_tensor",
+    "get_backend",
+    "select_device",
+]
+
+
+def all_backends() -> dict[str, DeviceBackend]:
+    """Every known backend by name, available or not."""
+    return dict(_BACKENDS)
+
+
+def _lookup(name: str) -> DeviceBackend:
+    key = name.strip().lower().split(":", 1)[0]
+    if key == "auto":
+        raise KeyError(key)
+    try:
+        return _BACKENDS[key]
+    except KeyError:
+        known = ", ".join(["auto", *_BACKENDS])
+        raise ValueError(f"unknown device {name!r}: expected one of {known}") from None
+
+
+def get_backend(name: str | None = None) -> DeviceBackend:
+    """The backend for ``name`` ("cpu", "cuda", "npu", "auto" or None), checked to be usable.
+
+    None means: the ``NPU_FT_DEVICE`` env var if set, else auto.
+    """
+    if name is None:
+        name = os.environ.get(ENV_VAR) or "auto"
+    if name.strip().lower() == "auto":
+        for candidate in AUTO_ORDER:
+            backend = _BACKENDS[candidate]
+            if backend.is_available():
+                return backend
+        return _BACKENDS["cpu"]  # pragma: no cover - cpu is always available
+    return _lookup(name).require()
+
+
+def select_device(name: str | None = None, local_rank: int | None = None):
+    """``(backend, torch.device)`` for this process: ``local_rank`` defaults to $LOCAL_RANK or 0."""
+    backend = get_backend(name)
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return backend, backend.device_for_local_rank(local_rank)
+
+
+def backend_for_tensor(tensor) -> DeviceBackend:
+    """The backend that owns ``tensor``'s device (PrivateUse1 tensors belong to npu)."""
+    kind = tensor.device.type
+    if kind == "privateuseone":
+        kind = "npu"
+    return _lookup(kind)
