@@ -1,7 +1,7 @@
 """cuda kernels of the npu_ft ops, one module per op family (e.g. `nf4.py`, `lora.py`).
 
 Each module defines `register()`, which calls `npu_ft.ops._registry.register_kernel(op, "cuda", fn)`
-for its kernels; :func: below runs them all.
+for its kernels; :func:`register` below runs them all.
 """
 
 from __future__ import annotations
