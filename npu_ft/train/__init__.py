@@ -1,0 +1,1 @@
+"""Training: config (LLaMA-Factory keys), trainer, callbacks, adapters (PEFT format), export."""
