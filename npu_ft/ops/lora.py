@@ -1,1 +1,413 @@
-"""Placeholder: being written."""
+"""LoRA linear ops: ``lora_linear`` (dense base) and ``nf4_linear`` (QLoRA: NF4 base + LoRA).
+
+Math (``...`` = any batch dims, ``in``/``out`` = features, ``r`` = LoRA rank)::
+
+    x       [..., in]     activations                      (float32 / bfloat16 / float16)
+    weight  [out, in]     frozen base weight, x's dtype     (dense op)
+    packed  [(out*in+1)//2, 1] uint8 + absmax fp32 [blocks]  NF4 base weight (nf4 op)
+    bias    [out]         optional, x's dtype
+    lora_A  [r, in]       trainable
+    lora_B  [out, r]      trainable, same dtype as lora_A
+    x_lora  [..., in]     optional: dropout(x.to(lora_A.dtype)) computed by the caller with torch's
+                          dropout (exactly what PEFT's ``nn.Dropout`` does); None = no dropout.
+
+    y = x @ W.T + bias + scaling * (x_lora @ A.T) @ B.T          -> [..., out], x's dtype
+
+Dtype semantics follow PEFT exactly. ``lora_linear`` = ``peft.tuners.lora.layer.Linear``: the LoRA
+branch runs in lora_A's dtype and is added in the promoted dtype, then the sum is cast back to x's
+dtype. ``nf4_linear`` = ``peft.tuners.lora.bnb.Linear4bit``: the branch's result is cast to x's dtype
+first, then added. The NF4 weight is dequantized to x's dtype (as bitsandbytes' ``matmul_4bit``).
+
+Each op returns ``(y, h)`` with ``h = x_lora @ A.T`` ([..., r], kept for backward); the Python entry
+points return ``y`` only. Backward is a separate op per family (``lora_linear_backward``,
+``nf4_linear_backward``) so every device can bring its own backward kernel. Backward saves x,
+x_lora, h and references to the frozen weight (the NF4 op saves packed/absmax and dequantizes again);
+it never saves a copy of W nor a full-size output, and the frozen weight gets no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from . import _checks, _registry
+
+__all__ = [
+    "lora_linear",
+    "nf4_linear",
+    "lora_linear_reference",
+    "lora_linear_backward_reference",
+    "nf4_linear_reference",
+    "nf4_linear_backward_reference",
+]
+
+# --------------------------------------------------------------------------------------------------
+# schemas
+# --------------------------------------------------------------------------------------------------
+
+LORA_LINEAR = _registry.define(
+    "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+    "Tensor? x_lora) -> (Tensor, Tensor)"
+)
+# output_mask = [dx, dx_lora, dA, dB, dbias]; outputs not asked for are empty tensors.
+LORA_LINEAR_BACKWARD = _registry.define(
+    "lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+    "Tensor h, float scaling, Tensor? x_lora, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+NF4_LINEAR = _registry.define(
+    "nf4_linear(Tensor x, Tensor packed, Tensor absmax, int blocksize, SymInt[] weight_shape, Tensor? bias, "
+    "Tensor? lora_A, Tensor? lora_B, float scaling, Tensor? x_lora) -> (Tensor, Tensor)"
+)
+NF4_LINEAR_BACKWARD = _registry.define(
+    "nf4_linear_backward(Tensor grad_out, Tensor x, Tensor packed, Tensor absmax, int blocksize, "
+    "SymInt[] weight_shape, Tensor? lora_A, Tensor? lora_B, Tensor h, float scaling, Tensor? x_lora, "
+    "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+# --------------------------------------------------------------------------------------------------
+# fake kernels
+# --------------------------------------------------------------------------------------------------
+
+
+def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scaling, x_lora):
+    lead = tuple(x.shape[:-1])
+    y = x.new_empty(lead + (weight.shape[0],))
+    h = lora_A.new_empty(lead + (lora_A.shape[0],))
+    return y, h
+
+
+def _backward_fake(grad_out, x, lora_A, lora_B, x_lora, output_mask, bias_dtype_like):
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else x.new_empty(0)
+    if output_mask[1] and x_lora is not None:
+        dx_lora = torch.empty_like(x_lora, memory_format=torch.contiguous_format)
+    else:
+        dx_lora = x.new_empty(0)
+    dA = torch.empty_like(lora_A, memory_format=torch.contiguous_format) if (output_mask[2] and lora_A is not None) else x.new_empty(0)
+    dB = torch.empty_like(lora_B, memory_format=torch.contiguous_format) if (output_mask[3] and lora_B is not None) else x.new_empty(0)
+    dbias = grad_out.new_empty(grad_out.shape[-1]) if output_mask[4] else grad_out.new_empty(0)
+    return dx, dx_lora, dA, dB, dbias
+
+
+def _lora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora, output_mask):
+    return _backward_fake(grad_out, x, lora_A, lora_B, x_lora, output_mask, None)
+
+
+def _nf4_linear_fake(x, packed, absmax, blocksize, weight_shape, bias, lora_A, lora_B, scaling, x_lora):
+    lead = tuple(x.shape[:-1])
+    y = x.new_empty(lead + (weight_shape[0],))
+    if lora_A is not None:
+        h = lora_A.new_empty(lead + (lora_A.shape[0],))
+    else:
+        h = x.new_empty(0)
+    return y, h
+
+
+def _nf4_linear_backward_fake(grad_out, x, packed, absmax, blocksize, weight_shape, lora_A, lora_B, h, scaling,
+                              x_lora, output_mask):
+    return _backward_fake(grad_out, x, lora_A, lora_B, x_lora, output_mask, None)
+
+
+_registry.register_fake(LORA_LINEAR, _lora_linear_fake)
+_registry.register_fake(LORA_LINEAR_BACKWARD, _lora_linear_backward_fake)
+_registry.register_fake(NF4_LINEAR, _nf4_linear_fake)
+_registry.register_fake(NF4_LINEAR_BACKWARD, _nf4_linear_backward_fake)
+
+# --------------------------------------------------------------------------------------------------
+# reference kernels (pure torch, any device)
+# --------------------------------------------------------------------------------------------------
+
+
+def _dequantize(packed, absmax, blocksize, weight_shape, dtype):
+    return torch.ops.npu_ft.nf4_dequantize(packed, absmax, blocksize, list(weight_shape), dtype)
+
+
+def _forward_reference(x, weight, bias, lora_A, lora_B, scaling, x_lora, cast_branch_first):
+    y = torch.nn.functional.linear(x, weight, bias)
+    if lora_A is None:
+        return y, x.new_empty(0)
+    xl = x.to(lora_A.dtype) if x_lora is None else x_lora
+    h = torch.nn.functional.linear(xl, lora_A)
+    branch = torch.nn.functional.linear(h, lora_B) * scaling
+    if cast_branch_first:  # PEFT Linear4bit
+        y = y + branch.to(y.dtype)
+    else:  # PEFT Linear
+        y = (y + branch).to(x.dtype)
+    return y, h
+
+
+def _backward_reference(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora, output_mask):
+    need_dx, need_dx_lora, need_dA, need_dB, need_dbias = output_mask
+    in_features = x.shape[-1]
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    dx, dx_lora, dA, dB, dbias = (x.new_empty(0) for _ in range(5))  # distinct: outputs may not alias
+    dh2 = None
+    if lora_A is not None:
+        gl = g2.to(lora_A.dtype) * scaling
+        h2 = h.reshape(-1, lora_A.shape[0])
+        if need_dB:
+            dB = gl.t() @ h2
+        if need_dA or need_dx_lora or (need_dx and x_lora is None):
+            dh2 = gl @ lora_B
+        if need_dA:
+            xl = x.to(lora_A.dtype) if x_lora is None else x_lora
+            dA = dh2.t() @ xl.reshape(-1, in_features)
+        if need_dx_lora and x_lora is not None:
+            dx_lora = (dh2 @ lora_A).reshape(x_lora.shape)
+    if need_dx:
+        dx2 = g2 @ weight
+        if lora_A is not None and x_lora is None:
+            dx2 = dx2 + (dh2 @ lora_A).to(dx2.dtype)
+        dx = dx2.reshape(x.shape)
+    if need_dbias:
+        dbias = g2.sum(0)
+    return dx, dx_lora, dA, dB, dbias
+
+
+def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, x_lora):
+    """Pure-torch ``npu_ft::lora_linear``: returns ``(y [..., out], h [..., r])``."""
+    return _forward_reference(x, weight, bias, lora_A, lora_B, scaling, x_lora, cast_branch_first=False)
+
+
+def lora_linear_backward_reference(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora, output_mask):
+    """Pure-torch ``npu_ft::lora_linear_backward``: ``(dx, dx_lora, dA, dB, dbias)``."""
+    return _backward_reference(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora, output_mask)
+
+
+def nf4_linear_reference(x, packed, absmax, blocksize, weight_shape, bias, lora_A, lora_B, scaling, x_lora):
+    """Pure-torch ``npu_ft::nf4_linear``: dequantize W to x's dtype, then as PEFT's Linear4bit."""
+    weight = _dequantize(packed, absmax, blocksize, weight_shape, x.dtype)
+    return _forward_reference(x, weight, bias, lora_A, lora_B, scaling, x_lora, cast_branch_first=True)
+
+
+def nf4_linear_backward_reference(grad_out, x, packed, absmax, blocksize, weight_shape, lora_A, lora_B, h, scaling,
+                                  x_lora, output_mask):
+    """Pure-torch ``npu_ft::nf4_linear_backward``; dequantizes W again (only when dx is needed)."""
+    weight = _dequantize(packed, absmax, blocksize, weight_shape, x.dtype) if output_mask[0] else None
+    return _backward_reference(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora, output_mask)
+
+
+_registry.register_reference(LORA_LINEAR, lora_linear_reference)
+_registry.register_reference(LORA_LINEAR_BACKWARD, lora_linear_backward_reference)
+_registry.register_reference(NF4_LINEAR, nf4_linear_reference)
+_registry.register_reference(NF4_LINEAR_BACKWARD, nf4_linear_backward_reference)
+
+# --------------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------------
+
+
+def _cast_dbias(dbias, bias):
+    if bias is None:
+        return None
+    return dbias.to(bias.dtype)
+
+
+def _lora_linear_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, x_lora = inputs
+    _, h = output
+    ctx.scaling = scaling
+    ctx.has_x_lora = x_lora is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(x, weight, lora_A, lora_B, h, x_lora)
+
+
+def _mask(ctx, i_x, i_bias, i_A, i_B, i_xl):
+    n = ctx.needs_input_grad
+    return [bool(n[i_x]), bool(n[i_xl]), bool(n[i_A]), bool(n[i_B]), bool(n[i_bias])]
+
+
+def _lora_linear_backward(ctx, grad_y, grad_h):
+    x, weight, lora_A, lora_B, h, x_lora = ctx.saved_tensors
+    mask = _mask(ctx, 0, 2, 3, 4, 6)
+    dx, dx_lora, dA, dB, dbias = torch.ops.npu_ft.lora_linear_backward(
+        grad_y.contiguous(), x, weight, lora_A, lora_B, h, ctx.scaling, x_lora, mask
+    )
+    return (
+        dx if mask[0] else None,
+        None,  # the frozen base weight never gets a gradient
+        dbias.to(ctx.bias_dtype) if mask[4] else None,
+        dA if mask[2] else None,
+        dB if mask[3] else None,
+        None,
+        dx_lora if mask[1] else None,
+    )
+
+
+def _nf4_linear_setup_context(ctx, inputs, output):
+    x, packed, absmax, blocksize, weight_shape, bias, lora_A, lora_B, scaling, x_lora = inputs
+    _, h = output
+    ctx.blocksize = blocksize
+    ctx.weight_shape = list(weight_shape)
+    ctx.scaling = scaling
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(x, packed, absmax, lora_A, lora_B, h, x_lora)
+
+
+def _nf4_linear_backward(ctx, grad_y, grad_h):
+    x, packed, absmax, lora_A, lora_B, h, x_lora = ctx.saved_tensors
+    mask = _mask(ctx, 0, 5, 6, 7, 9)
+    dx, dx_lora, dA, dB, dbias = torch.ops.npu_ft.nf4_linear_backward(
+        grad_y.contiguous(), x, packed, absmax, ctx.blocksize, ctx.weight_shape, lora_A, lora_B, h, ctx.scaling,
+        x_lora, mask,
+    )
+    return (
+        dx if mask[0] else None,
+        None,
+        None,
+        None,
+        None,
+        dbias.to(ctx.bias_dtype) if mask[4] else None,
+        dA if mask[2] else None,
+        dB if mask[3] else None,
+        None,
+        dx_lora if mask[1] else None,
+    )
+
+
+_registry.register_autograd(LORA_LINEAR, _lora_linear_backward, _lora_linear_setup_context)
+_registry.register_autograd(NF4_LINEAR, _nf4_linear_backward, _nf4_linear_setup_context)
+
+# --------------------------------------------------------------------------------------------------
+# Python entry points (argument checks, then the op)
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_scaling(scaling) -> float:
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling: expected a float, got {type(scaling).__name__}")
+    scaling = float(scaling)
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling: must be finite, got {scaling}")
+    return scaling
+
+
+def _check_lora(x, lora_A, lora_B, x_lora, in_features: int, out_features: int, extra_devices: dict) -> None:
+    _checks.check_tensor("lora_A", lora_A, _checks.FLOAT_DTYPES, ndim=2)
+    _checks.check_tensor("lora_B", lora_B, _checks.FLOAT_DTYPES, ndim=2)
+    if lora_B.dtype != lora_A.dtype:
+        raise TypeError(f"lora_B: dtype {lora_B.dtype} differs from lora_A's {lora_A.dtype}")
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_A: rank (dim 0) must be >= 1, got shape {tuple(lora_A.shape)}")
+    _checks.check_dim("lora_A", lora_A.shape[1], in_features, "in_features (dim 1)")
+    _checks.check_dim("lora_B", lora_B.shape[0], out_features, "out_features (dim 0)")
+    _checks.check_dim("lora_B", lora_B.shape[1], r, "rank (dim 1, must equal lora_A's dim 0)")
+    if x_lora is not None:
+        _checks.check_tensor("x_lora", x_lora, (lora_A.dtype,))
+        if x_lora.shape != x.shape:
+            raise ValueError(f"x_lora: shape {tuple(x_lora.shape)} differs from x's {tuple(x.shape)}")
+    _checks.check_same_device("x", x, lora_A=lora_A, lora_B=lora_B, x_lora=x_lora, **extra_devices)
+
+
+def _check_x(x) -> None:
+    _checks.check_tensor("x", x, _checks.FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected at least 1 dimension [..., in_features], got shape {tuple(x.shape)}")
+
+
+def _check_bias(bias, x, out_features: int) -> None:
+    if bias is None:
+        return
+    _checks.check_tensor("bias", bias, (x.dtype,), ndim=1)
+    _checks.check_dim("bias", bias.shape[0], out_features, "length")
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    x_lora: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``y = x @ weight.T + bias + scaling * (x_lora @ lora_A.T) @ lora_B.T`` with PEFT's semantics.
+
+    Args:
+        x: ``[..., in]`` float activations.
+        weight: ``[out, in]`` frozen base weight, x's dtype; must not require grad.
+        bias: ``[out]`` in x's dtype, or None. Gets a gradient when it requires one.
+        lora_A: ``[r, in]``, r >= 1. lora_B: ``[out, r]``, lora_A's dtype (may differ from x's).
+        scaling: finite float (alpha / r, or alpha / sqrt(r) for rsLoRA).
+        x_lora: ``[..., in]`` in lora_A's dtype: ``dropout(x.to(lora_A.dtype))`` made by the caller,
+            or None for no dropout. Its gradient flows back through the caller's dropout.
+
+    Returns:
+        ``[..., out]`` in x's dtype.
+    """
+    _check_x(x)
+    _checks.check_tensor("weight", weight, (x.dtype,), ndim=2)
+    out_features, in_features = weight.shape
+    _checks.check_dim("x", x.shape[-1], in_features, "in_features (last dim, must equal weight's dim 1)")
+    _check_bias(bias, x, out_features)
+    _check_lora(x, lora_A, lora_B, x_lora, in_features, out_features, {"weight": weight, "bias": bias})
+    scaling = _check_scaling(scaling)
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "weight: the base weight is frozen in LoRA and gets no gradient; call weight.requires_grad_(False)"
+        )
+    y, _ = torch.ops.npu_ft.lora_linear(x, weight, bias, lora_A, lora_B, scaling, x_lora)
+    return y
+
+
+def nf4_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    state,
+    bias: Optional[torch.Tensor] = None,
+    lora_A: Optional[torch.Tensor] = None,
+    lora_B: Optional[torch.Tensor] = None,
+    scaling: float = 1.0,
+    x_lora: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """QLoRA linear: ``y = x @ W.T + bias (+ scaling * (x_lora @ lora_A.T) @ lora_B.T)``.
+
+    ``W = dequantize_nf4(packed, state)`` ([out, in]) is rebuilt in x's dtype inside the op, and again
+    in backward for dx; it is never stored. Semantics of PEFT's ``lora.Linear4bit`` over bitsandbytes.
+
+    Args:
+        x: ``[..., in]`` float activations.
+        packed: ``[(out*in+1)//2, 1]`` uint8, bitsandbytes NF4 layout.
+        state: :class:`npu_ft.ops.nf4.Nf4QuantState` of a 2-D weight ``[out, in]``.
+        bias: ``[out]`` in x's dtype, or None.
+        lora_A: ``[r, in]`` / lora_B: ``[out, r]``: both or neither.
+        scaling: finite float. x_lora: as in :func:`lora_linear`, only with lora_A/lora_B.
+
+    Returns:
+        ``[..., out]`` in x's dtype.
+    """
+    _check_x(x)
+    _checks.check_tensor("packed", packed, (torch.uint8,), ndim=2)
+    shape = getattr(state, "shape", None)
+    if shape is None or not hasattr(state, "absmax_fp32") or not hasattr(state, "blocksize"):
+        raise TypeError(f"state: expected an Nf4QuantState, got {type(state).__name__}")
+    shape = [int(s) for s in shape]
+    if len(shape) != 2:
+        raise ValueError(f"state: nf4_linear needs a 2-D weight [out, in], got shape {tuple(shape)}")
+    out_features, in_features = shape
+    numel = out_features * in_features
+    _checks.check_dim("packed", packed.shape[0], (numel + 1) // 2, "number of bytes (dim 0)")
+    _checks.check_dim("packed", packed.shape[1], 1, "dim 1")
+    blocksize = int(state.blocksize)
+    absmax = state.absmax_fp32()
+    _checks.check_tensor("state.absmax", absmax, (torch.float32,), ndim=1)
+    _checks.check_dim("state.absmax", absmax.shape[0], -(-numel // blocksize), "number of blocks")
+    _checks.check_dim("x", x.shape[-1], in_features, "in_features (last dim, must equal the weight's dim 1)")
+    _check_bias(bias, x, out_features)
+    if (lora_A is None) != (lora_B is None):
+        name = "lora_B" if lora_B is None else "lora_A"
+        raise ValueError(f"{name}: lora_A and lora_B must be given together")
+    if lora_A is not None:
+        _check_lora(x, lora_A, lora_B, x_lora, in_features, out_features,
+                    {"packed": packed, "state.absmax": absmax, "bias": bias})
+    else:
+        if x_lora is not None:
+            raise ValueError("x_lora: only meaningful with lora_A / lora_B")
+        _checks.check_same_device("x", x, packed=packed, bias=bias, **{"state.absmax": absmax})
+    scaling = _check_scaling(scaling)
+    y, _ = torch.ops.npu_ft.nf4_linear(
+        x, packed, absmax, blocksize, shape, bias, lora_A, lora_B, scaling, x_lora
+    )
+    return y

@@ -1,0 +1,13 @@
+"""nn.Modules that users and the trainer see; they call the npu_ft ops (per-device kernels).
+
+* :class:`LoraLinear` - frozen base (``nn.Linear`` or :class:`Nf4Linear`) + trainable LoRA A/B,
+  PEFT-compatible parameter names, init and numerics.
+* :class:`Nf4Linear` - frozen NF4 (bitsandbytes layout) linear layer, the QLoRA base.
+"""
+
+from __future__ import annotations
+
+from .lora import LoraLinear
+from .nf4 import Nf4Linear
+
+__all__ = ["LoraLinear", "Nf4Linear"]
