@@ -1,0 +1,117 @@
+"""Runs a suite: every case in a fresh process, repeats interleaved, failures recorded.
+
+Order: for each repeat, every case once (the order reversed on odd repeats), so the npu-ft and
+reference cases of one method run next to each other under the same machine load, and slow drift
+of the machine does not favour one side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from .suite import BenchCase, Suite
+
+RAW_FILE = "raw.jsonl"
+
+
+def _signal_name(rc: int) -> str:
+    try:
+        return signal.Signals(-rc).name
+    except ValueError:
+        return f"signal {-rc}"
+
+
+def run_case_subprocess(case: BenchCase, repeat: int = 0, env: dict | None = None,
+                        python: str | None = None) -> dict:
+    """Run ``case`` in a fresh Python process; always returns a result dict (status ok|failed)."""
+    with tempfile.TemporaryDirectory(prefix="npu_ft_case_") as tmp:
+        case_path = os.path.join(tmp, "case.json")
+        out_path = os.path.join(tmp, "result.json")
+        with open(case_path, "w") as f:
+            json.dump(case.to_dict(), f)
+        child_env = dict(os.environ if env is None else env)
+        root = str(Path(__file__).resolve().parents[2])
+        child_env["PYTHONPATH"] = root + (os.pathsep + child_env["PYTHONPATH"] if child_env.get("PYTHONPATH") else "")
+        child_env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        child_env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        child_env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        cmd = [python or sys.executable, "-m", "npu_ft.bench.worker", case_path, out_path]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True, timeout=case.timeout_s)
+            rc, stderr = proc.returncode, proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            rc, stderr = None, (exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or "")
+        wall = time.perf_counter() - t0
+        result = None
+        if os.path.exists(out_path):
+            with open(out_path) as f:
+                result = json.load(f)
+        if result is None:
+            if rc is None:
+                error = f"timeout: no result after {case.timeout_s:g} s"
+            elif rc < 0:
+                name = _signal_name(rc)
+                hint = " (likely out of memory: killed by the kernel)" if name == "SIGKILL" else ""
+                error = f"crashed: process killed by {name}{hint}"
+            else:
+                error = f"crashed: process exited with code {rc} without a result"
+            tail = (stderr or "").strip().splitlines()[-5:]
+            if tail:
+                error += " | " + " | ".join(tail)
+            result = {"case": case.to_dict(), "status": "failed", "error": error}
+    result["repeat"] = repeat
+    result["process_wall_s"] = wall
+    result.setdefault("case", case.to_dict())
+    return result
+
+
+def run_suite(suite: Suite, out_dir: str | Path | None = None, repeats: int | None = None,
+              only: str | None = None, progress: Callable[[str], None] | None = print,
+              env: dict | None = None) -> list[dict]:
+    """Run every case of ``suite`` ``repeats`` times; write ``raw.jsonl`` and the reports to ``out_dir``.
+
+    ``only``: substring filter on case ids (e.g. "lora/" or "qwen2.5-0.5b"). Returns the raw results
+    (one dict per case per repeat).
+    """
+    from .report import write_reports
+
+    cases = [c for c in suite.cases if not only or only in c.case_id]
+    if not cases:
+        raise ValueError(f"no case of suite {suite.name!r} matches {only!r}")
+    n_rep = repeats or suite.repeats
+    out = Path(out_dir) if out_dir else None
+    raw_path = None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        raw_path = out / RAW_FILE
+        raw_path.write_text("")
+    results = []
+    total = n_rep * len(cases)
+    for rep in range(n_rep):
+        order = cases if rep % 2 == 0 else list(reversed(cases))
+        for case in order:
+            if progress:
+                progress(f"[{len(results) + 1}/{total}] repeat {rep}: {case.case_id} ...")
+            res = run_case_subprocess(case, repeat=rep, env=env)
+            results.append(res)
+            if progress:
+                if res["status"] == "ok":
+                    progress(f"    ok: {res['tokens_per_s']:.1f} tok/s, peak {res['peak_mem_bytes'] / 2**20:.0f} MiB, "
+                             f"loss {res['losses'][0]:.4f} -> {res['losses'][-1]:.4f}")
+                else:
+                    progress(f"    FAILED: {res['error'][:300]}")
+            if raw_path:
+                with open(raw_path, "a") as f:
+                    f.write(json.dumps(res) + "\n")
+    if out:
+        write_reports(results, suite, out)
+    return results

@@ -1,0 +1,160 @@
+"""Runs ONE benchmark case in this process and writes its result as JSON.
+
+    python -m npu_ft.bench.worker CASE.json RESULT.json
+
+The runner starts a fresh process per case, so the peak memory it reports is this case's alone.
+Phases: build (model + adapters; not measured) → reset the peak → train (warmup + timed steps) →
+read the peak. The training loop is the same for every implementation: AdamW over the trainable
+parameters, one optimizer step per batch, the same batches from the same seed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS so the training-phase peak starts from live memory
+    (glibc keeps freed blocks otherwise, e.g. the fp32 weights QLoRA quantized away)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
+def make_batches(case, vocab_size: int) -> list[torch.Tensor]:
+    """Deterministic token batches: a small pool of random sequences, cycled (so the loss falls)."""
+    g = torch.Generator().manual_seed(1_000_003 + case.seed)
+    hi = min(vocab_size, 32000)
+    pool = torch.randint(0, hi, (case.data_pool, case.seq_len), generator=g)
+    batches = []
+    for step in range(case.warmup + case.steps):
+        idx = [(step * case.batch_size + i) % case.data_pool for i in range(case.batch_size)]
+        batches.append(pool[idx].clone())
+    return batches
+
+
+def _versions() -> dict:
+    from npu_ft.env_info import git_commit, package_versions
+
+    v = package_versions(("torch", "torch_npu", "transformers", "peft", "bitsandbytes", "npu-ft"))
+    return {"versions": {k: (val or "not installed") for k, val in v.items()}, "git_commit": git_commit() or "unknown"}
+
+
+def run_case(case) -> dict:
+    """Run ``case`` (a :class:`~npu_ft.bench.suite.BenchCase`) here; returns the result dict."""
+    from npu_ft.device import get_backend
+
+    from . import impls
+    from .shapes import build_model, model_config
+
+    t_start = time.perf_counter()
+    backend = get_backend(case.device)
+    device = backend.torch_device(0) if case.device != "cpu" else torch.device("cpu")
+    if case.device != "cpu":
+        backend.set_device(device)
+    dtype = impls.torch_dtype(case.dtype)
+    cfg = model_config(case.model, case.model_overrides)
+    result: dict = {"case": case.to_dict(), "device_name": backend.device_name(), **_versions()}
+
+    def factory():
+        return build_model(case.model, case.seed, dtype, case.model_overrides)
+
+    build = impls.resolve(case.implementation)
+    t0 = time.perf_counter()
+    prepared = build(case, factory, device)
+    model = prepared.model
+    model.train()
+    trainable, total = impls.count_params(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("no trainable parameters")
+    result.update(trainable_params=trainable, total_params=total, weight_bytes=impls.weight_bytes(model),
+                  features=prepared.features, build_s=time.perf_counter() - t0)
+    opt = torch.optim.AdamW(params, lr=case.lr, weight_decay=0.0)
+    batches = make_batches(case, cfg.vocab_size)
+
+    def loss_of(ids):
+        if prepared.loss_fn is not None:
+            return prepared.loss_fn(model, ids, ids)
+        return model(input_ids=ids, labels=ids).loss
+
+    _trim_heap()
+    backend.synchronize()
+    backend.reset_peak_memory()
+    baseline = backend.memory().current_bytes
+    losses, step_s = [], []
+    torch.manual_seed(case.seed)  # dropout masks
+    for ids in batches:
+        ids = ids.to(device)
+        backend.synchronize()
+        t = time.perf_counter()
+        loss = loss_of(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        backend.synchronize()
+        step_s.append(time.perf_counter() - t)
+        losses.append(float(loss.detach().float().item()))
+    mem = backend.memory()
+    if prepared.cleanup:
+        prepared.cleanup()
+
+    timed = step_s[case.warmup:]
+    tokens = case.batch_size * case.seq_len
+    med = statistics.median(timed)
+    result.update(
+        status="ok", error="",
+        peak_mem_bytes=int(mem.peak_bytes), mem_kind=mem.kind, baseline_mem_bytes=int(baseline),
+        s_per_step_median=med, s_per_step_min=min(timed), s_per_step_max=max(timed),
+        tokens_per_s=tokens / med, tokens_per_s_min=tokens / max(timed), tokens_per_s_max=tokens / min(timed),
+        losses=losses, step_s=step_s, wall_s=time.perf_counter() - t_start,
+    )
+    if any(not (l == l) or l in (float("inf"), float("-inf")) for l in losses):  # NaN/inf
+        result.update(status="failed", error=f"non-finite loss: {losses}")
+    return result
+
+
+def main(argv=None) -> int:
+    from .suite import BenchCase
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    case_path, out_path = argv
+    with open(case_path) as f:
+        case = BenchCase.from_dict(json.load(f))
+    threads = os.environ.get("NPU_FT_BENCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        result = run_case(case)
+        rc = 0
+    except BaseException as exc:  # noqa: BLE001 - recorded, then the suite goes on
+        tb = traceback.format_exc()
+        kind = "out of memory" if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() else "error"
+        result = {"case": case.to_dict(), "status": "failed",
+                  "error": f"{kind}: {type(exc).__name__}: {exc}".strip(), "traceback": tb[-8000:]}
+        try:
+            result.update(_versions())
+        except Exception:  # pragma: no cover
+            pass
+        print(tb, file=sys.stderr)
+        rc = 1
+    tmp = out_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, out_path)
+    return rc
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
