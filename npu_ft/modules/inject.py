@@ -1,0 +1,280 @@
+"""Putting LoRA / QLoRA into a transformers model, by module names, the way LLaMA-Factory + PEFT do.
+
+* :func:`find_target_linear_names` -- ``lora_target`` -> the module-name suffixes to adapt
+  (``"all"`` = every linear layer except the output head, as LLaMA-Factory's
+  ``find_all_linear_modules``).
+* :func:`apply_lora` -- replace each matching ``nn.Linear`` with :class:`~npu_ft.modules.LoraLinear`,
+  freeze everything else, make ``additional_target`` modules trainable (PEFT ``modules_to_save``).
+* :func:`apply_qlora` -- quantize the linear layers to :class:`~npu_ft.modules.Nf4Linear` (every one
+  but the output head, as bitsandbytes 4-bit loading does), then :func:`apply_lora`.
+* :func:`merge_adapter` -- fold the adapters back: a plain transformers model with ``nn.Linear``
+  layers (NF4 bases dequantized).
+
+Name matching follows PEFT exactly, so an adapter saved by npu-ft and loaded by PEFT adapts the same
+modules: a LoRA target ``t`` matches a module named ``t`` or ending in ``".t"``; a
+``modules_to_save`` entry ``m`` matches every module whose name ends with ``m`` (no dot needed:
+``"norm"`` also matches ``input_layernorm``), and such modules are never LoRA targets.
+
+The model remembers what was applied in ``model.npu_ft_lora`` (a :class:`LoraSpec`), which
+:mod:`npu_ft.train.adapter_io` uses to write PEFT's ``adapter_config.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .lora import LoraLinear
+from .nf4 import Nf4Linear
+
+__all__ = [
+    "LoraSpec",
+    "apply_lora",
+    "apply_qlora",
+    "find_target_linear_names",
+    "get_lora_spec",
+    "lora_modules",
+    "merge_adapter",
+    "modules_to_save",
+    "output_head_names",
+    "quantize_linears",
+]
+
+SPEC_ATTR = "npu_ft_lora"
+_LINEAR_TYPES = (nn.Linear, Nf4Linear)
+
+
+@dataclass
+class LoraSpec:
+    """What :func:`apply_lora` did (PEFT ``LoraConfig`` field names)."""
+
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    use_rslora: bool
+    target_modules: list[str]
+    modules_to_save: list[str] | None = None
+    quantized: bool = False
+    #: full module names that were wrapped (LoRA) / made trainable (modules_to_save)
+    lora_module_names: list[str] = field(default_factory=list)
+    saved_module_names: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def get_lora_spec(model: nn.Module) -> LoraSpec | None:
+    return getattr(model, SPEC_ATTR, None)
+
+
+def _split(names: str | Iterable[str] | None) -> list[str] | None:
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = names.split(",")
+    out = [n.strip() for n in names if n and n.strip()]
+    return out or None
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Full names of the output projection (``lm_head``), which "all" never targets."""
+    names = {"lm_head"}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        names.update(name for name, module in model.named_modules() if module is head)
+    return names
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, _LINEAR_TYPES) and not isinstance(module, LoraLinear)
+
+
+def _matches_target(name: str, targets: Sequence[str]) -> bool:
+    """PEFT's target_modules rule: the full name, or a ``.``-separated suffix."""
+    return name in targets or any(name.endswith("." + t) for t in targets)
+
+
+def _excluded_by_modules_to_save(name: str, saved: Sequence[str] | None) -> bool:
+    """PEFT never puts LoRA on a module (or inside a module) that modules_to_save names."""
+    return bool(saved) and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved)
+
+
+def find_target_linear_names(model: nn.Module, lora_target: str | Sequence[str] = "all") -> list[str]:
+    """Module-name suffixes that LoRA will adapt.
+
+    ``"all"`` (or ``["all"]``): the last name component of every linear layer except the output
+    head, sorted (Qwen2: ``down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj``).
+    Otherwise the given names (comma string or list), each of which must match at least one linear
+    layer, else ``ValueError`` listing the names that exist.
+    """
+    targets = _split(lora_target) or ["all"]
+    heads = output_head_names(model)
+    linear_names = [name for name, module in model.named_modules() if _is_linear(module) and name]
+    if targets == ["all"]:
+        found = {name.split(".")[-1] for name in linear_names if name not in heads}
+        if not found:
+            raise ValueError("lora_target: 'all' found no linear layers besides the output head")
+        return sorted(found)
+    if "all" in targets:
+        raise ValueError("lora_target: 'all' cannot be combined with other module names")
+    missing = [t for t in targets if not any(_matches_target(name, [t]) for name in linear_names)]
+    if missing:
+        available = sorted({name.split(".")[-1] for name in linear_names})
+        raise ValueError(f"lora_target: no linear layer named {', '.join(repr(m) for m in missing)} in "
+                         f"{type(model).__name__}; linear layers here: {', '.join(available)}")
+    return targets
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _modules_to_save_names(model: nn.Module, additional_target: Sequence[str] | None) -> list[str]:
+    """Full names PEFT would wrap in ModulesToSaveWrapper: names ending with an entry (outermost only)."""
+    if not additional_target:
+        return []
+    chosen: list[str] = []
+    for name, _ in model.named_modules():
+        if not name or not any(name.endswith(t) for t in additional_target):
+            continue
+        if any(name.startswith(c + ".") for c in chosen):
+            continue
+        chosen.append(name)
+    missing = [t for t in additional_target if not any(n.endswith(t) for n in chosen)]
+    if missing:
+        raise ValueError(f"additional_target: no module named {', '.join(repr(m) for m in missing)} in "
+                         f"{type(model).__name__}")
+    return chosen
+
+
+def apply_lora(model: nn.Module, targets: str | Sequence[str] = "all", r: int = 8, alpha: float | None = None,
+               dropout: float = 0.0, use_rslora: bool = False,
+               additional_target: str | Sequence[str] | None = None,
+               upcast_trainable: bool = True) -> nn.Module:
+    """Wrap target linear layers in :class:`LoraLinear` (in place); returns ``model``.
+
+    Every parameter is frozen except the LoRA A/B weights and the ``additional_target`` modules,
+    which are replaced by trainable copies (PEFT ``modules_to_save``: the copy is what is trained
+    and saved, so weights tied to the original, e.g. ``lm_head`` to ``embed_tokens``, stay as they
+    were). ``alpha`` None means 2 x r (LLaMA-Factory). ``upcast_trainable`` keeps the trainable
+    parameters in fp32 as LLaMA-Factory does for a bf16/fp16 model.
+    """
+    if get_lora_spec(model) is not None:
+        raise ValueError("this model already has LoRA adapters (apply_lora was called before)")
+    alpha = 2 * r if alpha is None else alpha
+    saved = _split(additional_target)
+    target_names = find_target_linear_names(model, targets)
+    saved_full = _modules_to_save_names(model, saved)
+
+    model.requires_grad_(False)
+    quantized = False
+    wrapped: list[str] = []
+    for name, module in list(model.named_modules()):
+        if not name or not _is_linear(module) or not _matches_target(name, target_names):
+            continue
+        if _excluded_by_modules_to_save(name, saved):
+            continue
+        quantized |= isinstance(module, Nf4Linear)
+        _set_submodule(model, name, LoraLinear(module, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                               use_rslora=use_rslora))
+        wrapped.append(name)
+    if not wrapped:
+        raise ValueError(f"lora_target {target_names} matched no linear layer")
+
+    for name in saved_full:
+        original = model.get_submodule(name)
+        if any(isinstance(m, Nf4Linear) for m in original.modules()):
+            raise ValueError(f"additional_target '{name}' is quantized; it cannot be trained")
+        trainable = copy.deepcopy(original)
+        trainable.requires_grad_(True)
+        _set_submodule(model, name, trainable)
+
+    if upcast_trainable:
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.to(torch.float32)
+
+    spec = LoraSpec(r=r, lora_alpha=alpha, lora_dropout=float(dropout), use_rslora=bool(use_rslora),
+                    target_modules=list(target_names), modules_to_save=saved, quantized=quantized,
+                    lora_module_names=wrapped, saved_module_names=saved_full)
+    object.__setattr__(model, SPEC_ATTR, spec)  # a plain attribute, not a submodule/buffer
+    return model
+
+
+def quantize_linears(model: nn.Module, skip: Iterable[str] = (), blocksize: int = 64, double_quant: bool = True,
+                     compute_dtype: torch.dtype | None = None) -> list[str]:
+    """Replace every ``nn.Linear`` except the output head and ``skip`` (full names, or modules inside
+    them) with :class:`Nf4Linear`, one at a time (peak memory: one dense layer). Returns the names."""
+    skip = set(skip) | output_head_names(model)
+    done = []
+    for name, module in list(model.named_modules()):
+        if not name or type(module) is not nn.Linear:
+            continue
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        dtype = compute_dtype if compute_dtype is not None else module.weight.dtype
+        _set_submodule(model, name, Nf4Linear.from_linear(module, blocksize=blocksize, double_quant=double_quant,
+                                                          compute_dtype=dtype))
+        done.append(name)
+    return done
+
+
+def apply_qlora(model: nn.Module, targets: str | Sequence[str] = "all", r: int = 8, alpha: float | None = None,
+                dropout: float = 0.0, use_rslora: bool = False,
+                additional_target: str | Sequence[str] | None = None, blocksize: int = 64,
+                double_quant: bool = True, compute_dtype: torch.dtype | None = None,
+                upcast_trainable: bool = True) -> nn.Module:
+    """QLoRA: quantize linear layers to NF4 (all but the output head and ``additional_target``
+    modules, like bitsandbytes 4-bit loading), then :func:`apply_lora`. Quantize on the device you
+    will train on, or on CPU before moving: the NF4 codes are the same either way."""
+    target_names = find_target_linear_names(model, targets)  # before quantizing: same answer, early errors
+    saved = _split(additional_target)
+    quantize_linears(model, skip=_modules_to_save_names(model, saved), blocksize=blocksize,
+                     double_quant=double_quant, compute_dtype=compute_dtype)
+    return apply_lora(model, target_names, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                      additional_target=saved, upcast_trainable=upcast_trainable)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
+    """``{full name: LoraLinear}`` in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def modules_to_save(model: nn.Module) -> dict[str, nn.Module]:
+    """``{full name: module}`` of the additional (fully trained) modules."""
+    spec = get_lora_spec(model)
+    if spec is None:
+        return {}
+    return {name: model.get_submodule(name) for name in spec.saved_module_names}
+
+
+@torch.no_grad()
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Fold every :class:`LoraLinear` into a plain ``nn.Linear`` and dequantize every remaining
+    :class:`Nf4Linear` (in place); returns ``model``, now an ordinary transformers model that
+    ``save_pretrained`` writes as a full checkpoint. ``additional_target`` modules keep their
+    trained weights."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLinear):
+            merged = module.merge()
+            _set_submodule(model, name, merged)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Nf4Linear):
+            weight = module.dequantized_weight()
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              device=weight.device, dtype=weight.dtype)
+            dense.weight.copy_(weight)
+            if module.bias is not None:
+                dense.bias.copy_(module.bias)
+            _set_submodule(model, name, dense)
+    if get_lora_spec(model) is not None:
+        object.__delattr__(model, SPEC_ATTR)
+    model.requires_grad_(True)
+    return model
