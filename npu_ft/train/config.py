@@ -755,8 +755,13 @@ def to_training_arguments(cfg: SftConfig, **changes: Any):
     ``warmup_steps`` (transformers 5 dropped ``warmup_ratio``), ``device: cpu`` sets ``use_cpu``.
     ``changes`` override anything.
     """
+    import importlib.util
+
     from transformers import TrainingArguments
 
+    if cfg.deepspeed and "deepspeed" not in changes and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("DeepSpeed is configured but the deepspeed package is not installed "
+                          "(pip install deepspeed, or remove the key)", source=cfg.source, key="deepspeed")
     hf_fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
     kwargs: dict[str, Any] = {}
     for name, value in cfg.to_dict().items():
