@@ -1,0 +1,274 @@
+"""`npu-ft doctor`: run every op on a device against its pure-torch reference and print a table.
+
+This is how a user proves a real box (an Ascend 910B node, a GPU) gives the results npu-ft's
+reference kernels give. For each check, inputs are made on the CPU from a fixed seed. The
+*reference* is the op's pure-torch reference kernel run on the CPU in float32 (for gradients: torch
+autograd through that reference). The *result* is the public op run on the chosen device in the
+check's dtype. The kernel that served the call is read from the op registry's call counters.
+
+Exit code: 0 when every check passes, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: (rtol, atol) of results against the float32 reference, by the dtype the op ran in. A result
+#: passes when max|result - reference| <= atol + rtol * max|reference| over each output tensor:
+#: relative to the tensor's scale, because accumulated gradients have elements near zero whose
+#: elementwise relative error says nothing about a low-precision kernel (bf16 eps = 2**-8).
+TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 1e-3), torch.float16: (4e-3, 1e-4)}
+
+
+@dataclass
+class CheckResult:
+    op: str
+    dtype: str
+    shape: str
+    kernel: str
+    max_abs_error: float
+    tolerance: str
+    passed: bool
+    error: str = ""
+
+
+@dataclass
+class Check:
+    """One row of the table. ``run(device, dtype)`` returns {name: (result, reference)} pairs."""
+
+    op: str
+    dtype: torch.dtype
+    shape: str
+    run: Callable[[torch.device, torch.dtype], dict]
+    kernel_ops: tuple[str, ...]
+    exact: bool = False
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def _rand(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, dtype=torch.float32)
+
+
+# -- the checks -----------------------------------------------------------------------------------
+
+_W_SHAPE = (67, 129)  # odd out/in: numel 8643 is not a multiple of any blocksize
+_X_SHAPE = (3, 37, 129)
+_RANK = 5
+_BLOCKSIZE = 64
+
+
+def _nf4_quantize(device, dtype):
+    from npu_ft.ops import nf4
+
+    weight = _rand(torch.Generator().manual_seed(0), *_W_SHAPE).to(dtype)
+    ref_packed, ref_absmax = nf4.nf4_quantize_reference(weight, _BLOCKSIZE)
+    packed, absmax = torch.ops.npu_ft.nf4_quantize(weight.to(device), _BLOCKSIZE)
+    return {"packed": (packed.cpu().to(torch.int16), ref_packed.to(torch.int16)), "absmax": (absmax.cpu(), ref_absmax)}
+
+
+def _nf4_dequantize(device, dtype):
+    from npu_ft.ops import nf4
+
+    weight = _rand(torch.Generator().manual_seed(1), *_W_SHAPE)
+    packed, absmax = nf4.nf4_quantize_reference(weight, _BLOCKSIZE)
+    ref = nf4.nf4_dequantize_reference(packed, absmax, _BLOCKSIZE, list(_W_SHAPE), torch.float32)
+    out = torch.ops.npu_ft.nf4_dequantize(packed.to(device), absmax.to(device), _BLOCKSIZE, list(_W_SHAPE), dtype)
+    return {"weight": (out.cpu(), ref)}
+
+
+def _blockwise_8bit(device, dtype):
+    from npu_ft.ops import nf4
+
+    values = _rand(torch.Generator().manual_seed(2), 1000)  # 1000 = 3 blocks of 256 + a partial one
+    code = nf4.dynamic_code_8bit()
+    ref_q, ref_absmax = nf4.quantize_blockwise_8bit_reference(values, code, 256)
+    q, absmax = torch.ops.npu_ft.quantize_blockwise_8bit(values.to(device), code.to(device), 256)
+    ref = nf4.dequantize_blockwise_8bit_reference(ref_q, ref_absmax, code, 256, torch.float32)
+    out = torch.ops.npu_ft.dequantize_blockwise_8bit(q, absmax, code.to(device), 256, dtype)
+    return {"q": (q.cpu().to(torch.int16), ref_q.to(torch.int16)), "values": (out.cpu(), ref)}
+
+
+def _linear_inputs(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "x": _rand(gen, *_X_SHAPE),
+        "weight": _rand(gen, *_W_SHAPE) / 10,
+        "bias": _rand(gen, _W_SHAPE[0]),
+        "lora_A": _rand(gen, _RANK, _W_SHAPE[1]) / 10,
+        "lora_B": _rand(gen, _W_SHAPE[0], _RANK) / 10,
+        "grad": _rand(gen, *_X_SHAPE[:-1], _W_SHAPE[0]),
+    }
+
+
+def _grads(fn, leaves: dict, grad: torch.Tensor) -> dict:
+    """Forward ``fn(**leaves)``, backward with ``grad``; returns output and every leaf's gradient."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in leaves.items()}
+    out = fn(**leaves)
+    out.backward(grad.to(out.dtype))
+    return {"y": out.detach(), **{f"d{k}": v.grad for k, v in leaves.items()}}
+
+
+def _compare_grads(device, dtype, op_fn, ref_fn, trainable: dict, fixed: dict, grad):
+    def on(t):
+        return t.to(device=device, dtype=dtype)
+
+    ref = _grads(lambda **kw: ref_fn(**kw, **fixed), trainable, grad)
+    fixed_dev = {k: (on(v) if isinstance(v, torch.Tensor) else v) for k, v in fixed.items()}
+    res = _grads(lambda **kw: op_fn(**kw, **fixed_dev), {k: on(v) for k, v in trainable.items()}, on(grad))
+    return {name: (res[name].cpu(), ref[name]) for name in ref}
+
+
+def _lora_linear(device, dtype):
+    from npu_ft.ops import lora
+
+    t = _linear_inputs(3)
+
+    def ref_fn(x, lora_A, lora_B, weight, bias, scaling):
+        y, _ = lora.lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, None)
+        return y
+
+    def op_fn(x, lora_A, lora_B, weight, bias, scaling):
+        return lora.lora_linear(x, weight, bias, lora_A, lora_B, scaling)
+
+    return _compare_grads(
+        device, dtype, op_fn, ref_fn,
+        trainable={"x": t["x"], "lora_A": t["lora_A"], "lora_B": t["lora_B"]},
+        fixed={"weight": t["weight"], "bias": t["bias"], "scaling": 2.0},
+        grad=t["grad"],
+    )
+
+
+def _nf4_linear(device, dtype):
+    from npu_ft.ops import lora, nf4
+
+    t = _linear_inputs(4)
+    packed, state = nf4.quantize_nf4(t["weight"], blocksize=_BLOCKSIZE, double_quant=True)
+    absmax = state.absmax_fp32()
+
+    def ref_fn(x, lora_A, lora_B, bias, scaling):
+        y, _ = lora.nf4_linear_reference(x, packed, absmax, _BLOCKSIZE, list(_W_SHAPE), bias, lora_A, lora_B, scaling, None)
+        return y
+
+    dev_packed, dev_state = packed.to(device), state.to(device)
+
+    def op_fn(x, lora_A, lora_B, bias, scaling):
+        return lora.nf4_linear(x, dev_packed, dev_state, bias, lora_A, lora_B, scaling)
+
+    return _compare_grads(
+        device, dtype, op_fn, ref_fn,
+        trainable={"x": t["x"], "lora_A": t["lora_A"], "lora_B": t["lora_B"]},
+        fixed={"bias": t["bias"], "scaling": 2.0},
+        grad=t["grad"],
+    )
+
+
+def build_checks(dtypes=(torch.float32, torch.bfloat16)) -> list[Check]:
+    shape_w, shape_x = "x".join(map(str, _W_SHAPE)), "x".join(map(str, _X_SHAPE))
+    checks = []
+    for dtype in dtypes:
+        checks += [
+            Check("nf4_quantize", dtype, f"{shape_w} bs{_BLOCKSIZE}", _nf4_quantize, ("nf4_quantize",), exact=True),
+            Check("nf4_dequantize", dtype, f"{shape_w} bs{_BLOCKSIZE}", _nf4_dequantize, ("nf4_dequantize",)),
+            Check("blockwise_8bit", dtype, "1000 bs256", _blockwise_8bit,
+                  ("quantize_blockwise_8bit", "dequantize_blockwise_8bit")),
+            Check("lora_linear fwd+bwd", dtype, f"x {shape_x} W {shape_w} r{_RANK}", _lora_linear,
+                  ("lora_linear", "lora_linear_backward")),
+            Check("nf4_linear fwd+bwd", dtype, f"x {shape_x} W {shape_w} r{_RANK} dq", _nf4_linear,
+                  ("nf4_linear", "nf4_linear_backward")),
+        ]
+    return checks
+
+
+# -- running --------------------------------------------------------------------------------------
+
+
+def _kernel_summary(ops: tuple[str, ...]) -> str:
+    from npu_ft.ops import kernel_calls
+
+    used = []
+    for op in ops:
+        calls = kernel_calls(op)
+        used.append(f"{op}:{'+'.join(sorted(calls)) or 'none'}")
+    kernels = {part.split(":", 1)[1] for part in used}
+    return kernels.pop() if len(kernels) == 1 else ", ".join(used)
+
+
+def run_check(check: Check, device: torch.device) -> CheckResult:
+    from npu_ft.ops import reset_kernel_calls
+
+    rtol, atol = (0.0, 0.0) if check.exact else TOLERANCES[check.dtype]
+    tolerance = "exact" if check.exact else f"{atol:g}+{rtol:g}*max|ref|"
+    reset_kernel_calls()
+    try:
+        pairs = check.run(device, check.dtype)
+        worst, passed = 0.0, True
+        for result, reference in pairs.values():
+            result, reference = result.float(), reference.float()
+            if result.shape != reference.shape:
+                raise AssertionError(f"shape {tuple(result.shape)} != reference {tuple(reference.shape)}")
+            err = float((result - reference).abs().max()) if result.numel() else 0.0
+            scale = float(reference.abs().max()) if reference.numel() else 0.0
+            worst = max(worst, err)
+            passed &= err <= atol + rtol * scale
+        return CheckResult(check.op, _dtype_name(check.dtype), check.shape, _kernel_summary(check.kernel_ops),
+                           worst, tolerance, passed)
+    except Exception as exc:  # noqa: BLE001 - a failing op is a table row, not a crash
+        return CheckResult(check.op, _dtype_name(check.dtype), check.shape, _kernel_summary(check.kernel_ops),
+                           float("nan"), tolerance, False, f"{type(exc).__name__}: {exc}")
+
+
+def format_table(results: list[CheckResult]) -> str:
+    header = ["op", "dtype", "shape", "kernel", "max abs error", "tolerance", "result"]
+    rows = [
+        [r.op, r.dtype, r.shape, r.kernel, f"{r.max_abs_error:.3g}", r.tolerance,
+         "PASS" if r.passed else f"FAIL {r.error}".strip()]
+        for r in results
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def doctor_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="npu-ft doctor", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default=None, help="cpu | cuda | npu | auto (default: $NPU_FT_DEVICE or auto)")
+    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable; default fp32 and bf16")
+    parser.add_argument("--json", metavar="FILE", help="also write the results and environment as JSON")
+    args = parser.parse_args(argv)
+
+    from npu_ft.device import select_device
+    from npu_ft.env_info import environment_report
+
+    backend, device = select_device(args.device)
+    import npu_ft.ops as ops
+
+    env = environment_report(backend.name)
+    print(f"npu-ft doctor on {backend.name} ({backend.device_name()}), device {device}")
+    print("packages: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v))
+    print("kernels registered: " + ", ".join(
+        f"{name}={'yes' if why is None else 'no (' + why + ')'}" for name, why in ops.BACKEND_STATUS.items()))
+    print()
+    dtypes = tuple(DTYPES[d] for d in (args.dtype or ["fp32", "bf16"]))
+    results = [run_check(check, device) for check in build_checks(dtypes)]
+    print(format_table(results))
+    failed = [r for r in results if not r.passed]
+    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "results": [asdict(r) for r in results]}, f, indent=2)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(doctor_main(sys.argv[1:]))
