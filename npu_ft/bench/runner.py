@@ -76,11 +76,13 @@ def run_case_subprocess(case: BenchCase, repeat: int = 0, env: dict | None = Non
 
 def run_suite(suite: Suite, out_dir: str | Path | None = None, repeats: int | None = None,
               only: str | None = None, progress: Callable[[str], None] | None = print,
-              env: dict | None = None) -> list[dict]:
+              env: dict | None = None, jobs: int = 1) -> list[dict]:
     """Run every case of ``suite`` ``repeats`` times; write ``raw.jsonl`` and the reports to ``out_dir``.
 
-    ``only``: substring filter on case ids (e.g. "lora/" or "qwen2.5-0.5b"). Returns the raw results
-    (one dict per case per repeat).
+    ``only``: substring filter on case ids (e.g. "lora/" or "qwen2.5-0.5b"). ``jobs`` > 1 runs that
+    many case processes at once: peak memory stays per case (each process has its own), but timings
+    then compete for the CPU, so use it for smoke runs only. Returns the raw results (one dict per
+    case per repeat).
     """
     from .report import write_reports
 
@@ -96,22 +98,33 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None, repeats: int | No
         raw_path.write_text("")
     results = []
     total = n_rep * len(cases)
-    for rep in range(n_rep):
-        order = cases if rep % 2 == 0 else list(reversed(cases))
-        for case in order:
+    schedule = [(rep, case) for rep in range(n_rep) for case in (cases if rep % 2 == 0 else list(reversed(cases)))]
+    if jobs > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(run_case_subprocess, case, rep, env) for rep, case in schedule]
+            done = (f.result() for f in futures)
+            outcomes = list(zip(schedule, done))
+    else:
+        outcomes = ((item, None) for item in schedule)
+    for (rep, case), res in outcomes:
+        if res is None:
             if progress:
                 progress(f"[{len(results) + 1}/{total}] repeat {rep}: {case.case_id} ...")
             res = run_case_subprocess(case, repeat=rep, env=env)
-            results.append(res)
-            if progress:
-                if res["status"] == "ok":
-                    progress(f"    ok: {res['tokens_per_s']:.1f} tok/s, peak {res['peak_mem_bytes'] / 2**20:.0f} MiB, "
-                             f"loss {res['losses'][0]:.4f} -> {res['losses'][-1]:.4f}")
-                else:
-                    progress(f"    FAILED: {res['error'][:300]}")
-            if raw_path:
-                with open(raw_path, "a") as f:
-                    f.write(json.dumps(res) + "\n")
+        elif progress:
+            progress(f"[{len(results) + 1}/{total}] repeat {rep}: {case.case_id}")
+        results.append(res)
+        if progress:
+            if res["status"] == "ok":
+                progress(f"    ok: {res['tokens_per_s']:.1f} tok/s, peak {res['peak_mem_bytes'] / 2**20:.0f} MiB, "
+                         f"loss {res['losses'][0]:.4f} -> {res['losses'][-1]:.4f}")
+            else:
+                progress(f"    FAILED: {res['error'][:300]}")
+        if raw_path:
+            with open(raw_path, "a") as f:
+                f.write(json.dumps(res) + "\n")
     if out:
         write_reports(results, suite, out)
     return results
