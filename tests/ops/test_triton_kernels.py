@@ -6,9 +6,8 @@ here). With a GPU the same tests run on it, and the ``cuda``-marked ones also ch
 
 Tolerances:
 * NF4 quantize / dequantize: bytes and values *exactly* equal to bitsandbytes' (CPU reference).
-* 8-bit blockwise: codes exactly equal to the nearest-code reference (bitsandbytes' pure-torch
-  default kernel); bitsandbytes' C CPU kernel picks a neighbouring code for a few values near a
-  midpoint, so against it codes differ by at most 1. Dequantize: exactly bitsandbytes'.
+* 8-bit blockwise: codes, absmax and dequantized values exactly equal to
+  ``npu_ft.ops.nf4.*_reference`` and to bitsandbytes' CPU kernel (its 65536-entry lookup table).
 * GEMMs: fp32 rtol=1e-5/atol=1e-5; bf16 (and bf16 base + fp32 LoRA) rtol=atol=2e-2 on O(1) outputs:
   the fused kernel adds the LoRA branch before rounding once, the reference rounds twice.
 
@@ -61,6 +60,10 @@ def test_nf4_quantize_and_dequantize_byte_identical_to_bnb(shape, blocksize, dty
     assert packed.shape == ((A.numel() + 1) // 2, 1) and packed.dtype == torch.uint8
     assert torch.equal(packed.cpu(), ref_packed.view(torch.uint8))
     assert torch.equal(absmax.cpu(), state.absmax)
+    from npu_ft.ops import nf4 as N
+
+    own_packed, own_absmax = N.nf4_quantize_reference(A.cpu(), blocksize)
+    assert torch.equal(packed.cpu(), own_packed) and torch.equal(absmax.cpu(), own_absmax)
 
     out = Q.nf4_dequantize(packed, absmax, blocksize, list(shape), dtype)
     ref = F.dequantize_4bit(ref_packed, state)
@@ -79,6 +82,16 @@ def test_nf4_quantize_midpoints_go_to_the_lower_code():
     ref_packed, state = F.quantize_4bit(A.cpu(), blocksize=64, quant_type="nf4", compress_statistics=False)
     assert torch.equal(packed.cpu(), ref_packed)
     assert torch.equal(absmax.cpu(), state.absmax)
+
+
+def test_nf4_all_zero_partial_tail_block_like_bnb():
+    """bnb stores the tail block's absmax clamped to 1e-38 (full blocks keep 0)."""
+    F = _bnb()
+    A = torch.zeros(64 + 5, device=DEVICE)
+    packed, absmax = Q.nf4_quantize(A, 64)
+    ref_packed, state = F.quantize_4bit(A.cpu(), blocksize=64, quant_type="nf4", compress_statistics=False)
+    assert torch.equal(packed.cpu(), ref_packed) and torch.equal(absmax.cpu(), state.absmax)
+    assert absmax[0] == 0 and absmax[1] > 0
 
 
 def test_nf4_dequantize_reuses_a_workspace():
@@ -100,42 +113,29 @@ def test_nf4_rejects_odd_blocksize():
 # ------------------------------------------------------------------------------------------------
 
 
-def _quantize_8bit_nearest(A, code, blocksize):
-    """Nearest-code reference, written like bitsandbytes' pure-torch default kernel."""
-    flat = A.reshape(-1).float().cpu()
-    n = flat.numel()
-    full = n - n % blocksize
-    absmax = flat[:full].reshape(-1, blocksize).abs().max(dim=1)[0]
-    scaled = torch.clamp(flat[:full].reshape(-1, blocksize) * (1.0 / absmax.clamp(min=1e-38)[:, None]), -1, 1)
-    scaled = scaled.reshape(-1)
-    if n % blocksize:
-        am = flat[full:].abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, flat[full:].abs().max()[None]])
-        scaled = torch.cat([scaled, torch.clamp(flat[full:] / am, -1, 1)])
-    code = code.float().cpu()
-    q = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8)
-    return q.reshape(A.shape), absmax
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("numel,blocksize", [(1, 256), (300, 256), (129, 64), (70, 33)])
 def test_blockwise_8bit_against_references(numel, blocksize, dtype):
+    from npu_ft.ops import nf4 as N
+
     F = _bnb()
     code = F.create_dynamic_map(signed=True)
     A = _rand((numel,), dtype, seed=numel + blocksize, scale=3.0)
+    if numel > 2 * blocksize:
+        A[blocksize:2 * blocksize] = 0  # an all-zero block stores code 0
     q, absmax = Q.quantize_blockwise_8bit(A, code.to(DEVICE), blocksize)
-    ref_q, ref_absmax = _quantize_8bit_nearest(A, code, blocksize)
+    ref_q, ref_absmax = N.quantize_blockwise_8bit_reference(A.cpu(), code, blocksize)
     assert q.dtype == torch.uint8 and q.shape == A.shape
     assert torch.equal(q.cpu(), ref_q)
     assert torch.equal(absmax.cpu(), ref_absmax)
+    out = Q.dequantize_blockwise_8bit(q, absmax, code.to(DEVICE), blocksize, dtype)
+    assert out.dtype == dtype and out.shape == A.shape
+    assert torch.equal(out.cpu(), N.dequantize_blockwise_8bit_reference(ref_q, ref_absmax, code, blocksize, dtype))
     if blocksize in (64, 256):  # block sizes bitsandbytes accepts
         bnb_q, bnb_state = F.quantize_blockwise(A.cpu(), code=code, blocksize=blocksize)
-        assert (q.cpu().int() - bnb_q.int()).abs().max() <= 1
+        assert torch.equal(q.cpu(), bnb_q)
         assert torch.equal(absmax.cpu(), bnb_state.absmax)
-        out = Q.dequantize_blockwise_8bit(q, absmax, code.to(DEVICE), blocksize, dtype)
-        bnb_state.absmax = absmax.cpu()
-        assert out.dtype == dtype
-        assert torch.equal(out.cpu(), F.dequantize_blockwise(q.cpu(), bnb_state))
+        assert torch.equal(out.cpu(), F.dequantize_blockwise(bnb_q, bnb_state))
 
 
 def test_double_quantized_absmax_like_bnb():

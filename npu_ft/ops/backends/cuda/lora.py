@@ -88,7 +88,7 @@ def _dual_gemm_kernel(
     # K-loop 1: A1 [M, K1] @ B1 [K1, N]
     rk = tl.arange(0, BLOCK_K)
     for k0 in range(0, K1, BLOCK_K):
-        kk = k0 + rk
+        kk = (k0 + rk).to(tl.int64)
         k_ok = kk < K1
         a = tl.load(a1_ptr + rm64[:, None] * s_a1m + kk[None, :] * s_a1k,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -181,6 +181,8 @@ def dual_gemm(
     else:
         a2, b2, K2 = a1, b1, 0
     out_dtype = out_dtype or a1.dtype
+    if bias is not None:
+        bias = bias.contiguous()
     out = torch.empty((M, N), dtype=out_dtype, device=a1.device)
     if M == 0 or N == 0:
         return out

@@ -9,12 +9,13 @@ any other):
 * 8-bit blockwise: ``q`` uint8 shaped like the input, ``absmax`` fp32 per block, values looked up in
   a sorted 256-entry ``code`` table (double quantization of the NF4 absmax uses it).
 
-Quantization follows bitsandbytes' reference exactly: ``scaled = clamp(x * (1 / absmax), -1, 1)``
-for full blocks and ``clamp(x / absmax, -1, 1)`` for the partial tail block (absmax clamped to at
-least 1e-38 there, the stored absmax is not clamped), then the code index is the number of
-midpoints ``(code[i] + code[i+1]) / 2`` strictly below ``scaled`` (``torch.bucketize`` with
-``right=False``: a value on a midpoint goes to the lower code). Divisions use ``div_rn`` so the
-GPU rounds exactly like the CPU reference.
+NF4 quantization follows bitsandbytes' CPU path exactly: ``scaled = clamp(x * (1 / absmax), -1, 1)``
+for full blocks and ``clamp(x / absmax, -1, 1)`` for the partial tail block (whose absmax is clamped
+to at least 1e-38, also in storage), then the code index is the number of midpoints
+``(code[i] + code[i+1]) / 2`` strictly below ``scaled`` (``torch.bucketize`` with ``right=False``: a
+value on a midpoint goes to the lower code). 8-bit quantization reads bitsandbytes' 65536-entry
+lookup table (see :func:`quantize_blockwise_8bit`). Divisions use ``div_rn`` and the 8-bit kernel
+launches without FMA contraction, so the GPU rounds exactly like the CPU reference.
 
 Every kernel upcasts its loads to fp32 at once (Triton's interpreter computes bf16 arithmetic
 wrongly, and fp32 is what the reference computes in), and masks every load and store, so any
@@ -101,10 +102,11 @@ def _nf4_dequantize_kernel(
     code_ptr,
     out_ptr,
     n,
-    blocksize,
+    BLOCKSIZE: tl.constexpr,
     BLOCK: tl.constexpr,
     RNE_BF16: tl.constexpr,
 ):
+    # BLOCKSIZE is a compile-time constant (a power of two in practice, so // is a shift).
     # One program writes BLOCK consecutive output elements; element e reads byte e // 2
     # (high nibble for even e, low nibble for odd e) and absmax[e // blocksize].
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -112,7 +114,7 @@ def _nf4_dequantize_kernel(
     byte = tl.load(packed_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
     nibble = tl.where((offs % 2) == 0, byte >> 4, byte & 15)
     value = tl.load(code_ptr + nibble, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(absmax_ptr + offs // blocksize, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(absmax_ptr + offs // BLOCKSIZE, mask=mask, other=0.0).to(tl.float32)
     result = value * scale
     if RNE_BF16:
         result = round_to_bf16_rne(result)
@@ -145,11 +147,12 @@ def _nf4_quantize_kernel(
     x_odd = tl.load(a_ptr + first + 1, mask=odd_ok, other=0.0).to(tl.float32)
 
     absmax = tl.maximum(tl.max(tl.abs(x_even), axis=1), tl.max(tl.abs(x_odd), axis=1))
-    tl.store(absmax_ptr + rows, absmax, mask=row_ok)
-
     safe = tl.maximum(absmax, 1e-38)
-    inv = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
     partial = ((rows + 1) * blocksize) > n  # only the last block can be partial
+    # bitsandbytes stores the partial tail block's absmax clamped, the full blocks' as they are
+    tl.store(absmax_ptr + rows, tl.where(partial, safe, absmax), mask=row_ok)
+
+    inv = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
     s_even = tl.where(
         partial[:, None], tl.math.div_rn(x_even, safe[:, None]), x_even * inv[:, None]
     )
@@ -224,7 +227,7 @@ def nf4_dequantize(
     block = 1024
     grid = (triton.cdiv(n, block),)
     _nf4_dequantize_kernel[grid](
-        packed, absmax, _nf4_code(packed.device), out, n, blocksize, BLOCK=block,
+        packed, absmax, _nf4_code(packed.device), out, n, BLOCKSIZE=blocksize, BLOCK=block,
         RNE_BF16=needs_bf16_rounding(dtype),
     )
     return out
@@ -260,16 +263,14 @@ def _dequantize_blockwise_8bit_kernel(
 @triton.jit
 def _quantize_blockwise_8bit_kernel(
     a_ptr,
-    bounds_ptr,
+    lut_ptr,
     q_ptr,
     absmax_ptr,
     n,
     n_blocks,
     blocksize,
-    n_bounds,
     ROWS: tl.constexpr,
     COLS: tl.constexpr,
-    STEPS: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, COLS)
@@ -280,31 +281,45 @@ def _quantize_blockwise_8bit_kernel(
 
     absmax = tl.max(tl.abs(x), axis=1)
     tl.store(absmax_ptr + rows, absmax, mask=row_ok)
-    safe = tl.maximum(absmax, 1e-38)
-    inv = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
-    partial = ((rows + 1) * blocksize) > n
-    s = tl.where(partial[:, None], tl.math.div_rn(x, safe[:, None]), x * inv[:, None])
+    zero = absmax == 0.0
+    inv = tl.where(zero, 0.0, tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.where(zero, 1.0, absmax)))
+    s = x * inv[:, None]
     s = tl.minimum(tl.maximum(s, -1.0), 1.0)
+    # index into the 65536-entry table, rounding step by step as the reference does (the launch
+    # disables FMA contraction so the GPU rounds every step too)
+    t = ((s + 1.0) * 0.5) * 65535.0 + 0.5
+    idx = t.to(tl.int32)
+    code = tl.load(lut_ptr + idx, mask=ok, other=0)
+    code = tl.where(zero[:, None], 0, code)  # an all-zero block stores code 0
+    tl.store(q_ptr + offs, code.to(tl.uint8), mask=ok)
 
-    # Binary search: idx = number of (sorted) midpoints strictly below s.
-    idx = tl.zeros(s.shape, tl.int32)
-    step = 1 << (STEPS - 1)
-    for _ in tl.static_range(STEPS):
-        cand = idx + step
-        cand_ok = ok & (cand <= n_bounds)
-        b = tl.load(bounds_ptr + (cand - 1), mask=cand_ok, other=0.0)
-        idx = tl.where(cand_ok & (b < s), cand, idx)
-        step = step // 2
-    tl.store(q_ptr + offs, idx.to(tl.uint8), mask=ok)
+
+LUT_SIZE = 65536
+
+
+def lut_8bit(code: torch.Tensor) -> torch.Tensor:
+    """uint8 [65536]: code index of each point ``-1 + 2 i / 65535`` (bitsandbytes' CPU table).
+
+    Entry ``i`` counts the midpoints between neighbouring (ascending) codes strictly below the point:
+    the nearest code, a tie going to the lower one.
+    """
+    code = code.to(torch.float32)
+    mids = (0.5 * (code[:-1] + code[1:])).contiguous()
+    points = torch.arange(LUT_SIZE, dtype=torch.float32, device=code.device)
+    points = -1.0 + (2.0 * points) / float(LUT_SIZE - 1)
+    return torch.searchsorted(mids, points, right=False).to(torch.uint8)
 
 
 def quantize_blockwise_8bit(
     A: torch.Tensor, code: torch.Tensor, blocksize: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blockwise 8-bit quantization with a sorted ``code`` table (<= 256 fp32 entries).
+    """Blockwise 8-bit quantization with an ascending ``code`` table (<= 256 entries).
 
-    Returns ``(q uint8 shaped like A, absmax fp32 [ceil(numel / blocksize)])``, identical to
-    ``bitsandbytes.functional.quantize_blockwise`` (CPU reference).
+    Returns ``(q uint8 shaped like A, absmax fp32 [ceil(numel / blocksize)])``, bit-identical to
+    bitsandbytes' CPU kernel (and :func:`npu_ft.ops.nf4.quantize_blockwise_8bit_reference`): each
+    block is scaled by ``x * (1 / absmax)`` (the tail block too), and the code is read from a
+    65536-entry table of the nearest code at evenly spaced points in [-1, 1], so a value within
+    ~1.5e-5 of a midpoint may take the neighbouring code. All-zero blocks store code 0.
     """
     _check_blocksize(blocksize, even=False)
     if code.numel() > 256:
@@ -316,15 +331,12 @@ def quantize_blockwise_8bit(
     absmax = torch.empty((n_blocks,), dtype=torch.float32, device=A.device)
     if n == 0:
         return q, absmax
-    code32 = code.to(device=A.device, dtype=torch.float32).reshape(-1)
-    bounds = ((code32[:-1] + code32[1:]) / 2).contiguous()
+    lut = lut_8bit(code.to(A.device))
     cols = triton.next_power_of_2(blocksize)
     rows = _rows_per_program(cols)
-    steps = max(1, int(bounds.numel()).bit_length())
     grid = (triton.cdiv(n_blocks, rows),)
     _quantize_blockwise_8bit_kernel[grid](
-        a, bounds, q, absmax, n, n_blocks, blocksize, bounds.numel(),
-        ROWS=rows, COLS=cols, STEPS=steps,
+        a, lut, q, absmax, n, n_blocks, blocksize, ROWS=rows, COLS=cols, enable_fp_fusion=False,
     )
     return q, absmax
 
