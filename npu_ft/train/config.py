@@ -50,6 +50,7 @@ __all__ = [
     "option",
     "options_markdown",
     "parse_overrides",
+    "to_data_arguments",
     "to_training_arguments",
 ]
 
@@ -783,6 +784,14 @@ def to_training_arguments(cfg: SftConfig, **changes: Any):
         kwargs.pop("output_dir", None)
     kwargs.update(changes)
     return TrainingArguments(**kwargs)
+
+
+def to_data_arguments(cfg: SftConfig):
+    """``npu_ft.data.args.DataArguments`` from the config (the fields both know)."""
+    from npu_ft.data.args import DataArguments
+
+    names = {f.name for f in dataclasses.fields(DataArguments) if f.init}
+    return DataArguments(**{k: v for k, v in cfg.to_dict().items() if k in names})
 
 
 # ---------------------------------------------------------------------------------------------

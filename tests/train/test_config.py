@@ -242,3 +242,14 @@ def test_option_table_is_the_single_source_of_truth():
     assert "`lora_rank`" in doc and "`use_dora`" in doc and "Known but not supported yet" in doc
     built = build_config({"model_name_or_path": "m"})
     assert all(hasattr(built, name) for name in OPTIONS)
+
+
+def test_to_data_arguments():
+    pytest.importorskip("npu_ft.data.args")
+    from npu_ft.train.config import to_data_arguments
+
+    cfg = build_config({"model_name_or_path": "m", "dataset": "a, b", "neat_packing": True, "cutoff_len": 128,
+                        "template": "qwen"})
+    data = to_data_arguments(cfg)
+    assert data.dataset == ["a", "b"] and data.packing is True and data.template == "qwen"
+    assert data.cutoff_len == 128 and data.effective_cutoff_len == 127

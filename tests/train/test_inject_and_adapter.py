@@ -103,6 +103,15 @@ def test_additional_target_is_trainable_and_kept_separate_from_tied_weights():
 
 
 # ------------------------------------------------------------------------------- PEFT format
+def test_peft_matches_us_on_tied_embeddings_in_modules_to_save(tmp_path):
+    base = tiny(tie=True)
+    ours = apply_lora(copy.deepcopy(base), "all", r=2, additional_target="embed_tokens")
+    perturb_trainable(ours)
+    save_adapter(ours, tmp_path / "a")
+    x = ids(4)
+    torch.testing.assert_close(peft_logits(base, tmp_path / "a", x), logits(ours, x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
