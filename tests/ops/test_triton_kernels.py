@@ -17,6 +17,8 @@ the interpreter on 2 cores.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -283,6 +285,46 @@ def test_nf4_linear_forward_backward(dtype, ldtype, tol, with_lora):
         if e is not None and a.numel():
             assert a.shape == e.shape, name
             _close(a, e, tol)
+
+
+# ------------------------------------------------------------------------------------------------
+# registration
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", [Q, K], ids=["nf4", "lora"])
+def test_kernels_take_exactly_the_op_arguments(module):
+    import inspect
+
+    import npu_ft.ops  # noqa: F401  (defines the ops)
+
+    for name, fn in module.KERNELS.items():
+        assert hasattr(torch.ops.npu_ft, name), f"op npu_ft::{name} is not defined"
+        schema = getattr(torch.ops.npu_ft, name).default._schema
+        expected = [arg.name for arg in schema.arguments]
+        assert list(inspect.signature(fn).parameters)[: len(expected)] == expected, name
+        extra = list(inspect.signature(fn).parameters.values())[len(expected):]
+        assert all(p.default is not inspect.Parameter.empty for p in extra), name
+
+
+def test_register_puts_every_kernel_on_the_cuda_key():
+    """In a fresh process (registration is global): register() covers all eight ops."""
+    import subprocess
+    import sys
+
+    code = (
+        "import npu_ft.ops as ops\n"
+        "from npu_ft.ops import _registry\n"
+        "from npu_ft.ops.backends import cuda\n"
+        "if 'cuda' not in ops.loaded_backends():\n"
+        "    cuda.register()\n"
+        "names = sorted(op for op, kernels in _registry.REGISTERED.items() if 'cuda' in kernels)\n"
+        "print(','.join(names))\n"
+    )
+    env = dict(os.environ, NPU_FT_KERNELS="")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().split(",") == sorted([*Q.KERNELS, *K.KERNELS])
 
 
 # ------------------------------------------------------------------------------------------------
