@@ -269,3 +269,40 @@ def test_npu_kernels_do_not_hold_full_size_weights(npu):
     grads = sum(t.grad.numel() * t.grad.element_size() for t in (xn, An, Bn))
     # gradients accumulate in place; a kept dequantized weight would add 512 KiB per call
     assert dev.memory().current_bytes - before <= grads
+
+
+# -- opcheck on npu tensors --------------------------------------------------------------------
+def _opcheck_cases(device):
+    g = _gen(21)
+    x = torch.randn(3, 5, 16, generator=g).to(device)
+    W = torch.randn(8, 16, generator=g).to(device)
+    b = torch.randn(8, generator=g).to(device)
+    A = torch.randn(4, 16, generator=g).to(device).requires_grad_()
+    B = torch.randn(8, 4, generator=g).to(device).requires_grad_()
+    Wq = torch.randn(7, 13, generator=g).to(device)
+    packed, absmax = nf4_ops.nf4_quantize(Wq, 32)
+    code = nf4_ops.dynamic_code_8bit(device)
+    q, qabsmax = nf4_ops.quantize_blockwise_8bit(torch.randn(300, generator=g).to(device), code, 256)
+    xw = torch.randn(2, 13, generator=g).to(device)
+    A13 = torch.randn(2, 13, generator=g).to(device).requires_grad_()
+    B7 = torch.randn(7, 2, generator=g).to(device).requires_grad_()
+    return {
+        "nf4_quantize": (Wq, 32),
+        "nf4_dequantize": (packed, absmax, 32, [7, 13], torch.bfloat16),
+        "quantize_blockwise_8bit": (torch.randn(300, generator=g).to(device), code, 256),
+        "dequantize_blockwise_8bit": (q, qabsmax, code, 256, torch.float32),
+        "lora_linear": (x, W, b, A, B, 0.5, None),
+        "nf4_linear": (xw, packed, absmax, 32, [7, 13], None, A13, B7, 2.0, None),
+    }
+
+
+@pytest.mark.parametrize(
+    "op", ["nf4_quantize", "nf4_dequantize", "quantize_blockwise_8bit", "dequantize_blockwise_8bit",
+           "lora_linear", "nf4_linear"]
+)
+def test_opcheck_on_npu(npu, op):
+    args = _opcheck_cases(npu)[op]
+    # torch's autograd-registration check only knows CPU/CUDA/XPU tensors ("NYI devices other than
+    # CPU/CUDA/XPU"); the autograd tests above cover it on npu tensors
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(getattr(torch.ops.npu_ft, op).default, args, test_utils=utils)
