@@ -124,7 +124,7 @@ def _peft_lora(model, case):
 def build_reference(case, base_model_factory, device: torch.device) -> Prepared:
     dtype = torch_dtype(case.dtype)
     cleanup = None
-    features = ["transformers", "peft"]
+    features = ["transformers"] + (["peft"] if case.method in ("lora", "qlora") else [])
     if case.method == "qlora":
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
