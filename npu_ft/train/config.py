@@ -71,7 +71,6 @@ class ConfigError(ValueError):
         super().__init__(f"{': '.join(where)}: {message}" if where else message)
 
 
-_NO_RANGE = None
 
 
 @dataclass(frozen=True)
@@ -830,3 +829,7 @@ def options_markdown() -> str:
               + ", ".join(f"`{o.name}`" for o in ign) + ".", "",
               "Every other `transformers.TrainingArguments` field is accepted and passed through.", ""]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m npu_ft.train.config > docs/config.md
+    print(options_markdown(), end="")
