@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config, items):
     reasons = {}
     for item in items:
         for marker, why in need.items():
-            if marker in item.keywords:
+            if item.get_closest_marker(marker) is not None:
                 if marker not in reasons:
                     reasons[marker] = why()
                 if reasons[marker]:
