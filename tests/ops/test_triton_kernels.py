@@ -327,6 +327,20 @@ def test_register_puts_every_kernel_on_the_cuda_key():
     assert out.stdout.strip().split(",") == sorted([*Q.KERNELS, *K.KERNELS])
 
 
+@pytest.mark.slow
+def test_kernels_compile_for_h100_without_a_gpu():
+    """Triton's whole GPU pipeline (down to a cubin via the wheel's ptxas) for sm_90, no GPU needed."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-m", "npu_ft.ops.backends.cuda._aot", "90"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(out.stdout.strip().splitlines()) == 6, out.stdout
+
+
 # ------------------------------------------------------------------------------------------------
 # real GPU only
 # ------------------------------------------------------------------------------------------------
