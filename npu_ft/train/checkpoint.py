@@ -1,0 +1,128 @@
+"""Checkpoints: atomic writes, finding the latest one, resolving ``resume_from_checkpoint``.
+
+A checkpoint ``checkpoint-N`` is first written completely into ``tmp-checkpoint-N`` next to it and
+then renamed with :func:`os.replace` (atomic on POSIX within one file system). A run killed while
+saving leaves at most a ``tmp-checkpoint-N`` folder, which is never picked for resuming and is
+removed by the next run; any ``checkpoint-N`` that exists is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+PREFIX = "checkpoint"
+TMP_PREFIX = "tmp-checkpoint"
+_CKPT_RE = re.compile(rf"^{PREFIX}-(\d+)$")
+_TMP_RE = re.compile(rf"^{TMP_PREFIX}-(\d+)$")
+
+__all__ = [
+    "CheckpointError",
+    "atomic_publish",
+    "checkpoint_dirs",
+    "latest_checkpoint",
+    "remove_stale_tmp",
+    "resolve_resume",
+    "tmp_checkpoint_dir",
+]
+
+
+class CheckpointError(ValueError):
+    """resume_from_checkpoint names something that cannot be resumed from."""
+
+
+def checkpoint_dirs(output_dir: str) -> list[str]:
+    """Complete ``checkpoint-N`` folders of ``output_dir``, by increasing N."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CKPT_RE.match(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isdir(path):
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The ``checkpoint-N`` with the largest N (temp folders are never returned)."""
+    dirs = checkpoint_dirs(output_dir)
+    return dirs[-1] if dirs else None
+
+
+def tmp_checkpoint_dir(output_dir: str, step: int) -> str:
+    return os.path.join(output_dir, f"{TMP_PREFIX}-{step}")
+
+
+def remove_stale_tmp(output_dir: str) -> list[str]:
+    """Delete ``tmp-checkpoint-*`` folders left by a run that died while saving."""
+    removed = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            if _TMP_RE.match(name):
+                path = os.path.join(output_dir, name)
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_publish(tmp_dir: str, final_dir: str) -> None:
+    """Move the finished ``tmp_dir`` to ``final_dir`` in one rename.
+
+    Files are fsync'ed first so the rename never exposes a folder whose contents are still in the
+    page cache only. An existing ``final_dir`` (a re-save of the same step) is replaced.
+    """
+    for root, _, files in os.walk(tmp_dir):
+        for name in files:
+            try:
+                with open(os.path.join(root, name), "rb") as f:
+                    os.fsync(f.fileno())
+            except OSError:  # pragma: no cover
+                pass
+    if os.path.isdir(final_dir):
+        old = final_dir + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+        os.replace(tmp_dir, final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, final_dir)
+    _fsync_dir(os.path.dirname(os.path.abspath(final_dir)))
+
+
+def resolve_resume(value, output_dir: str) -> str | None:
+    """Turn ``resume_from_checkpoint`` (None/False, True/"true" = latest, or a path) into a folder.
+
+    Raises :class:`CheckpointError` naming the key when the path is missing or no checkpoint exists.
+    """
+    if value is None or value is False:
+        return None
+    if isinstance(value, str) and value.strip().lower() in ("", "false", "none", "null"):
+        return None
+    if value is True or (isinstance(value, str) and value.strip().lower() == "true"):
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            raise CheckpointError(
+                f"resume_from_checkpoint: true, but output_dir {output_dir!r} has no checkpoint-N folder"
+            )
+        return found
+    path = str(value)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"resume_from_checkpoint: {path!r} is not a folder")
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        raise CheckpointError(f"resume_from_checkpoint: {path!r} has no trainer_state.json (not a checkpoint)")
+    return path
