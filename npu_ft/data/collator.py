@@ -10,7 +10,8 @@ attention that never crosses examples, in one of two ways:
   passes a 4D mask through to the attention unchanged.
 * ``neat_mask="position_ids"``: ``attention_mask`` is set to None and the model derives the
   packed sequence boundaries from the restarted ``position_ids`` (transformers >= 5 for
-  eager/sdpa; flash-attention-2 varlen). Uses no O(seq^2) memory.
+  eager/sdpa, and flash-attention-2 varlen). Uses no O(seq^2) memory. transformers only does this
+  when no KV cache is passed, so the forward must run with ``use_cache=False`` (as in training).
 """
 
 from __future__ import annotations

@@ -66,6 +66,8 @@ def check_columns(records: list[dict[str, Any]], attr: DatasetAttr, source: str)
                 f"dataset {attr.name!r}: column {col!r} ({getattr(attr, col)!r}) is not supported by npu-ft "
                 "(multimodal and preference data are out of scope)"
             )
+    if not records:
+        return
     present: set[str] = set()
     for rec in records:
         present.update(rec.keys())

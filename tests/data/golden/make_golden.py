@@ -72,6 +72,9 @@ SETTINGS: dict[str, tuple[str, dict]] = {
 }
 
 
+_MUTATED = ("default_system", "enable_thinking", "preserve_thinking", "format_function", "format_tools")
+
+
 def _rows(dataset) -> list[dict]:
     keep = ("input_ids", "labels", "attention_mask", "position_ids")
     rows = []
@@ -92,6 +95,7 @@ def main() -> None:
     import llamafactory
     from llamafactory.data import get_template_and_fix_tokenizer
     from llamafactory.data.loader import get_dataset
+    from llamafactory.data.template import TEMPLATES
     from llamafactory.hparams import DataArguments, ModelArguments
     from transformers import AutoTokenizer, Seq2SeqTrainingArguments
 
@@ -99,6 +103,10 @@ def main() -> None:
     for name, (variant, kwargs) in SETTINGS.items():
         if only and name not in only:
             continue
+        # get_template_and_fix_tokenizer mutates the registered template (default_system, thinking
+        # flags); restore it so one setting does not leak into the next in this process.
+        registered = TEMPLATES[kwargs["template"]]
+        saved = {k: getattr(registered, k) for k in _MUTATED}
         tok_dir = str(TOKENIZERS[variant])
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         tokenizer.padding_side = "right"
@@ -116,6 +124,8 @@ def main() -> None:
             }
             if module.get("eval_dataset") is not None:
                 result["eval"] = _rows(module["eval_dataset"])
+        for key, value in saved.items():
+            setattr(registered, key, value)
         out = HERE / f"{name}.json"
         out.write_text(json.dumps(result, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
         print(f"wrote {out.name}: {len(result['train'])} train rows", flush=True)
