@@ -22,6 +22,8 @@ def _run_main(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="output folder (default: bench/runs/<suite>-<time>)")
     p.add_argument("--repeats", type=int, default=None, help="override the suite's repeats")
     p.add_argument("--only", default=None, help="run only cases whose id contains this text")
+    p.add_argument("--skip", action="append", default=[],
+                   help="skip cases whose id contains this text (repeatable)")
     p.add_argument("--jobs", type=int, default=1,
                    help="case processes at once (default 1; >1 only for smoke runs: timings then compete)")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
@@ -33,12 +35,12 @@ def _run_main(argv: list[str]) -> int:
         return 2
     if args.list:
         for c in suite.cases:
-            if not args.only or args.only in c.case_id:
+            if (not args.only or args.only in c.case_id) and not any(s in c.case_id for s in args.skip):
                 print(c.case_id)
         return 0
     out = Path(args.out or f"bench/runs/{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
-        results = run_suite(suite, out, repeats=args.repeats, only=args.only, jobs=args.jobs)
+        results = run_suite(suite, out, repeats=args.repeats, only=args.only, skip=args.skip, jobs=args.jobs)
     except ValueError as exc:
         print(f"npu-ft bench: {exc}", file=sys.stderr)
         return 2

@@ -76,17 +76,18 @@ def run_case_subprocess(case: BenchCase, repeat: int = 0, env: dict | None = Non
 
 def run_suite(suite: Suite, out_dir: str | Path | None = None, repeats: int | None = None,
               only: str | None = None, progress: Callable[[str], None] | None = print,
-              env: dict | None = None, jobs: int = 1) -> list[dict]:
+              env: dict | None = None, jobs: int = 1, skip: list[str] | tuple = ()) -> list[dict]:
     """Run every case of ``suite`` ``repeats`` times; write ``raw.jsonl`` and the reports to ``out_dir``.
 
-    ``only``: substring filter on case ids (e.g. "lora/" or "qwen2.5-0.5b"). ``jobs`` > 1 runs that
+    ``only``: substring filter on case ids (e.g. "lora/" or "qwen2.5-0.5b"); ``skip``: substrings of
+    case ids not to run. ``jobs`` > 1 runs that
     many case processes at once: peak memory stays per case (each process has its own), but timings
     then compete for the CPU, so use it for smoke runs only. Returns the raw results (one dict per
     case per repeat).
     """
     from .report import write_reports
 
-    cases = [c for c in suite.cases if not only or only in c.case_id]
+    cases = [c for c in suite.cases if (not only or only in c.case_id) and not any(s in c.case_id for s in skip)]
     if not cases:
         raise ValueError(f"no case of suite {suite.name!r} matches {only!r}")
     n_rep = repeats or suite.repeats
