@@ -1,0 +1,113 @@
+"""The import hook behind ``NPU_FT_LLAMAFACTORY=1``.
+
+``npu-ft lf-train --install-hook`` writes ``npu_ft_llamafactory.pth`` into this Python's
+site-packages. Python runs its import line at every start-up; it costs one environment lookup and
+does nothing unless ``NPU_FT_LLAMAFACTORY`` is 1/true/yes/on. When it is, :func:`install_import_hook`
+puts a finder on ``sys.meta_path`` that waits for ``llamafactory.model.loader`` to be imported (by
+``llamafactory-cli``, its torchrun workers, the web UI, a script...) and then runs
+:func:`~npu_ft_llamafactory.apply_npu_ft_to_llamafactory` on it -- so every process of a run is
+patched, not only the first one.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import os
+import site
+import sys
+import sysconfig
+from pathlib import Path
+
+__all__ = ["PTH_NAME", "hook_status", "install_import_hook", "install_pth", "pth_path", "uninstall_pth"]
+
+PTH_NAME = "npu_ft_llamafactory.pth"
+TARGET = "llamafactory.model.loader"
+_PLUGIN_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the npu_ft_llamafactory package
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds ``llamafactory.model.loader`` through the other finders, then patches after exec."""
+
+    def __init__(self):
+        self._spec = None
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != TARGET:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                self._spec = spec
+                return importlib.util.spec_from_loader(fullname, self, origin=spec.origin)
+        return None
+
+    def create_module(self, spec):
+        return self._spec.loader.create_module(self._spec)
+
+    def exec_module(self, module):
+        # keep the real spec/loader on the module (tracebacks, reload, inspect)
+        module.__spec__ = self._spec
+        module.__loader__ = self._spec.loader
+        module.__file__ = self._spec.origin
+        self._spec.loader.exec_module(module)
+        sys.modules[TARGET] = module
+        from .lf_patch import apply_npu_ft_to_llamafactory
+
+        info = apply_npu_ft_to_llamafactory()
+        if info.get("patched") and os.environ.get("LOCAL_RANK", "0") in ("", "0"):
+            print(f"[npu-ft] LLaMA-Factory {info['llamafactory']} patched: PEFT LoRA -> npu_ft::lora_linear, "
+                  "bitsandbytes 4-bit -> npu-ft NF4", file=sys.stderr)
+
+
+def install_import_hook() -> bool:
+    """Patch LLaMA-Factory when it is imported (or now, if it already is). Idempotent."""
+    if TARGET in sys.modules:
+        from .lf_patch import apply_npu_ft_to_llamafactory
+
+        apply_npu_ft_to_llamafactory()
+        return True
+    if not any(isinstance(f, _PatchAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchAfterImport())
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# the .pth file
+# --------------------------------------------------------------------------------------------------
+
+_PTH_IMPORT = ("import os; os.environ.get('NPU_FT_LLAMAFACTORY', '').strip().lower() in ('1', 'true', 'yes', 'on') "
+               "and __import__('npu_ft_llamafactory.hook').hook.install_import_hook()")
+
+
+def _default_site_dir() -> Path:
+    return Path(sysconfig.get_paths()["purelib"])
+
+
+def pth_path(site_dir: str | os.PathLike | None = None) -> Path:
+    return (Path(site_dir) if site_dir else _default_site_dir()) / PTH_NAME
+
+
+def install_pth(site_dir: str | os.PathLike | None = None) -> Path:
+    """Write the ``.pth`` file (plugin folder on sys.path + the guarded import line); returns its path."""
+    path = pth_path(site_dir)
+    path.write_text(f"{_PLUGIN_ROOT}\n{_PTH_IMPORT}\n")
+    return path
+
+
+def uninstall_pth(site_dir: str | os.PathLike | None = None) -> Path | None:
+    path = pth_path(site_dir)
+    if path.exists():
+        path.unlink()
+        return path
+    return None
+
+
+def hook_status() -> dict:
+    """Where the ``.pth`` file is (if anywhere on this Python's site dirs) and whether it is active."""
+    dirs = list(dict.fromkeys([str(_default_site_dir()), *site.getsitepackages(), site.getusersitepackages()]))
+    found = [str(Path(d) / PTH_NAME) for d in dirs if (Path(d) / PTH_NAME).exists()]
+    return {"installed": found, "enabled_by_env": os.environ.get("NPU_FT_LLAMAFACTORY", ""),
+            "active_in_this_process": any(isinstance(f, _PatchAfterImport) for f in sys.meta_path)}

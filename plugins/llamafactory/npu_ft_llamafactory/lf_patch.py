@@ -1,0 +1,268 @@
+"""LLaMA-Factory integration: two function patches inside its model loader, plus the PEFT patch.
+
+``apply_npu_ft_to_llamafactory()`` (idempotent):
+
+1. checks that LLaMA-Factory is installed at a supported version (:data:`SUPPORTED_LF_VERSIONS`);
+2. :func:`~.peft_patch.apply_npu_ft_to_peft` -- PEFT's LoRA Linear forward runs ``npu_ft::lora_linear``;
+3. wraps ``llamafactory.model.patcher.configure_quantization``: for on-the-fly bitsandbytes 4-bit
+   (``quantization_bit: 4``, ``quantization_method: bnb``) no ``BitsAndBytesConfig`` is made, so the
+   model loads in its compute dtype and bitsandbytes is never needed; the settings are remembered;
+4. wraps ``llamafactory.model.loader.init_adapter``: checks the model type, marks the model as
+   quantized for LLaMA-Factory's own guards (``quantization_method``: only LoRA/OFT, no PiSSA), lets
+   LLaMA-Factory build the PEFT model as usual, then replaces the base linears by npu-ft NF4 layers
+   (:func:`~.qlora.quantize_base_layers`; double quantization as configured) and converts any
+   bitsandbytes ``Linear4bit`` of a pre-quantized checkpoint (:func:`~.qlora.convert_bnb_4bit_layers`).
+
+Nothing else of LLaMA-Factory changes: its arguments, data, Trainer, callbacks and adapter saving
+(PEFT ``adapter_model.safetensors`` + ``adapter_config.json``) are its own.
+
+What cannot be patched (LLaMA-Factory missing or at another version, a model type outside
+:data:`SUPPORTED_MODEL_TYPES`, ``quantization_bit: 8``, ``quantization_type: fp4``, 4-bit with DeepSpeed
+ZeRO-3 / FSDP) raises :class:`NpuFtLlamaFactoryError` -- unless the user asked for the fallback
+(``fallback=True``, env ``NPU_FT_LF_FALLBACK=1`` or ``npu-ft lf-train --allow-unpatched``): then a
+warning says so and LLaMA-Factory runs unpatched.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import logging
+import os
+import sys
+import warnings
+
+import torch
+
+from . import peft_patch, qlora
+
+__all__ = [
+    "ENV_COUNTERS",
+    "ENV_ENABLE",
+    "ENV_FALLBACK",
+    "NpuFtLlamaFactoryError",
+    "SUPPORTED_LF_VERSIONS",
+    "SUPPORTED_MODEL_TYPES",
+    "apply_npu_ft_to_llamafactory",
+    "check_llamafactory",
+    "counters",
+    "fallback_requested",
+    "write_counters",
+]
+
+logger = logging.getLogger("npu_ft_llamafactory")
+
+#: LLaMA-Factory versions whose loader this plugin was tested against
+SUPPORTED_LF_VERSIONS = ("0.9.5",)
+#: ``config.model_type`` values the plugin patches (the Qwen families npu-ft is built and tested for)
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
+
+ENV_ENABLE = "NPU_FT_LLAMAFACTORY"
+ENV_FALLBACK = "NPU_FT_LF_FALLBACK"
+ENV_COUNTERS = "NPU_FT_LF_COUNTERS"
+
+_TRUE = ("1", "true", "yes", "on")
+_STATE = {"applied": False, "fallback": False, "unpatched_reason": None, "quantized": 0, "converted": 0,
+          "model_type": None, "counters_hook": False}
+
+
+class NpuFtLlamaFactoryError(RuntimeError):
+    """LLaMA-Factory cannot be patched as asked (and no fallback was requested)."""
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+def fallback_requested(fallback: bool | None = None) -> bool:
+    return env_flag(ENV_FALLBACK) if fallback is None else bool(fallback)
+
+
+def _unpatchable(reason: str, fallback: bool) -> None:
+    """Raise, or (fallback) switch the plugin off for this process and warn."""
+    if not fallback:
+        raise NpuFtLlamaFactoryError(
+            f"npu-ft LLaMA-Factory plugin: {reason}. Nothing was patched. To run LLaMA-Factory unpatched "
+            f"anyway, set {ENV_FALLBACK}=1 (or pass --allow-unpatched to `npu-ft lf-train`)."
+        )
+    _STATE["unpatched_reason"] = reason
+    peft_patch.set_enabled(False)
+    msg = f"npu-ft LLaMA-Factory plugin: {reason}; running LLaMA-Factory UNPATCHED ({ENV_FALLBACK} fallback)"
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    print(msg, file=sys.stderr)
+
+
+def check_llamafactory() -> str:
+    """The installed LLaMA-Factory version; raises :class:`NpuFtLlamaFactoryError` if missing."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("llamafactory")
+    except metadata.PackageNotFoundError:
+        raise NpuFtLlamaFactoryError(
+            "npu-ft LLaMA-Factory plugin: LLaMA-Factory is not installed in this Python "
+            f"({sys.executable}); install it with: pip install llamafactory=={SUPPORTED_LF_VERSIONS[-1]} "
+            "(see docs/llamafactory.md)"
+        ) from None
+
+
+def version_supported(version: str) -> bool:
+    return version in SUPPORTED_LF_VERSIONS
+
+
+# --------------------------------------------------------------------------------------------------
+# the two LLaMA-Factory function patches
+# --------------------------------------------------------------------------------------------------
+
+def _is_bnb(method) -> bool:
+    return str(getattr(method, "value", method)).lower() in ("bnb", "bitsandbytes")
+
+
+def _wrap_configure_quantization(original, fallback: bool):
+    @functools.wraps(original)
+    def configure_quantization(config, tokenizer, model_args, is_trainable, init_kwargs):
+        on_the_fly = (not getattr(config, "quantization_config", None)
+                      and getattr(model_args, "export_quantization_bit", None) is None
+                      and getattr(model_args, "quantization_bit", None) is not None
+                      and _is_bnb(getattr(model_args, "quantization_method", "bnb")))
+        if not (peft_patch.is_enabled() and on_the_fly):
+            return original(config, tokenizer, model_args, is_trainable, init_kwargs)
+        bits = model_args.quantization_bit
+        qtype = str(getattr(model_args, "quantization_type", "nf4"))
+        reason = None
+        if bits != 4:
+            reason = f"quantization_bit: {bits} is not supported (npu-ft replaces bitsandbytes 4-bit NF4 only)"
+        elif qtype != "nf4":
+            reason = f"quantization_type: {qtype} is not supported (npu-ft's 4-bit layers are NF4 only)"
+        else:
+            try:
+                from transformers.integrations import is_deepspeed_zero3_enabled
+
+                zero3 = is_deepspeed_zero3_enabled()
+            except Exception:  # noqa: BLE001
+                zero3 = False
+            if zero3 or env_flag("ACCELERATE_USE_FSDP"):
+                reason = "4-bit quantization with DeepSpeed ZeRO-3 / FSDP is not supported by npu-ft's NF4 layers"
+        if reason:
+            _unpatchable(reason, fallback)
+            return original(config, tokenizer, model_args, is_trainable, init_kwargs)
+        model_args.npu_ft_nf4 = {"double_quant": bool(getattr(model_args, "double_quantization", True)),
+                                 "compute_dtype": getattr(model_args, "compute_dtype", None)}
+        print("[npu-ft] quantization_bit: 4 -> npu-ft NF4 layers (bitsandbytes format, double quantization "
+              f"{'on' if model_args.npu_ft_nf4['double_quant'] else 'off'}); bitsandbytes is not used",
+              file=sys.stderr)
+
+    configure_quantization.__npu_ft_patched__ = True
+    return configure_quantization
+
+
+def _quantize_device():
+    """Where to quantize: the accelerator npu-ft would train on (packed codes stay there), else None."""
+    try:
+        from npu_ft.device import select_device
+
+        backend, device = select_device()
+        return None if device.type == "cpu" else device
+    except Exception:  # noqa: BLE001 - quantize where the weights are
+        return None
+
+
+def _wrap_init_adapter(original, fallback: bool):
+    @functools.wraps(original)
+    def init_adapter(config, model, model_args, finetuning_args, is_trainable):
+        if peft_patch.is_enabled():
+            model_type = getattr(config, "model_type", None)
+            _STATE["model_type"] = model_type
+            if model_type not in SUPPORTED_MODEL_TYPES:
+                _unpatchable(f"model type {model_type!r} is not supported (supported: "
+                             f"{', '.join(SUPPORTED_MODEL_TYPES)})", fallback)
+        nf4 = getattr(model_args, "npu_ft_nf4", None)
+        if nf4 is not None and not peft_patch.is_enabled():
+            # a fallback was triggered after configure_quantization: the model is dense, say so loudly
+            raise NpuFtLlamaFactoryError("npu-ft LLaMA-Factory plugin: the model was loaded for npu-ft NF4 but the "
+                                         "plugin was switched off afterwards; cannot quantize it with bitsandbytes now")
+        if nf4 is not None:
+            model.quantization_method = "bnb"  # LLaMA-Factory's guards for quantized models apply as with bnb
+        model = original(config, model, model_args, finetuning_args, is_trainable)
+        if nf4 is not None:
+            names = qlora.quantize_base_layers(model, double_quant=nf4["double_quant"],
+                                               compute_dtype=nf4["compute_dtype"], device=_quantize_device())
+            _STATE["quantized"] += len(names)
+            peft_patch.STATS["nf4_layers"] += len(names)
+            print(f"[npu-ft] quantized {len(names)} linear layers to NF4", file=sys.stderr)
+        if peft_patch.is_enabled():
+            converted = qlora.convert_bnb_4bit_layers(model)
+            _STATE["converted"] += len(converted)
+            if converted:
+                print(f"[npu-ft] converted {len(converted)} bitsandbytes Linear4bit layers to npu-ft NF4", file=sys.stderr)
+        return model
+
+    init_adapter.__npu_ft_patched__ = True
+    return init_adapter
+
+
+# --------------------------------------------------------------------------------------------------
+
+def apply_npu_ft_to_llamafactory(fallback: bool | None = None) -> dict:
+    """Patch LLaMA-Factory (see the module docstring). Returns what was done.
+
+    ``fallback``: None = env ``NPU_FT_LF_FALLBACK``. Raises :class:`NpuFtLlamaFactoryError` for a
+    missing or unsupported LLaMA-Factory unless ``fallback`` (then: warning, nothing patched).
+    """
+    fallback = fallback_requested(fallback)
+    version = check_llamafactory()
+    if not version_supported(version):
+        _unpatchable(f"LLaMA-Factory {version} is not a supported version (supported: "
+                     f"{', '.join(SUPPORTED_LF_VERSIONS)})", fallback)
+        return {"patched": False, "llamafactory": version, "reason": _STATE["unpatched_reason"]}
+    if _STATE["applied"]:
+        return {"patched": True, "llamafactory": version}
+    classes = peft_patch.apply_npu_ft_to_peft()
+    from llamafactory.model import loader, patcher
+
+    if not getattr(patcher.configure_quantization, "__npu_ft_patched__", False):
+        patcher.configure_quantization = _wrap_configure_quantization(patcher.configure_quantization, fallback)
+    if not getattr(loader.init_adapter, "__npu_ft_patched__", False):
+        loader.init_adapter = _wrap_init_adapter(loader.init_adapter, fallback)
+    _STATE["applied"] = True
+    install_counters_hook()
+    return {"patched": True, "llamafactory": version, "peft_classes": classes}
+
+
+def counters() -> dict:
+    """npu-ft op kernel calls + plugin counters (what ran where), JSON-ready."""
+    from npu_ft.ops import kernel_calls
+
+    ops = ("lora_linear", "lora_linear_backward", "nf4_linear", "nf4_linear_backward")
+    return {
+        "kernel_calls": {op: kernel_calls(op) for op in ops},
+        "plugin": dict(peft_patch.STATS),
+        "patched": bool(_STATE["applied"]) and peft_patch.is_enabled(),
+        "unpatched_reason": _STATE["unpatched_reason"],
+        "model_type": _STATE["model_type"],
+        "nf4_layers": _STATE["quantized"],
+        "bnb_layers_converted": _STATE["converted"],
+        "torch": torch.__version__,
+    }
+
+
+def write_counters(path: str | None = None) -> str | None:
+    path = path or os.environ.get(ENV_COUNTERS)
+    if not path:
+        return None
+    rank = os.environ.get("RANK")
+    if rank not in (None, "", "0"):
+        path = f"{path}.rank{rank}"
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(counters(), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return path
+
+
+def install_counters_hook() -> None:
+    """Write :func:`counters` to ``$NPU_FT_LF_COUNTERS`` when the process exits (if set)."""
+    if not _STATE["counters_hook"] and os.environ.get(ENV_COUNTERS):
+        atexit.register(write_counters)
+        _STATE["counters_hook"] = True
