@@ -350,3 +350,27 @@ def test_weight_requiring_grad_is_refused():
         lora_linear(**kwargs)
     with torch.no_grad():  # fine without grad mode
         lora_linear(**kwargs)
+
+
+@pytest.mark.parametrize("kind", ["1d", "empty", "noncontiguous"])
+def test_edge_shapes_forward_and_backward(kind):
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(6, 8, generator=g), torch.randn(6, generator=g)
+    a = torch.randn(3, 8, generator=g).requires_grad_(True)
+    bb = torch.randn(6, 3, generator=g).requires_grad_(True)
+    if kind == "1d":
+        x = torch.randn(8, generator=g)
+    elif kind == "empty":
+        x = torch.randn(0, 8)
+    else:
+        x = torch.randn(8, 5, generator=g).t()  # [5, 8], strided
+    x.requires_grad_(True)
+    y = lora_linear(x, w, b, a, bb, 0.5)
+    expected = torch.nn.functional.linear(x, w, b) + 0.5 * (x @ a.T) @ bb.T
+    assert y.shape == expected.shape
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(y.sum(), (x, a, bb))
+    grads_ref = torch.autograd.grad(expected.sum(), (x, a, bb))
+    for got, ref in zip(grads, grads_ref):
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
