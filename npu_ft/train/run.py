@@ -1,0 +1,287 @@
+"""``run_sft(cfg)``: one supervised fine-tuning run, in LLaMA-Factory's order.
+
+device (device layer) -> tokenizer -> dataset -> model -> method (lora | qlora | full) ->
+:class:`~npu_ft.train.trainer.SftTrainer` (transformers' Trainer) -> outputs.
+
+Everything that can be wrong with the inputs (config, device, tokenizer, data files, the model
+folder) is checked *before* anything is written, so a bad recipe leaves no output behind. Outputs
+in ``output_dir`` (as LLaMA-Factory writes them):
+
+* LoRA / QLoRA: ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format) + tokenizer.
+* full: ``model.safetensors`` + ``config.json`` + ``generation_config.json`` + tokenizer.
+* always: ``trainer_log.jsonl``, ``trainer_state.json``, ``train_results.json``,
+  ``all_results.json``, ``checkpoint-N/`` every ``save_steps``, ``training_loss.png`` with
+  ``plot_loss: true``.
+
+The final model is written into a temp folder and its files moved into ``output_dir`` one rename
+each, so an interrupted save never leaves a half-written weights file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .callbacks import LogCallback, NonFiniteLossError, NonFiniteLossGuard, plot_loss
+from .checkpoint import CheckpointError, latest_checkpoint, remove_stale_tmp, resolve_resume
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SftResult", "TrainingError", "build_data_arguments", "prepare_model", "run_sft"]
+
+#: files whose presence means "a model/adapter was already trained here" (LF's CHECKPOINT_NAMES)
+_OUTPUT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors",
+                 "model.safetensors.index.json", "pytorch_model.bin", "trainer_state.json")
+
+
+class TrainingError(RuntimeError):
+    """A run cannot start (or had to stop); the message says why and what to change."""
+
+
+@dataclass
+class SftResult:
+    """What :func:`run_sft` did."""
+
+    output_dir: str
+    method: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    global_step: int = 0
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: str | None = None
+    device: str = "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces
+# ---------------------------------------------------------------------------------------------
+def build_data_arguments(cfg: Any):
+    """:class:`npu_ft.data.DataArguments` from the data keys of a config."""
+    from npu_ft.data import DataArguments
+
+    kwargs = {}
+    for f in dataclasses.fields(DataArguments):
+        if f.name in cfg:
+            value = cfg.get(f.name)
+            if value is None and f.default is not None and f.default is not dataclasses.MISSING:
+                continue
+            kwargs[f.name] = value
+    return DataArguments(**kwargs)
+
+
+def load_tokenizer(cfg: Any):
+    """The tokenizer saved in the model folder (LLaMA-Factory loads it from model_name_or_path)."""
+    from transformers import AutoTokenizer
+
+    from npu_ft.model.loading import resolve_model_path
+
+    folder = resolve_model_path(cfg.model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=bool(cfg.get("trust_remote_code", False)),
+            use_fast=bool(cfg.get("use_fast_tokenizer", True)),
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        raise TrainingError(f"model_name_or_path {cfg.model_name_or_path!r}: cannot load a tokenizer from the "
+                            f"folder ({exc}). Put the tokenizer files next to the weights.") from exc
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def prepare_model(cfg: Any, device: torch.device, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Load the model and apply the method: LoRA, QLoRA (NF4 base) or full fine-tuning."""
+    from npu_ft.model.loading import compute_dtype as _compute_dtype
+    from npu_ft.model.loading import load_model
+    from npu_ft.modules.inject import apply_lora, apply_qlora
+
+    dtype = compute_dtype or _compute_dtype(cfg)
+    model = load_model(cfg, device=None, dtype=dtype)
+    method = cfg.method
+    lora_kwargs = dict(r=int(cfg.lora_rank), alpha=cfg.lora_alpha, dropout=float(cfg.lora_dropout),
+                       use_rslora=bool(cfg.use_rslora), additional_target=cfg.additional_target)
+    try:
+        if method == "lora":
+            apply_lora(model, cfg.lora_target, **lora_kwargs)
+        elif method == "qlora":
+            if str(cfg.get("quantization_type", "nf4")).lower() != "nf4":
+                raise TrainingError(f"quantization_type: only nf4 is supported, got {cfg.quantization_type!r}")
+            model = model.to(device)  # quantize where we train (same NF4 codes on any device)
+            apply_qlora(model, cfg.lora_target, double_quant=bool(cfg.double_quantization), compute_dtype=dtype,
+                        **lora_kwargs)
+        else:  # full: LLaMA-Factory trains fp32 master weights unless pure_bf16
+            model.requires_grad_(True)
+            if not cfg.get("pure_bf16", False):
+                for param in model.parameters():
+                    if param.dtype != torch.float32:
+                        param.data = param.data.to(torch.float32)
+    except ValueError as exc:
+        key = "lora_target" if "lora_target" in str(exc) else "additional_target" if "additional_target" in str(
+            exc) else "finetuning_type"
+        raise TrainingError(f"{cfg.source}: key '{key}': {exc}") from exc
+    model = model.to(device)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing_enabled:
+        use_reentrant = bool(cfg.get("use_reentrant_gc", True))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        if method != "full" or use_reentrant:
+            model.enable_input_require_grads()  # frozen embeddings: make checkpointed segments see grads
+    return model
+
+
+def _adapter_fns(cfg: Any, method: str):
+    if method == "full":
+        return None, None
+    from npu_ft.train.adapter_io import load_adapter, save_adapter
+
+    def _save(model, folder):
+        save_adapter(model, folder, cfg, base_model_name_or_path=str(cfg.model_name_or_path))
+
+    def _load(model, folder):
+        load_adapter(model, folder, strict=True)
+
+    return _save, _load
+
+
+def _check_output_dir(cfg: Any, resume: str | None) -> str | None:
+    """LLaMA-Factory's rule: a non-empty output_dir needs overwrite_output_dir unless it has a
+    checkpoint to resume from (then training resumes from the latest one automatically)."""
+    out = cfg.output_dir
+    if not cfg.do_train or resume is not None or not os.path.isdir(out) or cfg.overwrite_output_dir:
+        return resume
+    last = latest_checkpoint(out)
+    if last is None and any(os.path.isfile(os.path.join(out, n)) for n in _OUTPUT_NAMES):
+        raise TrainingError(f"{cfg.source}: key 'output_dir': {out!r} already holds a trained model; set "
+                            "overwrite_output_dir: true to train over it, or choose another output_dir")
+    if last is not None:
+        logger.info("Resuming training from %s (output_dir has checkpoints; overwrite_output_dir is false)", last)
+    return last
+
+
+def _publish_final(trainer, output_dir: str) -> None:
+    """save_model into a temp folder, then move each file into output_dir (one rename per file)."""
+    staging = os.path.join(output_dir, ".tmp-final-model")
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(staging)
+    if trainer.args.should_save:
+        names = sorted(os.listdir(staging))
+        # weights first, configs last: a reader never sees a config without its weights
+        names.sort(key=lambda n: (n.endswith(".json"), n))
+        for name in names:
+            src, dst = os.path.join(staging, name), os.path.join(output_dir, name)
+            if os.path.isdir(dst) and not os.path.islink(dst):
+                shutil.rmtree(dst)
+            os.replace(src, dst)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: dict[str, Any] | None = None
+            ) -> SftResult:
+    """Fine-tune as the recipe says; returns an :class:`SftResult`.
+
+    Raises :class:`TrainingError` (bad inputs), :class:`~npu_ft.device.DeviceUnavailableError`,
+    :class:`~npu_ft.train.config.ConfigError`, the data errors of :mod:`npu_ft.data`, or
+    :class:`~npu_ft.train.callbacks.NonFiniteLossError` (loss became NaN/inf; the last good
+    checkpoint is kept and named in the message).
+    """
+    from npu_ft.data import SFTDataCollator, build_sft_splits
+    from npu_ft.device import select_device
+    from npu_ft.model.loading import compute_dtype as _compute_dtype
+
+    from .config import to_training_arguments
+    from .trainer import SftTrainer
+
+    if not cfg.do_train:
+        raise TrainingError(f"{cfg.source}: key 'do_train': nothing to do (set do_train: true to train)")
+    if not cfg.output_dir:
+        raise TrainingError(f"{cfg.source}: key 'output_dir': is required")
+    if cfg.get("stage", "sft") != "sft":
+        raise TrainingError(f"{cfg.source}: key 'stage': only sft is supported, got {cfg.stage!r}")
+
+    # 1. device (raises DeviceUnavailableError for a device asked for but absent)
+    backend, device = select_device(None if cfg.device == "auto" else cfg.device)
+    backend.set_device(device)
+    dtype = _compute_dtype(cfg)
+    if dtype == torch.bfloat16 and not backend.supports_bf16():
+        raise TrainingError(f"{cfg.source}: key 'bf16': {backend.name} ({backend.device_name()}) has no bf16")
+
+    # 2. where to resume from (no writes yet)
+    try:
+        resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+    except CheckpointError as exc:
+        raise TrainingError(f"{cfg.source}: key 'resume_from_checkpoint': {exc}") from exc
+    resume = _check_output_dir(cfg, resume)
+
+    # 3. tokenizer and data (every data error surfaces here, before any output exists)
+    tokenizer = load_tokenizer(cfg)
+    data_args = build_data_arguments(cfg)
+    splits = build_sft_splits(data_args, tokenizer, seed=int(cfg.seed))
+    if not splits.train:
+        raise TrainingError(f"{cfg.source}: key 'dataset': no training example left after processing")
+
+    # 4. model + method
+    model = prepare_model(cfg, device, dtype)
+
+    # 5. trainer
+    changes: dict[str, Any] = {"output_dir": cfg.output_dir}
+    if backend.name == "cpu":
+        changes["use_cpu"] = True
+    changes.setdefault("disable_tqdm", False)
+    if cfg.get("disable_shuffling", False):
+        changes["train_sampling_strategy"] = "sequential"
+    args = to_training_arguments(cfg, **changes)
+    collator = SFTDataCollator(
+        pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=8, neat_packing=bool(cfg.neat_packing),
+        compute_dtype=dtype,
+    )
+    save_adapter, load_adapter = _adapter_fns(cfg, cfg.method)
+    guard = NonFiniteLossGuard()
+    trainer = SftTrainer(
+        model=model,
+        args=args,
+        data_collator=collator,
+        train_dataset=splits.train,
+        eval_dataset=splits.eval,
+        processing_class=tokenizer,
+        callbacks=[LogCallback(), *(callbacks or [])],
+        save_adapter=save_adapter,
+        load_adapter=load_adapter,
+        nan_guard=guard,
+        **(trainer_kwargs or {}),
+    )
+
+    # 6. train
+    if trainer.args.should_save:
+        remove_stale_tmp(cfg.output_dir)
+    started = time.time()
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+    except NonFiniteLossError as exc:
+        raise exc.with_checkpoint(latest_checkpoint(cfg.output_dir)) from None
+    logger.info("training took %.1f s", time.time() - started)
+
+    # 7. outputs
+    _publish_final(trainer, cfg.output_dir)
+    metrics = dict(train_result.metrics)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    if splits.eval and cfg.do_eval:
+        eval_metrics = trainer.evaluate(metric_key_prefix="eval")
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    if trainer.is_world_process_zero() and cfg.get("plot_loss", False):
+        plot_loss(cfg.output_dir, keys=("loss", "eval_loss"))
+    return SftResult(
+        output_dir=cfg.output_dir, method=cfg.method, metrics=metrics, global_step=trainer.state.global_step,
+        log_history=list(trainer.state.log_history), resumed_from=resume, device=str(device),
+    )
