@@ -47,22 +47,26 @@ def _pair(in_f, out_f):
 
 
 def saved_bytes(layer, x, grad) -> int:
+    """Bytes autograd keeps for backward beyond what exists anyway: storages of the layer's own
+    weights (saved as views, e.g. ``W.t()``) and of the input (owned by the previous layer in a
+    network) are not counted."""
+    owned = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    xi = x.detach().requires_grad_(True)
+    owned.add(xi.untyped_storage().data_ptr())
     seen, total = set(), 0
 
     def pack(t):
         nonlocal total
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key not in seen and not isinstance(t, nn.Parameter):
-            seen.add(key)
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in owned and ptr not in seen:
+            seen.add(ptr)
             total += t.untyped_storage().nbytes()
         return t
 
-    xi = x.detach().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = layer(xi)
     y.backward(grad)
-    # the input is owned by the previous layer in a real network; count only what this layer adds
-    return total - (xi.untyped_storage().nbytes() if (xi.untyped_storage().data_ptr(), xi.untyped_storage().nbytes()) in seen else 0)
+    return total
 
 
 def step(layer, x, grad):

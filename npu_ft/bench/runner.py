@@ -22,6 +22,10 @@ from .suite import BenchCase, Suite
 RAW_FILE = "raw.jsonl"
 
 
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
 def _signal_name(rc: int) -> str:
     try:
         return signal.Signals(-rc).name
@@ -75,7 +79,7 @@ def run_case_subprocess(case: BenchCase, repeat: int = 0, env: dict | None = Non
 
 
 def run_suite(suite: Suite, out_dir: str | Path | None = None, repeats: int | None = None,
-              only: str | None = None, progress: Callable[[str], None] | None = print,
+              only: str | None = None, progress: Callable[[str], None] | None = _print,
               env: dict | None = None, jobs: int = 1, skip: list[str] | tuple = ()) -> list[dict]:
     """Run every case of ``suite`` ``repeats`` times; write ``raw.jsonl`` and the reports to ``out_dir``.
 
