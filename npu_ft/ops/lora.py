@@ -28,7 +28,7 @@ it never saves a copy of W nor a full-size output, and the frozen weight gets no
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -78,7 +78,7 @@ def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scaling, x_lora):
     return y, h
 
 
-def _backward_fake(grad_out, x, lora_A, lora_B, x_lora, output_mask, bias_dtype_like):
+def _backward_fake(grad_out, x, lora_A, lora_B, x_lora, output_mask):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else x.new_empty(0)
     if output_mask[1] and x_lora is not None:
         dx_lora = torch.empty_like(x_lora, memory_format=torch.contiguous_format)
@@ -91,7 +91,7 @@ def _backward_fake(grad_out, x, lora_A, lora_B, x_lora, output_mask, bias_dtype_
 
 
 def _lora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora, output_mask):
-    return _backward_fake(grad_out, x, lora_A, lora_B, x_lora, output_mask, None)
+    return _backward_fake(grad_out, x, lora_A, lora_B, x_lora, output_mask)
 
 
 def _nf4_linear_fake(x, packed, absmax, blocksize, weight_shape, bias, lora_A, lora_B, scaling, x_lora):
@@ -106,7 +106,7 @@ def _nf4_linear_fake(x, packed, absmax, blocksize, weight_shape, bias, lora_A, l
 
 def _nf4_linear_backward_fake(grad_out, x, packed, absmax, blocksize, weight_shape, lora_A, lora_B, h, scaling,
                               x_lora, output_mask):
-    return _backward_fake(grad_out, x, lora_A, lora_B, x_lora, output_mask, None)
+    return _backward_fake(grad_out, x, lora_A, lora_B, x_lora, output_mask)
 
 
 _registry.register_fake(LORA_LINEAR, _lora_linear_fake)

@@ -4,7 +4,6 @@ CPU with bitsandbytes 0.50), cpu kernel vs reference, opcheck, memory contract, 
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
