@@ -314,16 +314,18 @@ def _write_csv(records: list[dict], columns: list[str] | None, path: Path) -> No
     df.to_csv(path, index=False)
 
 
+def suite_meta(suite) -> dict:
+    """What the reports need to know about a Suite (saved as suite.json)."""
+    return {"name": suite.name, "description": suite.description, "path": suite.path,
+            "repeats": suite.repeats, "tolerances": suite.tolerances,
+            "cross_device_tolerance": suite.cross_device_tolerance}
+
+
 def write_reports(results: list[dict], suite, out_dir: str | Path, env: dict | None = None) -> dict:
     """Write every report file from raw ``results``; ``suite`` is a Suite or its saved meta dict."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if isinstance(suite, dict):
-        meta = suite
-    else:
-        meta = {"name": suite.name, "description": suite.description, "path": suite.path,
-                "repeats": suite.repeats, "tolerances": suite.tolerances,
-                "cross_device_tolerance": suite.cross_device_tolerance}
+    meta = suite if isinstance(suite, dict) else suite_meta(suite)
     (out / "suite.json").write_text(json.dumps(meta, indent=2))
     rows = aggregate(results)
     par = parity(rows, meta["tolerances"], meta["cross_device_tolerance"])

@@ -101,6 +101,10 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None, repeats: int | No
         out.mkdir(parents=True, exist_ok=True)
         raw_path = out / RAW_FILE
         raw_path.write_text("")
+        from .report import suite_meta
+
+        # written first, so `npu-ft bench report DIR` can rebuild the reports of an interrupted run
+        (out / "suite.json").write_text(json.dumps(suite_meta(suite), indent=2))
     results = []
     total = n_rep * len(cases)
     schedule = [(rep, case) for rep in range(n_rep) for case in (cases if rep % 2 == 0 else list(reversed(cases)))]
