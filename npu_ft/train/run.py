@@ -56,6 +56,9 @@ class SftResult:
     log_history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: str | None = None
     device: str = "cpu"
+    #: the trained model (LoRA modules still injected) and the trainer, for in-process callers
+    model: Any = field(default=None, repr=False)
+    trainer: Any = field(default=None, repr=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +226,15 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
     # 3. tokenizer and data (every data error surfaces here, before any output exists)
     tokenizer = load_tokenizer(cfg)
     data_args = build_data_arguments(cfg)
-    splits = build_sft_splits(data_args, tokenizer, seed=int(cfg.seed))
+    from npu_ft.data import DataFileError, DataFormatError, DatasetInfoError
+
+    try:
+        splits = build_sft_splits(data_args, tokenizer, seed=int(cfg.seed))
+    except (DataFileError, DataFormatError, DatasetInfoError):
+        raise
+    except (ValueError, RuntimeError, NotImplementedError) as exc:
+        names = ",".join(data_args.dataset or [])
+        raise TrainingError(f"{cfg.source}: key 'dataset' ({names} in {data_args.dataset_dir}): {exc}") from exc
     if not splits.train:
         raise TrainingError(f"{cfg.source}: key 'dataset': no training example left after processing")
 
@@ -284,4 +295,5 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
     return SftResult(
         output_dir=cfg.output_dir, method=cfg.method, metrics=metrics, global_step=trainer.state.global_step,
         log_history=list(trainer.state.log_history), resumed_from=resume, device=str(device),
+        model=trainer.model, trainer=trainer,
     )
