@@ -237,8 +237,20 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
         raise TrainingError(f"{cfg.source}: key 'dataset' ({names} in {data_args.dataset_dir}): {exc}") from exc
     if not splits.train:
         raise TrainingError(f"{cfg.source}: key 'dataset': no training example left after processing")
+    with_target = sum(1 for item in splits.train if any(label != -100 for label in item["labels"]))
+    if with_target == 0:
+        raise TrainingError(
+            f"{cfg.source}: key 'cutoff_len': cutoff_len={cfg.cutoff_len} leaves no target token in any of the "
+            f"{len(splits.train)} examples of dataset {','.join(data_args.dataset or [])} (the prompt uses the "
+            "whole budget); raise cutoff_len")
+    if with_target < len(splits.train):
+        logger.warning("%d of %d training examples have no target token left after cutoff_len=%s",
+                       len(splits.train) - with_target, len(splits.train), cfg.cutoff_len)
 
-    # 4. model + method
+    # 4. model + method (seeded first, as LLaMA-Factory does, so LoRA init is reproducible)
+    from transformers import set_seed
+
+    set_seed(int(cfg.seed))
     model = prepare_model(cfg, device, dtype)
 
     # 5. trainer
