@@ -1,0 +1,280 @@
+"""Memory per card for a Qwen fine-tuning recipe, and how many 910B (64 GB) cards it needs.
+
+The estimate adds four parts, each by method and ZeRO stage (N = data-parallel world size,
+P = all parameters, P_lin = parameters of the decoder linears, P_lora = LoRA parameters):
+
+========================  =====================================================================
+part                      bytes on one card
+========================  =====================================================================
+weights                   full: 4P (LLaMA-Factory casts trainable weights to fp32) without
+                          DeepSpeed, 2P (bf16) with it; lora: 2P base + 4 P_lora; qlora:
+                          0.516 P_lin (NF4 + double-quantized absmax) + 2 (P - P_lin) + 4 P_lora.
+                          ZeRO-3 divides the bf16 weights by N; ZeRO-3 parameter offload keeps
+                          only the layers being gathered (2 decoder layers + the embeddings).
+gradients                 one per trainable weight: 4 bytes (fp32 trainable weights), 2 bytes
+                          (DeepSpeed bf16); ZeRO-2/3 divide them by N.
+optimizer states          AdamW: 8 bytes (two fp32 moments) per trainable weight, + 4 (fp32
+                          master copy) under DeepSpeed bf16; ZeRO-1/2/3 divide by N; optimizer
+                          offload moves them to the host (0 on the card).
+activations               per micro-batch of T = batch x cutoff tokens, e bytes per element
+                          (2 for bf16 autocast, 4 for fp32): each decoder layer saves about
+                          e T (12 h + 2 kv + 4 i) (RMSNorm in/out x2, q/k/v after RoPE, attention
+                          output, MLP gate/up/silu/product); with gradient checkpointing only
+                          its input e T h is kept, plus one layer recomputed; the loss keeps the
+                          logits, their fp32 upcast, log-softmax and its gradient: T V (16 + 2e
+                          for e < 4) bytes.
+========================  =====================================================================
+
+plus ``overhead_gib`` per card for the runtime (CANN/HCCL workspaces and communication buffers:
+3 GiB by default on NPU, an assumption to check with ``npu-smi`` on the first run) and DeepSpeed's
+ZeRO-2 buckets (allgather + reduce, 2 x 5e8 elements x 2 bytes). The CPU check
+(:func:`measured_vs_estimated` and ``tests/launch/test_estimate.py``) runs small shapes in a fresh
+process each and compares the training-phase peak (weights excluded, they are exact) with
+:meth:`Estimate.train_bytes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable
+
+__all__ = [
+    "CARD_GIB",
+    "MODELS",
+    "Estimate",
+    "ModelShape",
+    "cards_needed",
+    "estimate",
+]
+
+GIB = 1024 ** 3
+#: memory of one Ascend 910B card (910B1/B2/B3: 64 GB HBM), and the share usable by training
+CARD_GIB = 64.0
+USABLE_FRACTION = 0.9
+#: bytes per parameter of an NF4 linear weight: 4 bits + absmax as uint8 per 64 (double
+#: quantization) + fp32 per 256 blocks of absmax (bitsandbytes' format)
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """Architecture numbers from a Qwen ``config.json``."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+    head_dim: int | None = None
+    qkv_bias: bool = True  # Qwen2/2.5: bias on q/k/v; Qwen3: none, but q/k RMSNorm
+    qk_norm: bool = False
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.hd
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.hd
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of the seven linears of one decoder layer."""
+        h, i = self.hidden, self.intermediate
+        return [(h, self.q_dim), (h, self.kv_dim), (h, self.kv_dim), (self.q_dim, h), (h, i), (h, i), (i, h)]
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of all decoder linears (what QLoRA quantizes and LoRA 'all' adapts)."""
+        return self.layers * sum(a * b for a, b in self.linear_shapes())
+
+    @property
+    def params(self) -> int:
+        h = self.hidden
+        per_layer = sum(a * b for a, b in self.linear_shapes()) + 2 * h
+        if self.qkv_bias:
+            per_layer += self.q_dim + 2 * self.kv_dim
+        if self.qk_norm:
+            per_layer += 2 * self.hd
+        embed = self.vocab * h * (1 if self.tied else 2)
+        return self.layers * per_layer + embed + h
+
+    def lora_params(self, rank: int) -> int:
+        return self.layers * sum(rank * (a + b) for a, b in self.linear_shapes())
+
+    def layer_params(self) -> int:
+        return self.params // max(self.layers, 1)
+
+
+def _qwen2(name, h, i, layers, heads, kv, vocab, tied):
+    return ModelShape(name, h, i, layers, heads, kv, vocab, tied)
+
+
+def _qwen3(name, h, i, layers, heads, kv, vocab, tied):
+    return ModelShape(name, h, i, layers, heads, kv, vocab, tied, head_dim=128, qkv_bias=False, qk_norm=True)
+
+
+#: the released models' shapes (their config.json); parameter counts are checked in the tests
+MODELS: dict[str, ModelShape] = {m.name: m for m in (
+    _qwen2("qwen2.5-0.5b", 896, 4864, 24, 14, 2, 151936, True),
+    _qwen2("qwen2.5-1.5b", 1536, 8960, 28, 12, 2, 151936, True),
+    _qwen2("qwen2.5-7b", 3584, 18944, 28, 28, 4, 152064, False),
+    _qwen2("qwen2.5-14b", 5120, 13824, 48, 40, 8, 152064, False),
+    _qwen2("qwen2.5-32b", 5120, 27648, 64, 40, 8, 152064, False),
+    _qwen2("qwen2.5-72b", 8192, 29568, 80, 64, 8, 152064, False),
+    _qwen3("qwen3-0.6b", 1024, 3072, 28, 16, 8, 151936, True),
+    _qwen3("qwen3-8b", 4096, 12288, 36, 32, 8, 151936, False),
+    _qwen3("qwen3-32b", 5120, 25600, 64, 64, 8, 151936, False),
+)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Bytes on one card, by part."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    overhead: float
+
+    @property
+    def train_bytes(self) -> float:
+        """Everything but the weights (what training adds on top of the loaded model)."""
+        return self.gradients + self.optimizer + self.activations
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.train_bytes + self.overhead
+
+    @property
+    def total_gib(self) -> float:
+        return self.total / GIB
+
+    def parts_gib(self) -> dict[str, float]:
+        return {k: getattr(self, k) / GIB for k in ("weights", "gradients", "optimizer", "activations",
+                                                    "overhead")} | {"total": self.total_gib}
+
+
+def activation_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpointing: bool,
+                     lora_rank: int | None = None) -> float:
+    """Saved activations of one micro-batch of ``tokens`` tokens (see the module docstring)."""
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
+    layer = elem * tokens * (8 * h + 4 * shape.q_dim + 2 * kv + 4 * i)
+    if lora_rank:
+        layer += elem * tokens * lora_rank * 7
+    if gradient_checkpointing:
+        body = shape.layers * elem * tokens * h + layer
+    else:
+        body = shape.layers * layer
+    logits = tokens * shape.vocab * (16 + (2 * elem if elem < 4 else 0))
+    return body + logits
+
+
+def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_optimizer: bool = False,
+             offload_param: bool = False, world_size: int = 1, batch: int = 1, seq: int = 2048,
+             gradient_checkpointing: bool = True, lora_rank: int = 16, dtype: str = "bf16",
+             overhead_gib: float | None = None) -> Estimate:
+    """Per-card memory of ``method`` (lora | qlora | full) on ``world_size`` data-parallel cards.
+
+    ``dtype="fp32"`` describes a plain fp32 run (weights, gradients and activations in fp32, no
+    mixed precision), which is what the CPU check measures.
+    """
+    if isinstance(shape, str):
+        shape = MODELS[shape]
+    if method not in ("lora", "qlora", "full"):
+        raise ValueError(f"method must be lora, qlora or full, got {method!r}")
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"zero must be 0..3, got {zero}")
+    if method == "qlora" and zero == 3:
+        raise ValueError("QLoRA with ZeRO-3 is not supported")
+    n = max(int(world_size), 1)
+    ds = zero > 0
+    fp32 = dtype == "fp32"
+    elem = 4 if fp32 else 2
+    half = 4 if fp32 else 2  # bytes of a frozen / DeepSpeed-held weight
+    p = shape.params
+    if method == "full":
+        trainable = p
+        frozen_bytes = 0.0
+        if ds and not fp32:
+            weights = 2.0 * p
+            grads = 2.0 * p
+            opt = 12.0 * p
+        else:
+            weights = 4.0 * p
+            grads = 4.0 * p
+            opt = 8.0 * p
+    else:
+        trainable = shape.lora_params(lora_rank)
+        if method == "qlora":
+            frozen_bytes = NF4_BYTES_PER_PARAM * shape.linear_params + half * (p - shape.linear_params)
+        else:
+            frozen_bytes = half * p
+        weights = frozen_bytes + 4.0 * trainable
+        grads = 4.0 * trainable
+        opt = 8.0 * trainable
+    # ZeRO partitioning
+    if zero >= 1:
+        opt /= n
+    if zero >= 2:
+        grads /= n
+    if zero == 3:
+        weights /= n
+        if offload_param:
+            weights = 2 * half * shape.layer_params() + half * shape.vocab * shape.hidden
+        else:  # gathered working set: ~2 layers (current + prefetch)
+            weights += 2 * half * shape.layer_params()
+    if offload_optimizer:
+        opt = 0.0
+    acts = activation_bytes(shape, batch * seq, elem, gradient_checkpointing,
+                            lora_rank if method != "full" else None)
+    if method == "qlora":  # one dequantized weight at a time
+        acts += half * max(a * b for a, b in shape.linear_shapes())
+    if overhead_gib is None:
+        overhead_gib = 0.0 if fp32 else 3.0
+    overhead = overhead_gib * GIB
+    if zero == 2 and not fp32:
+        overhead += 2 * 5e8 * 2
+    del trainable
+    return Estimate(weights=weights, gradients=grads, optimizer=opt, activations=acts, overhead=overhead)
+
+
+def cards_needed(shape: ModelShape | str, method: str, *, zero: int = 0, card_gib: float = CARD_GIB,
+                 usable: float = USABLE_FRACTION, candidates: Iterable[int] = (1, 2, 4, 8, 16, 32, 64, 128),
+                 **kw) -> tuple[int | None, Estimate]:
+    """Smallest card count (from ``candidates``) whose per-card estimate fits ``usable x card_gib``.
+
+    Without ZeRO the per-card memory does not fall with more cards, so the answer is 1 or None.
+    """
+    budget = card_gib * usable * GIB
+    last = None
+    for n in candidates:
+        est = estimate(shape, method, zero=zero, world_size=n, **kw)
+        last = est
+        if est.total <= budget:
+            return n, est
+        if zero == 0:
+            break
+    return None, last  # type: ignore[return-value]
+
+
+def format_gib(value: float) -> str:
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def _main() -> None:  # pragma: no cover - convenience
+    for name, shape in MODELS.items():
+        print(f"{name}: {shape.params / 1e9:.2f} B params, linear {shape.linear_params / 1e9:.2f} B")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _main()
+    math.isfinite(0.0)
