@@ -1,0 +1,193 @@
+"""LLaMA-Factory-level patches, the import hook and `npu-ft lf-train` errors -- in the main environment.
+
+A small fake ``llamafactory`` package (version metadata + the two functions the plugin wraps) stands
+in for the real one; tests/plugins/llamafactory_venv runs the real LLaMA-Factory 0.9.5.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import types
+
+import pytest
+import torch
+
+from npu_ft.model.tiny import model_from_config, tiny_config
+
+FAKE_LOADER = '''
+CALLS = []
+def init_adapter(config, model, model_args, finetuning_args, is_trainable):
+    from peft import LoraConfig, get_peft_model
+    CALLS.append(("init_adapter", getattr(model, "quantization_method", None)))
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+'''
+FAKE_PATCHER = '''
+CALLS = []
+def configure_quantization(config, tokenizer, model_args, is_trainable, init_kwargs):
+    CALLS.append("configure_quantization")
+    init_kwargs["quantization_config"] = "bitsandbytes would be used"
+'''
+
+
+@pytest.fixture
+def fake_lf(tmp_path, monkeypatch):
+    def make(version="0.9.5"):
+        root = tmp_path / f"site-{version}"
+        pkg = root / "llamafactory" / "model"
+        pkg.mkdir(parents=True)
+        (root / "llamafactory" / "__init__.py").write_text(f"__version__ = {version!r}\n")
+        (pkg / "__init__.py").write_text("")
+        (pkg / "loader.py").write_text(textwrap.dedent(FAKE_LOADER))
+        (pkg / "patcher.py").write_text(textwrap.dedent(FAKE_PATCHER))
+        dist = root / f"llamafactory-{version}.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: llamafactory\nVersion: {version}\n")
+        monkeypatch.syspath_prepend(str(root))
+        return root
+
+    saved = {k: v for k, v in sys.modules.items() if k == "llamafactory" or k.startswith("llamafactory.")}
+    from npu_ft_llamafactory import lf_patch, peft_patch
+
+    state = dict(lf_patch._STATE)
+    yield make
+    for k in [k for k in sys.modules if k == "llamafactory" or k.startswith("llamafactory.")]:
+        del sys.modules[k]
+    sys.modules.update(saved)
+    lf_patch._STATE.clear()
+    lf_patch._STATE.update(state)
+    peft_patch.revert_npu_ft_peft()
+    peft_patch.set_enabled(True)
+    peft_patch.STATS.clear()
+    from npu_ft_llamafactory import hook
+
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, hook._PatchAfterImport)]
+
+
+def _args(**kw):
+    base = dict(quantization_bit=None, quantization_method="bnb", quantization_type="nf4", double_quantization=True,
+                export_quantization_bit=None, compute_dtype=torch.float32)
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+def _load(arch="qwen2", **model_kw):
+    """What LLaMA-Factory's load_model does around the two patched functions."""
+    from llamafactory.model import loader, patcher
+
+    cfg = tiny_config(arch, hidden_size=32, layers=1, heads=4, kv_heads=2, intermediate=48, vocab=97)
+    model = model_from_config(cfg, seed=0)
+    args = _args(**model_kw)
+    init_kwargs = {}
+    patcher.configure_quantization(model.config, None, args, True, init_kwargs)
+    model = loader.init_adapter(model.config, model, args, None, True)
+    return model, init_kwargs
+
+
+def test_lora_and_qlora_through_fake_loader(fake_lf):
+    fake_lf("0.9.5")
+    from npu_ft.modules.nf4 import Nf4Linear
+    from npu_ft_llamafactory import apply_npu_ft_to_llamafactory, is_peft_patched
+
+    info = apply_npu_ft_to_llamafactory(fallback=False)
+    assert info["patched"] and info["llamafactory"] == "0.9.5" and is_peft_patched()
+    model, init_kwargs = _load()
+    assert init_kwargs == {"quantization_config": "bitsandbytes would be used"}  # no quantization: LF's own path
+    assert not any(isinstance(m, Nf4Linear) for m in model.modules())
+
+    model, init_kwargs = _load(quantization_bit=4)
+    assert init_kwargs == {}  # no BitsAndBytesConfig: bitsandbytes is never needed
+    from llamafactory.model import loader
+
+    assert loader.CALLS[-1] == ("init_adapter", "bnb")  # LF's quantized-model guards still see a quantized model
+    nf4 = [m for m in model.modules() if isinstance(m, Nf4Linear)]
+    assert len(nf4) == 7 and all(m.quant_state.nested for m in nf4)  # 7 linears in the one layer, head skipped
+    ids = torch.randint(0, 97, (1, 5))
+    from npu_ft.ops import kernel_calls, reset_kernel_calls
+
+    reset_kernel_calls()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert sum(kernel_calls("nf4_linear").values()) == 7
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(quantization_bit=8), "quantization_bit: 8 is not supported"),
+    (dict(quantization_bit=4, quantization_type="fp4"), "quantization_type: fp4 is not supported"),
+])
+def test_unsupported_quantization(fake_lf, kw, msg):
+    fake_lf("0.9.5")
+    from npu_ft_llamafactory import NpuFtLlamaFactoryError, apply_npu_ft_to_llamafactory
+
+    apply_npu_ft_to_llamafactory(fallback=False)
+    with pytest.raises(NpuFtLlamaFactoryError, match=msg):
+        _load(**kw)
+
+
+def test_unsupported_model_type_error_and_fallback(fake_lf, monkeypatch):
+    fake_lf("0.9.5")
+    from npu_ft_llamafactory import NpuFtLlamaFactoryError, apply_npu_ft_to_llamafactory, lf_patch
+
+    monkeypatch.setattr(lf_patch, "SUPPORTED_MODEL_TYPES", ("qwen3",))
+    apply_npu_ft_to_llamafactory(fallback=False)
+    with pytest.raises(NpuFtLlamaFactoryError, match=r"model type 'qwen2' is not supported.*NPU_FT_LF_FALLBACK=1"):
+        _load()
+
+
+def test_unsupported_model_type_fallback_runs_unpatched(fake_lf, monkeypatch):
+    fake_lf("0.9.5")
+    from npu_ft_llamafactory import apply_npu_ft_to_llamafactory, lf_patch, peft_patch
+
+    monkeypatch.setattr(lf_patch, "SUPPORTED_MODEL_TYPES", ("qwen3",))
+    apply_npu_ft_to_llamafactory(fallback=True)
+    with pytest.warns(RuntimeWarning, match="UNPATCHED"):
+        model, _ = _load()
+    ids = torch.randint(0, 97, (1, 5))
+    model(input_ids=ids)
+    assert peft_patch.STATS["lora_linear"] == 0 and peft_patch.STATS["fallback: disabled"] > 0
+
+
+def test_unsupported_version(fake_lf):
+    fake_lf("0.9.4")
+    from npu_ft_llamafactory import NpuFtLlamaFactoryError, apply_npu_ft_to_llamafactory, is_peft_patched
+
+    with pytest.raises(NpuFtLlamaFactoryError, match=r"LLaMA-Factory 0\.9\.4 is not a supported version"):
+        apply_npu_ft_to_llamafactory(fallback=False)
+    assert not is_peft_patched()
+    with pytest.warns(RuntimeWarning):
+        assert apply_npu_ft_to_llamafactory(fallback=True)["patched"] is False
+
+
+def test_import_hook_patches_on_import(fake_lf, tmp_path):
+    fake_lf("0.9.5")
+    from npu_ft_llamafactory import hook, is_peft_patched
+
+    pth = hook.install_pth(tmp_path)
+    lines = pth.read_text().splitlines()
+    assert lines[0].endswith("plugins/llamafactory") and "NPU_FT_LLAMAFACTORY" in lines[1]
+    assert hook.uninstall_pth(tmp_path) == pth and not pth.exists()
+
+    hook.install_import_hook()
+    assert not is_peft_patched()
+    import llamafactory.model.loader as loader  # the hook patches right after this import
+
+    assert getattr(loader.init_adapter, "__npu_ft_patched__", False) and is_peft_patched()
+    assert loader.__spec__.origin.endswith("loader.py")
+
+
+def test_lf_train_without_llamafactory(capsys, monkeypatch):
+    from importlib import metadata
+
+    real = metadata.version
+
+    def version(name):
+        if name == "llamafactory":
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    from npu_ft.cli import main
+
+    assert main(["lf-train", "config.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "LLaMA-Factory is not installed" in err and "pip install llamafactory==0.9.5" in err
+    assert main(["lf-train", "--help"]) == 0
