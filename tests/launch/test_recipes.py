@@ -1,0 +1,76 @@
+"""The generated Qwen recipes: up to date with the table, loadable, sensible; DeepSpeed configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from npu_ft.launch.checks import check_launch, zero_offload, zero_stage
+from npu_ft.launch.estimate import MODELS
+from npu_ft.launch.recipes import all_recipes, write_all
+from npu_ft.train.config import load_config
+
+from ._helpers import ROOT
+
+RECIPES = all_recipes()
+
+
+def test_generated_files_are_up_to_date():
+    stale = write_all(ROOT, check=True)
+    assert not stale, f"run `python -m npu_ft.launch.recipes`; stale: {stale}"
+
+
+def test_every_size_and_method_is_there():
+    have = {(r.model.key, r.method) for r in RECIPES}
+    for model in ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "qwen2.5-14b", "qwen2.5-32b", "qwen2.5-72b",
+                  "qwen3-0.6b", "qwen3-8b", "qwen3-32b"):
+        for method in ("lora", "qlora", "full"):
+            assert (model, method) in have
+            assert (ROOT / "recipes" / model / f"{method}.yaml").is_file()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.path)
+def test_recipe_loads_and_passes_the_launch_checks(recipe, monkeypatch):
+    monkeypatch.chdir(ROOT)  # deepspeed paths are relative to the working directory, as in LLaMA-Factory
+    cfg = load_config(ROOT / recipe.path)
+    assert cfg.method == recipe.method and cfg.bf16 and cfg.gradient_checkpointing_enabled
+    assert cfg.template == recipe.model.template
+    assert cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps == 16
+    if recipe.zero:
+        pytest.importorskip("deepspeed")
+        ds = check_launch(cfg)
+        assert zero_stage(ds) == recipe.zero_stage
+    else:
+        assert cfg.deepspeed is None
+    cards, est = recipe.estimate_cards()
+    assert cards is not None and est.total_gib <= 64 * 0.9
+
+
+@pytest.mark.parametrize("name, stage, offload", [("ds_z2_config.json", 2, (False, False)),
+                                                  ("ds_z3_config.json", 3, (False, False)),
+                                                  ("ds_z3_offload_config.json", 3, (True, True))])
+def test_deepspeed_configs(name, stage, offload):
+    ds = json.loads((ROOT / "recipes" / "deepspeed" / name).read_text())
+    assert zero_stage(ds) == stage and zero_offload(ds) == offload
+    # everything the recipe decides is "auto", so HF's integration fills it from the recipe
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping"):
+        assert ds[key] == "auto"
+    assert ds["bf16"]["enabled"] == "auto" and ds["fp16"]["enabled"] == "auto"
+
+
+def test_deepspeed_configs_are_accepted_by_transformers(monkeypatch):
+    pytest.importorskip("deepspeed")
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    for name in ("ds_z2_config.json", "ds_z3_config.json", "ds_z3_offload_config.json"):
+        cfg = HfTrainerDeepSpeedConfig(str(ROOT / "recipes" / "deepspeed" / name))
+        assert cfg.is_zero3() == ("z3" in name)
+
+
+@pytest.mark.parametrize("name, billions", [("qwen2.5-0.5b", 0.49), ("qwen2.5-1.5b", 1.54), ("qwen2.5-7b", 7.62),
+                                            ("qwen2.5-14b", 14.77), ("qwen2.5-32b", 32.76), ("qwen2.5-72b", 72.71),
+                                            ("qwen3-0.6b", 0.60), ("qwen3-8b", 8.19), ("qwen3-32b", 32.76)])
+def test_model_shapes_match_the_published_parameter_counts(name, billions):
+    assert MODELS[name].params / 1e9 == pytest.approx(billions, abs=0.01)
