@@ -219,7 +219,7 @@ def k8s_main(argv: list[str]) -> int:
     p.add_argument("--memory", default=None, help="memory request = limit per pod, e.g. 1500Gi")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra/override env")
     p.add_argument("-o", "--output", default="-", help="output file (default: stdout)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         selector = None
         if args.node_selector is not None:

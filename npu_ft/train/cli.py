@@ -61,6 +61,9 @@ def train_main(argv: Sequence[str]) -> int:
         print(f"usage: {_USAGE_TRAIN}\n\nFine-tune from a LLaMA-Factory 0.9.5 style YAML recipe "
               "(see docs/training.md and docs/config.md).")
         return 0 if argv else 2
+    from npu_ft.launch import launch_or_init  # torchrun when >1 process/node; strips --nproc-per-node & co.
+    if (rc := launch_or_init(argv)) is not None:
+        return rc
     config_path, overrides = argv[0], argv[1:]
     if "=" in config_path and not os.path.exists(config_path):
         print(f"npu-ft train: error: the first argument must be the YAML recipe, got {config_path!r}\n"

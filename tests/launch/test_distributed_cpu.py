@@ -1,6 +1,6 @@
 """Proof on CPU that the scale-out path trains correctly (tiny Qwen2, LoRA, fp32, gloo).
 
-* DDP: ``NPROC_PER_NODE=2 python -m npu_ft.launch`` (torchrun, 2 processes x micro-batch 2) gives
+* DDP: ``NPROC_PER_NODE=2 npu-ft train`` (torchrun, 2 processes x micro-batch 2) gives
   the same per-step losses and the same trained adapter as 1 process with gradient accumulation 2
   (micro-batch 2): losses within rel 1e-5, weights within abs 1e-6 (observed: bit-identical).
 * DeepSpeed ZeRO-2 and ZeRO-3 (``recipes/deepspeed/ds_z{2,3}_config.json``) with 2 processes on
@@ -35,7 +35,7 @@ def tiny(tmp_path_factory):
 
 
 def _launch(recipe, nproc: int):
-    return run([PYTHON, "-m", "npu_ft.launch", str(recipe)], child_env(NPROC_PER_NODE=str(nproc), OMP_NUM_THREADS="1"))
+    return run([PYTHON, "-m", "npu_ft.cli", "train", str(recipe)], child_env(NPROC_PER_NODE=str(nproc), OMP_NUM_THREADS="1"))
 
 
 def test_ddp_two_processes_equal_one_process_with_accumulation(tiny):
