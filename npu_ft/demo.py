@@ -1,0 +1,198 @@
+"""``npu-ft demo``: fine-tune a tiny random-init Qwen2 on CPU and show that it learned.
+
+1. builds a tiny Qwen2 (random weights, hidden 64, 2 layers) and the real Qwen2 tokenizer, offline;
+2. measures held-out loss and exact-match of greedy answers (before);
+3. fine-tunes with ``npu-ft``'s own trainer (``run_sft``, the same path as ``npu-ft train``) on
+   the digit tasks shipped in ``npu_ft/assets/demo`` (repeat the digits / first digit / last
+   digit of 4-digit strings; the held-out strings never occur in training), with a progress bar;
+4. measures again (after) and prints the table.
+
+Nothing is downloaded. Default method: full fine-tuning, because on a *random-init* model LoRA has
+no useful features to adapt: with rank 64 it reached loss ~4.7 and 0% exact match in 300 steps
+where full fine-tuning gets most answers right (``--method lora`` runs it anyway).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ASSETS = Path(__file__).resolve().parent / "assets" / "demo"
+TRAIN_SET, TEST_SET = "npu_ft_demo", "npu_ft_demo_test"
+IM_END = 151645
+
+
+def _recipe(args: argparse.Namespace, model_dir: Path, out_dir: Path) -> dict[str, Any]:
+    recipe: dict[str, Any] = {
+        "model_name_or_path": str(model_dir),
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": args.method,
+        "dataset": TRAIN_SET,
+        "dataset_dir": str(ASSETS),
+        "template": "qwen",
+        "cutoff_len": 64,
+        "output_dir": str(out_dir),
+        "overwrite_output_dir": True,
+        "per_device_train_batch_size": 16,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": args.learning_rate or (3e-3 if args.method == "full" else 5e-3),
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 10,
+        "max_steps": args.steps,
+        "logging_steps": 10,
+        "save_strategy": "no",
+        "seed": 42,
+        "device": args.device,
+        "report_to": "none",
+        "disable_gradient_checkpointing": True,
+        "plot_loss": True,
+        "disable_tqdm": False,
+    }
+    if args.method == "lora":
+        recipe.update(lora_target="all", lora_rank=args.lora_rank)
+    return recipe
+
+
+def _held_out(model_dir: Path):
+    """Held-out items through the same data pipeline as training: (prompt ids, target ids, item, task)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from npu_ft.data import DataArguments, build_sft_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    items = build_sft_dataset(DataArguments(dataset=TEST_SET, dataset_dir=str(ASSETS), template="qwen",
+                                            cutoff_len=64), tokenizer)
+    records = json.loads((ASSETS / "demo_test.json").read_text(encoding="utf-8"))
+    out = []
+    for item, rec in zip(items, records):
+        first = next(i for i, label in enumerate(item["labels"]) if label != -100)
+        target = [t for t in item["labels"][first:] if t != -100]
+        answer = target[: target.index(IM_END)] if IM_END in target else target
+        out.append({"prompt": item["input_ids"][:first], "answer": answer, "item": item,
+                    "task": rec["instruction"], "input": rec["input"], "output": rec["output"]})
+    return tokenizer, out
+
+
+def evaluate(model, tokenizer, examples, device) -> dict[str, Any]:
+    """Mean target-token loss and exact match of greedy answers (up to <|im_end|>)."""
+    import torch
+
+    model.eval()
+    total_loss, total_tokens, correct, per_task, samples = 0.0, 0, 0, {}, []
+    with torch.no_grad():
+        for ex in examples:
+            ids = torch.tensor([ex["item"]["input_ids"]], device=device)
+            labels = torch.tensor([ex["item"]["labels"]], device=device)
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            shift = labels[:, 1:]
+            keep = shift != -100
+            loss = torch.nn.functional.cross_entropy(logits[keep], shift[keep], reduction="sum")
+            total_loss += float(loss)
+            total_tokens += int(keep.sum())
+            prompt = torch.tensor([ex["prompt"]], device=device)
+            gen = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=len(ex["answer"]) + 2,
+                                 do_sample=False, eos_token_id=IM_END, pad_token_id=tokenizer.pad_token_id)
+            new = gen[0, prompt.shape[1]:].tolist()
+            new = new[: new.index(IM_END)] if IM_END in new else new
+            ok = new == ex["answer"]
+            correct += ok
+            hit, seen = per_task.get(ex["task"], (0, 0))
+            per_task[ex["task"]] = (hit + ok, seen + 1)
+            samples.append((ex["task"], ex["input"], ex["output"], tokenizer.decode(new), ok))
+    model.train()
+    return {"loss": total_loss / max(total_tokens, 1), "correct": correct, "total": len(examples),
+            "per_task": per_task, "samples": samples}
+
+
+def _table(before: dict[str, Any], after: dict[str, Any]) -> str:
+    def pct(hit: int, n: int) -> str:
+        return f"{hit}/{n} ({100.0 * hit / max(n, 1):.0f}%)"
+
+    rows = [("held-out loss (target tokens)", f"{before['loss']:.3f}", f"{after['loss']:.3f}"),
+            ("exact match, all tasks", pct(before["correct"], before["total"]), pct(after["correct"], after["total"]))]
+    for task, (hit, n) in after["per_task"].items():
+        b_hit, b_n = before["per_task"][task]
+        rows.append((f"  {task}", pct(b_hit, b_n), pct(hit, n)))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'held-out examples':<{width}}  {'before':>14}  {'after':>14}", "-" * (width + 34)]
+    lines += [f"{name:<{width}}  {b:>14}  {a:>14}" for name, b, a in rows]
+    return "\n".join(lines)
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="npu-ft demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", default="saves/npu-ft-demo", help="where the model and run go")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | npu | auto (default cpu)")
+    parser.add_argument("--method", default="full", choices=("full", "lora"), help="default: full")
+    parser.add_argument("--lora-rank", type=int, default=64)
+    parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    from npu_ft.device import DeviceUnavailableError, select_device
+    from npu_ft.model.tiny import build_tiny_model
+    from npu_ft.train.config import build_config
+    from npu_ft.train.run import run_sft
+
+    started = time.time()
+    out = Path(args.output_dir)
+    try:
+        _, device = select_device(None if args.device == "auto" else args.device)
+    except DeviceUnavailableError as exc:
+        print(f"npu-ft demo: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"[1/4] building a tiny random-init Qwen2 (hidden 64, 2 layers) + the Qwen2 tokenizer in {out / 'model'}")
+    model_dir = build_tiny_model(out / "model", arch="qwen2", hidden_size=64, layers=2, heads=4, kv_heads=2,
+                                 intermediate=128, seed=0)
+    tokenizer, examples = _held_out(model_dir)
+
+    from npu_ft.model.loading import load_model
+
+    print(f"[2/4] before: scoring {len(examples)} held-out examples")
+    base = load_model(str(model_dir), device=device, dtype="float32")
+    before = evaluate(base, tokenizer, examples, device)
+    del base
+
+    print(f"[3/4] fine-tuning ({args.method}, {args.steps} steps, batch 16) on {ASSETS / 'demo_train.json'}")
+    cfg = build_config(_recipe(args, model_dir, out / "run"), source="npu-ft demo")
+    t0 = time.time()
+    result = run_sft(cfg)
+    train_s = time.time() - t0
+
+    print("[4/4] after: scoring the same held-out examples")
+    after = evaluate(result.model, tokenizer, examples, device)
+    total_s = time.time() - started
+
+    print()
+    print(_table(before, after))
+    print()
+    print("some held-out answers after training (task | input | expected | generated):")
+    for task, inp, expected, got, ok in after["samples"][:6]:
+        print(f"  {'ok ' if ok else 'BAD'} {task:<26} {inp}  {expected:<5} {got!r}")
+    print()
+    print(f"training: {train_s:.0f} s; whole demo: {total_s:.0f} s on {device} "
+          f"({torch.get_num_threads()} threads). Run folder: {out / 'run'} (trainer_log.jsonl, "
+          "training_loss.png, model)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(demo_main())
