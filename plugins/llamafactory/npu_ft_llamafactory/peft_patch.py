@@ -167,9 +167,6 @@ def _peft_classes() -> list[type]:
     return classes
 
 
-_REQUIRED_ATTRS = ("lora_A", "lora_B", "lora_dropout", "scaling", "active_adapters", "get_base_layer", "forward")
-
-
 def apply_npu_ft_to_peft() -> list[str]:
     """Patch PEFT's LoRA ``Linear`` (and ``Linear4bit`` when bitsandbytes imports) ``forward``.
 
