@@ -43,7 +43,7 @@ from typing import Any
 import yaml
 
 METHODS = ("lora", "qlora", "full")
-BUILTIN_IMPLEMENTATIONS = ("npu-ft", "reference")
+BUILTIN_IMPLEMENTATIONS = ("npu-ft", "reference", "llamafactory", "llamafactory+npu-ft")  # LF: impl_llamafactory.py
 #: a custom implementation is named "custom:<module>:<function>" (see npu_ft.bench.impls)
 CUSTOM_PREFIX = "custom:"
 DEVICES = ("cpu", "cuda", "npu")

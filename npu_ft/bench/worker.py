@@ -58,6 +58,10 @@ def run_case(case) -> dict:
     from . import impls
     from .shapes import build_model, model_config
 
+    if case.implementation.startswith("llamafactory"):  # LLaMA-Factory's own trainer, in its own Python
+        from .impl_llamafactory import run_case as run_llamafactory_case
+
+        return run_llamafactory_case(case)
     t_start = time.perf_counter()
     backend = get_backend(case.device)
     device = backend.torch_device(0) if case.device != "cpu" else torch.device("cpu")

@@ -37,7 +37,7 @@ def test_shipped_suites_are_valid():
 @pytest.mark.parametrize("patch, words", [
     ({"metods": ["lora"]}, ["'metods'", "unknown key"]),
     ({"methods": ["lora", "dora"]}, ["'methods'", "'dora'", "lora, qlora, full"]),
-    ({"implementations": ["npu-ft", "llamafactory"]}, ["'implementations'", "'llamafactory'"]),
+    ({"implementations": ["npu-ft", "unsloth"]}, ["'implementations'", "'unsloth'"]),
     ({"devices": ["tpu"]}, ["'devices'", "'tpu'"]),
     ({"models": ["qwen9-1t"]}, ["'models'", "'qwen9-1t'"]),
     ({"dtype": "float8"}, ["'dtype'", "'float8'"]),
