@@ -51,8 +51,8 @@ def _compare(ours: dict[int, float], ref: list[float], rel: float) -> None:
 
 def _recipe(env, name, **overrides):
     out = env["root"] / name
-    recipe = base_recipe(env["model"], env["data"], out, max_steps=STEPS, save_steps=STEPS, learning_rate=2e-3,
-                         **overrides)
+    overrides.setdefault("learning_rate", 2e-3)
+    recipe = base_recipe(env["model"], env["data"], out, max_steps=STEPS, save_steps=STEPS, **overrides)
     return load_config(write_recipe(env["root"] / f"{name}.yaml", recipe)), out
 
 
