@@ -8,18 +8,20 @@
 # 3. runs tests/plugins (the unit tests plus tests/plugins/llamafactory_venv: real
 #    `llamafactory-cli train` runs with and without the plugin).
 #
-# Usage: scripts/ci_llamafactory.sh            (venv in $NPU_FT_LF_VENV, default .venv-llamafactory)
+# Usage: scripts/ci_llamafactory.sh            (venv in $NPU_FT_LF_VENV, default
+#                                               ~/.cache/npu_ft/venv-llamafactory: built once, reused)
 #        NPU_FT_LF_VENV=/tmp/lfvenv-plugin scripts/ci_llamafactory.sh   (reuses an existing venv)
 #        scripts/ci_llamafactory.sh --setup-only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
-VENV="${NPU_FT_LF_VENV:-.venv-llamafactory}"
+VENV="${NPU_FT_LF_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/npu_ft/venv-llamafactory}"
 LF_VERSION="${NPU_FT_LF_VERSION:-0.9.5}"
 TORCH_PIN="$(grep -E '^torch==' constraints.txt | head -1)"   # torch==2.13.0 (CPU wheel)
 t0=$(date +%s)
 
 if [ ! -x "$VENV/bin/llamafactory-cli" ]; then
+  mkdir -p "$(dirname "$VENV")"
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # Pin torch with a constraint file: otherwise torchvision pulls a multi-GB CUDA torch.

@@ -2,7 +2,7 @@
 
 A case with one of these implementations is not trained by the worker's loop: LLaMA-Factory runs
 it (``llamafactory.train.tuner.run_exp``, the function ``llamafactory-cli train`` calls) in a Python
-that has ``llamafactory==0.9.5`` -- ``$NPU_FT_LF_PYTHON``, else ``<repo>/.venv-llamafactory/bin/python``
+that has ``llamafactory==0.9.5`` -- ``$NPU_FT_LF_PYTHON``, else ``~/.cache/npu_ft/venv-llamafactory/bin/python``
 (what ``scripts/ci_llamafactory.sh`` builds). ``llamafactory+npu-ft`` first applies the plugin
 (``plugins/llamafactory``: PEFT LoRA -> ``npu_ft::lora_linear``, bitsandbytes 4-bit -> npu-ft NF4).
 
@@ -38,10 +38,11 @@ _PLUGIN_DIR = _ROOT / "plugins" / "llamafactory"
 
 def lf_python() -> str:
     """The Python that has LLaMA-Factory; raises RuntimeError with the fix when there is none."""
-    exe = os.environ.get(ENV_PYTHON) or str(_ROOT / ".venv-llamafactory" / "bin" / "python")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    exe = os.environ.get(ENV_PYTHON) or str(cache / "npu_ft" / "venv-llamafactory" / "bin" / "python")
     if not Path(exe).exists():
         raise RuntimeError(f"implementation llamafactory needs a Python with llamafactory==0.9.5: set {ENV_PYTHON} "
-                           "or build .venv-llamafactory with scripts/ci_llamafactory.sh --setup-only")
+                           "or build one with scripts/ci_llamafactory.sh --setup-only (~/.cache/npu_ft/venv-llamafactory)")
     return exe
 
 
