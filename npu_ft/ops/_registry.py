@@ -102,6 +102,17 @@ def register_kernel(op: str, kernel: str, fn: Callable) -> Callable:
     return fn
 
 
+def register_kernels(kernel: str, table: dict[str, Callable]) -> list[str]:
+    """Register each ``{op: fn}`` of ``table`` as backend ``kernel``'s kernel, for the ops that are
+    defined; returns the names registered (a backend may carry kernels for ops not loaded)."""
+    done = []
+    for name, fn in table.items():
+        if hasattr(torch.ops.npu_ft, name):
+            register_kernel(name, kernel, fn)
+            done.append(name)
+    return done
+
+
 def register_autograd(op: str, backward: Callable, setup_context: Callable) -> None:
     torch.library.register_autograd(qualified(op), backward, setup_context=setup_context, lib=_LIB)
 

@@ -295,9 +295,4 @@ KERNELS = {
 
 def register() -> list[str]:
     """Register the kernels above as the CUDA kernels of the ops that exist; returns their names."""
-    done = []
-    for name, fn in KERNELS.items():
-        if hasattr(torch.ops.npu_ft, name):
-            _registry.register_kernel(name, "cuda", fn)
-            done.append(name)
-    return done
+    return _registry.register_kernels("cuda", KERNELS)

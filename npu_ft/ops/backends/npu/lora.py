@@ -136,9 +136,4 @@ KERNELS = {
 
 def register() -> list[str]:
     """Register the kernels above on the PrivateUse1 ("npu") key for the ops that exist."""
-    done = []
-    for name, fn in KERNELS.items():
-        if hasattr(torch.ops.npu_ft, name):
-            _registry.register_kernel(name, "npu", fn)
-            done.append(name)
-    return done
+    return _registry.register_kernels("npu", KERNELS)
