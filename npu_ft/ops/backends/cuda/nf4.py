@@ -38,27 +38,11 @@ import triton.language as tl
 
 from npu_ft.ops import _registry
 
+from ... import nf4 as _nf4
 from ._common import needs_bf16_rounding, round_to_bf16_rne
 
 #: The 16 NF4 values (QLoRA paper, as stored by bitsandbytes), sorted ascending.
-NF4_CODE_VALUES = (
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
-)
+NF4_CODE_VALUES = _nf4._NF4_VALUES
 
 _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
