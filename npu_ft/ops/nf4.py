@@ -224,11 +224,12 @@ _registry.register_fake("dequantize_blockwise_8bit", _dequantize_blockwise_8bit_
 # --------------------------------------------------------------------------------------------
 
 
-def nf4_quantize_reference(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """NF4-quantize ``A`` (float32/bfloat16/float16, any shape, numel >= 1).
+def scale_blocks_nf4(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` scaled block by block into [-1, 1], with bitsandbytes' CPU arithmetic.
 
-    Returns ``packed`` uint8 ``[(numel + 1) // 2, 1]`` (high nibble = even element) and ``absmax``
-    float32 ``[ceil(numel / blocksize)]``.
+    Returns ``scaled`` float32 ``[numel]`` and ``absmax`` float32 ``[ceil(numel / blocksize)]``.
+    Full blocks are multiplied by ``1 / absmax``; the last partial block is divided by its absmax,
+    which is clamped to at least 1e-38 (what bitsandbytes 0.50 computes, bit for bit).
     """
     flat = A.reshape(-1).to(torch.float32)
     n = flat.numel()
@@ -242,6 +243,17 @@ def nf4_quantize_reference(A: torch.Tensor, blocksize: int) -> tuple[torch.Tenso
         tail_absmax = tail.abs().amax().clamp(min=_TINY)
         absmax = torch.cat([absmax, tail_absmax.reshape(1)])
         scaled = torch.cat([scaled, (tail / tail_absmax).clamp_(-1.0, 1.0)])
+    return scaled, absmax
+
+
+def nf4_quantize_reference(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4-quantize ``A`` (float32/bfloat16/float16, any shape, numel >= 1).
+
+    Returns ``packed`` uint8 ``[(numel + 1) // 2, 1]`` (high nibble = even element) and ``absmax``
+    float32 ``[ceil(numel / blocksize)]``.
+    """
+    scaled, absmax = scale_blocks_nf4(A, blocksize)
+    n = scaled.numel()
     if n % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))  # 0.0 -> the 0.0 code (7)
     q = torch.bucketize(scaled, nf4_bounds(A.device), out_int32=True).to(torch.uint8)

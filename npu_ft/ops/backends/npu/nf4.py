@@ -45,6 +45,7 @@ from typing import Sequence
 import torch
 
 from ... import _registry
+from ... import nf4 as _nf4
 from ...nf4 import NF4_CODE
 
 __all__ = [
@@ -118,18 +119,8 @@ def _nf4_codes(scaled: torch.Tensor) -> torch.Tensor:
 
 def nf4_quantize_npu(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """NF4-quantize ``A`` -> (``packed`` uint8 [(n+1)//2, 1], ``absmax`` fp32 [blocks])."""
-    flat = A.reshape(-1).to(torch.float32)
-    n = flat.numel()
-    rem = n % blocksize
-    full = n - rem
-    blocks = flat[:full].view(full // blocksize, blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    scaled = (blocks * (1.0 / absmax.clamp(min=_TINY)).unsqueeze(1)).clamp_(-1.0, 1.0).reshape(-1)
-    if rem:
-        tail = flat[full:]
-        tail_absmax = tail.abs().amax().clamp(min=_TINY)
-        absmax = torch.cat([absmax, tail_absmax.reshape(1)])
-        scaled = torch.cat([scaled, (tail / tail_absmax).clamp_(-1.0, 1.0)])
+    scaled, absmax = _nf4.scale_blocks_nf4(A, blocksize)
+    n = scaled.numel()
     codes = _nf4_codes(scaled)
     if n % 2:
         codes = torch.nn.functional.pad(codes, (0, 1), value=_ZERO_CODE)
