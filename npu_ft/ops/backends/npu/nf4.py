@@ -58,8 +58,6 @@ __all__ = [
 
 # entries of the reference's 8-bit quantization lookup table (uint16 index space)
 _LUT_SIZE = 65536
-# smallest divisor the reference allows for an all-zero partial tail block
-_TINY = 1e-38
 # code of 0.0: what the padding nibble of an odd-sized tensor holds
 _ZERO_CODE = 7
 
