@@ -214,11 +214,13 @@ def test_to_training_arguments(tmp_path):
     assert cfg.deepspeed == "recipes/ds_z2.json"  # left as the path; the trainer resolves it
 
 
-def test_deepspeed_without_the_package_is_a_clear_error(tmp_path):
+def test_deepspeed_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
     import importlib.util
 
-    if importlib.util.find_spec("deepspeed") is not None:
-        pytest.skip("deepspeed is installed here")
+    real_find_spec = importlib.util.find_spec
+    # simulate a machine without deepspeed, whether or not this one has it
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "deepspeed" else real_find_spec(name, *a, **k))
     cfg = load_config(write(tmp_path, "model_name_or_path: m\ndeepspeed: ds.json\n"))
     with pytest.raises(ConfigError, match="'deepspeed'.*not installed"):
         to_training_arguments(cfg, output_dir=str(tmp_path))
