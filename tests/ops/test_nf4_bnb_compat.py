@@ -19,12 +19,14 @@ SHAPES = [(1,), (7,), (33, 65), (3, 1000, 5), (4097,), (128, 64)]
 
 
 @pytest.fixture(autouse=True)
-def _no_dynamo(monkeypatch):
+def _no_dynamo():
     # bitsandbytes torch.compile()s its pure-torch dequantize (odd last dims on CPU): skip the
-    # minutes-long compile, the eager code computes the same values.
+    # minutes-long compile, the eager code computes the same values. (torch's own config.patch:
+    # pytest's monkeypatch undo can delattr the key out of torch's ConfigModule.)
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    with torch._dynamo.config.patch(disable=True):
+        yield
 
 
 def _weight(shape, dtype, seed):
