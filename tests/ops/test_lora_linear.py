@@ -12,7 +12,7 @@ from torch import nn
 import npu_ft.ops  # noqa: F401  (registers the ops and the cpu kernels)
 from npu_ft.modules import LoraLinear
 from npu_ft.ops import _registry
-from npu_ft.ops.backends.cpu import lora as cpu_lora
+from npu_ft.ops.backends import _fused_lora as fused_lora
 from npu_ft.ops.lora import (
     lora_linear,
     lora_linear_backward_reference,
@@ -200,7 +200,7 @@ def test_cpu_kernel_matches_reference(batch, in_f, out_f, r, xd, ld, bias, with_
     scaling = 0.75
     tol_dtype = torch.bfloat16 if torch.bfloat16 in (xd, ld) else torch.float32
     y_ref, h_ref = lora_linear_reference(x, w, b, a, bb, scaling, xl)
-    y, h = cpu_lora.lora_linear_cpu(x, w, b, a, bb, scaling, xl)
+    y, h = fused_lora.lora_linear_fused(x, w, b, a, bb, scaling, xl)
     assert y.dtype == y_ref.dtype == xd and h.dtype == h_ref.dtype == ld
     assert y.shape == y_ref.shape and h.shape == h_ref.shape
     _assert_close(y, y_ref, tol_dtype)
@@ -209,7 +209,7 @@ def test_cpu_kernel_matches_reference(batch, in_f, out_f, r, xd, ld, bias, with_
     for mask in ([True, with_x_lora, True, True, bias], [True, False, False, True, False],
                  [False, with_x_lora, True, False, bias]):
         ref = lora_linear_backward_reference(grad, x, w, a, bb, h_ref, scaling, xl, mask)
-        out = cpu_lora.lora_linear_backward_cpu(grad, x, w, a, bb, h_ref, scaling, xl, mask)
+        out = fused_lora.lora_linear_backward_fused(grad, x, w, a, bb, h_ref, scaling, xl, mask)
         for i, (o, rr) in enumerate(zip(out, ref)):
             assert o.dtype == rr.dtype and o.shape == rr.shape, (i, o.dtype, rr.dtype, o.shape, rr.shape)
             if rr.numel():

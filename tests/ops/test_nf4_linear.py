@@ -13,7 +13,7 @@ from torch import nn
 import npu_ft.ops  # noqa: F401
 from npu_ft.modules import LoraLinear, Nf4Linear
 from npu_ft.ops import _registry
-from npu_ft.ops.backends.cpu import lora as cpu_lora
+from npu_ft.ops.backends import _fused_lora as fused_lora
 from npu_ft.ops.lora import nf4_linear, nf4_linear_backward_reference, nf4_linear_reference
 from npu_ft.ops.nf4 import Nf4QuantState, dequantize_nf4, quantize_nf4
 
@@ -174,7 +174,7 @@ def test_cpu_kernel_matches_reference(out_f, in_f, r, batch, dtype, ldtype, bloc
     xl = x.to(ldtype) * 2.0 if with_x_lora else None
     args = (x, packed, absmax, state.blocksize, shape, b, a, bb, 0.5, xl)
     y_ref, h_ref = nf4_linear_reference(*args)
-    y, h = cpu_lora.nf4_linear_cpu(*args)
+    y, h = fused_lora.nf4_linear_fused(*args)
     assert y.dtype == y_ref.dtype and h.shape == h_ref.shape and h.dtype == h_ref.dtype
     _close(y, y_ref, dtype)
     if r:
@@ -184,7 +184,7 @@ def test_cpu_kernel_matches_reference(out_f, in_f, r, batch, dtype, ldtype, bloc
                  [False, with_x_lora, bool(r), bool(r), False]):
         bargs = (grad, x, packed, absmax, state.blocksize, shape, a, bb, h_ref, 0.5, xl, mask)
         ref = nf4_linear_backward_reference(*bargs)
-        out = cpu_lora.nf4_linear_backward_cpu(*bargs)
+        out = fused_lora.nf4_linear_backward_fused(*bargs)
         for i, (o, rr) in enumerate(zip(out, ref)):
             assert o.shape == rr.shape and o.dtype == rr.dtype, i
             if rr.numel():
