@@ -473,14 +473,19 @@ def _nf4_pairs_int64() -> torch.Tensor:
     return _PAIRS
 
 
-def _nf4_dequantize_torch(packed, absmax, blocksize, shape, dtype):
+def _torch_path_ok(n: int, blocksize: int) -> bool:
+    return not (blocksize % 2 or n % blocksize or n % 2)
+
+
+def _nf4_dequantize_torch(packed, absmax, blocksize, shape, dtype, out=None):
     n = 1
     for d in shape:
         n *= int(d)
-    if blocksize % 2 or n % blocksize or n % 2:
-        return _nf4.nf4_dequantize_reference(packed, absmax, blocksize, shape, dtype)
+    if not _torch_path_ok(n, blocksize):
+        ref = _nf4.nf4_dequantize_reference(packed, absmax, blocksize, shape, dtype)
+        return ref if out is None else out.view(tuple(shape)).copy_(ref)
     p = packed.reshape(-1)
-    out = torch.empty(n, dtype=dtype)
+    out = torch.empty(n, dtype=dtype) if out is None else out.view(-1)
     pairs = _nf4_pairs_int64()
     half = blocksize // 2
     chunk = max(_CHUNK_BYTES // half, 1) * half  # whole blocks per chunk
@@ -528,6 +533,26 @@ def nf4_dequantize_cpu(packed, absmax, blocksize, shape, dtype):
     fn = getattr(lib, f"nf4_dequant_{_DT_SUFFIX[dtype]}")
     _run_blocks(fn, (_ptr(packed), _ptr(absmax), _ptr(code), _ptr(out)), n, blocksize)
     return out
+
+
+def nf4_dequantize_into(packed, absmax, blocksize, shape, dtype, out: torch.Tensor) -> torch.Tensor:
+    """:func:`nf4_dequantize_cpu` written into ``out`` (a contiguous CPU tensor of ``prod(shape)``
+    elements of ``dtype``, e.g. a reused workspace) instead of a new tensor; returns ``out`` viewed
+    as ``shape``. Same values, bit for bit, as ``nf4_dequantize_cpu``."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if out.dtype != dtype or out.numel() != n or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"out: expected a contiguous cpu tensor of {n} {dtype}, got {tuple(out.shape)} {out.dtype}")
+    lib = native_library()
+    if lib is None:
+        return _nf4_dequantize_torch(packed, absmax, blocksize, shape, dtype, out=out)
+    packed = packed.contiguous()
+    absmax = absmax.to(torch.float32).contiguous()
+    code = _nf4.nf4_code("cpu")
+    fn = getattr(lib, f"nf4_dequant_{_DT_SUFFIX[dtype]}")
+    _run_blocks(fn, (_ptr(packed), _ptr(absmax), _ptr(code), _ptr(out)), n, blocksize)
+    return out.view(tuple(shape))
 
 
 def nf4_quantize_cpu(A, blocksize):
