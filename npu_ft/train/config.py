@@ -377,6 +377,11 @@ _CURATED: list[Option] = [
     _o("device", "npu_ft", "str", "auto",
        "npu-ft: device kind: auto (npu > cuda > cpu, or $NPU_FT_DEVICE), cpu, cuda, npu.",
        choices=("auto", "cpu", "cuda", "npu"), lf=False),
+    _o("fused_cross_entropy", "npu_ft", "bool", True,
+       "npu-ft: compute the loss with the chunked fused linear + cross-entropy: only the positions with "
+       "a label go through the output head, in chunks, so the [tokens, vocab] fp32 logits, log-softmax "
+       "and their gradient are never materialised (same loss and gradients). Qwen2/Qwen3 with a plain "
+       "lm_head; otherwise (or false) transformers' loss.", lf=False),
 ]
 
 

@@ -1,6 +1,7 @@
 """``run_sft(cfg)``: one supervised fine-tuning run, in LLaMA-Factory's order.
 
-device (device layer) -> tokenizer -> dataset -> model -> method (lora | qlora | full) ->
+device (device layer) -> tokenizer -> dataset -> model -> method (lora | qlora | full) -> fused
+linear cross-entropy loss (``fused_cross_entropy``, default on) ->
 :class:`~npu_ft.train.trainer.SftTrainer` (transformers' Trainer) -> outputs.
 
 Everything that can be wrong with the inputs (config, device, tokenizer, data files, the model
@@ -34,7 +35,7 @@ from .checkpoint import CheckpointError, latest_checkpoint, remove_stale_tmp, re
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SftResult", "TrainingError", "build_data_arguments", "prepare_model", "run_sft"]
+__all__ = ["SftResult", "TrainingError", "build_data_arguments", "enable_fused_loss", "prepare_model", "run_sft"]
 
 #: files whose presence means "a model/adapter was already trained here" (LF's CHECKPOINT_NAMES)
 _OUTPUT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors",
@@ -135,6 +136,24 @@ def prepare_model(cfg: Any, device: torch.device, compute_dtype: torch.dtype | N
         if method != "full" or use_reentrant:
             model.enable_input_require_grads()  # frozen embeddings: make checkpointed segments see grads
     return model
+
+
+def enable_fused_loss(cfg: Any, model: torch.nn.Module) -> bool:
+    """``fused_cross_entropy: true`` (the default): patch the model's forward so its training loss is
+    the chunked fused linear + cross-entropy (:mod:`npu_ft.modules.fused_loss`). Returns whether the
+    model now uses it; logs what happened."""
+    if not bool(cfg.get("fused_cross_entropy", True)):
+        logger.info("fused_cross_entropy: false -> transformers' loss (full [tokens, vocab] logits)")
+        return False
+    from npu_ft.modules.fused_loss import enable_fused_cross_entropy
+
+    if enable_fused_cross_entropy(model):
+        logger.info("fused_cross_entropy: the loss runs the output head only on labelled positions, in chunks "
+                    "(no [tokens, %d] logits)", model.get_output_embeddings().weight.shape[0])
+        return True
+    logger.warning("fused_cross_entropy: not applicable to this model (see the warning above); "
+                   "transformers' loss is used")
+    return False
 
 
 def _adapter_fns(cfg: Any, method: str):
@@ -252,6 +271,11 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
 
     set_seed(int(cfg.seed))
     model = prepare_model(cfg, device, dtype)
+    trainer_kwargs = dict(trainer_kwargs or {})
+    if enable_fused_loss(cfg, model):
+        # the model's (patched) forward computes the loss; the trainer's own label-only head path
+        # would bypass it
+        trainer_kwargs.setdefault("label_logits_only", False)
 
     # 5. trainer
     changes: dict[str, Any] = {"output_dir": cfg.output_dir}
@@ -278,7 +302,7 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
         save_adapter=save_adapter,
         load_adapter=load_adapter,
         nan_guard=guard,
-        **(trainer_kwargs or {}),
+        **trainer_kwargs,
     )
 
     # 6. train

@@ -237,3 +237,40 @@ def test_not_applicable_leaves_model_untouched(caplog):
     model = _model()
     model.loss_function = lambda *a, **k: None
     assert enable_fused_cross_entropy(model) is False and "forward" not in vars(model)
+
+
+def test_run_sft_uses_it_by_default_and_the_key_turns_it_off(tmp_path):
+    """run_sft: fused_cross_entropy true (default) -> the trained model's forward is the fused one and
+    the loss really goes through it; false -> transformers' loss. Same per-step losses (gradient
+    accumulation 2: the num_items_in_batch path) within 1e-5."""
+    import npu_ft.ops.linear_cross_entropy as lce
+    from npu_ft.train.config import load_config
+    from npu_ft.train.run import run_sft
+
+    from ._sft_helpers import base_recipe, step_losses, tiny_model_dir, write_dataset, write_recipe
+
+    model_dir, data = tiny_model_dir(tmp_path), write_dataset(tmp_path / "data", n=8)
+    calls = []
+    original = lce._LinearCrossEntropySum.apply
+
+    def counting(*args):
+        calls.append(args[3].numel())  # labelled rows
+        return original(*args)
+
+    losses = {}
+    for fused in (None, False):  # None: the key left out (default true)
+        recipe = base_recipe(model_dir, data, tmp_path / f"out-{fused}", max_steps=2, save_steps=2,
+                             gradient_accumulation_steps=2, fused_cross_entropy=fused)
+        cfg = load_config(write_recipe(tmp_path / f"r-{fused}.yaml", recipe))
+        calls.clear()
+        lce._LinearCrossEntropySum.apply = counting
+        try:
+            result = run_sft(cfg)
+        finally:
+            lce._LinearCrossEntropySum.apply = original
+        assert fused_cross_entropy_enabled(result.model) is (fused is None)
+        assert (len(calls) == 4 and all(calls)) if fused is None else not calls
+        losses[fused] = step_losses(tmp_path / f"out-{fused}")
+    assert sorted(losses[None]) == [1, 2]
+    for step, ref in losses[False].items():
+        assert abs(losses[None][step] - ref) <= 1e-5 * abs(ref), losses
