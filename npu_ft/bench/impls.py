@@ -1,10 +1,13 @@
 """The implementations a case can run: how the model is adapted for a method.
 
 * ``npu-ft``: npu-ft's own modules (``LoraLinear`` on ``npu_ft::lora_linear``, ``Nf4Linear`` on the
-  NF4 ops) injected with ``npu_ft.modules.inject``.
-* ``reference``: what LLaMA-Factory runs: transformers + PEFT, and for QLoRA bitsandbytes 4-bit
-  loading (``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=<dtype>)`` through ``from_pretrained``).
+  NF4 ops) injected with ``npu_ft.modules.inject``, and the loss from the chunked fused linear
+  cross-entropy (``npu_ft.modules.fused_loss``: the model's forward is patched, no full logits), as
+  ``run_sft`` trains by default.
+* ``reference``: what LLaMA-Factory runs: transformers + PEFT (transformers' own loss on the full
+  logits), and for QLoRA bitsandbytes 4-bit loading (``BitsAndBytesConfig(load_in_4bit=True,
+  bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=<dtype>)``
+  through ``from_pretrained``).
 * ``custom:<module>:<function>``: any ``function(case, base_model_factory, device) -> Prepared``,
   to benchmark an implementation that lives outside npu-ft (or, in tests, one that crashes).
 
@@ -206,7 +209,14 @@ def build_npu_ft(case, base_model_factory, device: torch.device) -> Prepared:
         n = align_lora_init(model, case.seed)
         if n == 0:
             raise RuntimeError("npu-ft: no LoRA parameters found after injection (expected names with lora_A/lora_B)")
-    return Prepared(model=model, features=_npu_ft_features(model) or ["transformers"])
+    features = _npu_ft_features(model) or ["transformers"]
+    # npu-ft's training path computes the loss with the fused linear cross-entropy (run_sft's
+    # fused_cross_entropy default): model(input_ids, labels).loss goes through the patched forward
+    from npu_ft.modules.fused_loss import enable_fused_cross_entropy
+
+    if enable_fused_cross_entropy(model):
+        features.append("fused_cross_entropy")
+    return Prepared(model=model, features=features)
 
 
 # --------------------------------------------------------------------------------------------------
