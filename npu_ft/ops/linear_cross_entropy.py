@@ -22,21 +22,30 @@ How it saves memory and time, compared with ``logits = lm_head(hidden).float(); 
 (transformers' ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` path):
 
 * only the ``n`` rows with a label are ever multiplied with the head (SFT prompts are ``-100``);
-* rows go through in chunks of ``chunk_rows`` (default: the chunk's fp32 logits are ~64 MiB), so
+* rows go through in chunks of ``chunk_rows`` (default: the chunk's fp32 logits are ~64 MiB on an
+  accelerator, ~256 MiB on CPU, where GEMMs of ~100 rows run 1.5x slower than of ~400), so
   the working set is a few ``[chunk_rows, V]`` tensors instead of the fp32 logits, the
-  log-softmax and their gradient (3 x N x V x 4 bytes: 4.7 GiB for 2 x 4096 tokens of Qwen);
-* forward saves hidden, weight, bias, labels and, per labelled row, its index and logsumexp (two
-  ``[n]`` vectors). Backward recomputes each chunk's logits once:
-  ``g = (softmax - onehot) * grad / denom``; ``grad_hidden[rows] = g @ W``;
-  ``grad_W += g.T @ h`` (only when ``weight.requires_grad``: full fine-tuning, tied embeddings);
-  ``grad_bias += g.sum(0)``. One extra ``h @ W.T`` GEMM per labelled row is the price.
+  log-softmax and their gradient (3 x N x V x 4 bytes: 13.9 GiB for 2 x 4096 tokens of Qwen);
+* trainable head (full fine-tuning; tied embeddings): forward saves hidden, weight, bias, labels
+  and, per labelled row, its index and logsumexp (two ``[n]`` vectors) -- no logits. Backward
+  recomputes the logits once (one extra ``h @ W.T`` GEMM per labelled row is the price) in chunks
+  of the **vocabulary** holding as many logits as a row chunk (``[n, chunk_rows * V / n]``),
+  forms ``g = (softmax - onehot) * grad / denom`` and writes ``grad_W[cols] = g.T @ h`` and
+  ``grad_bias[cols] = g.sum(0)`` once per chunk, accumulating only the small ``[n, H]``
+  ``grad_hidden += g @ W[cols]``. (Row chunks would re-read and re-write the whole ``[V, H]``
+  grad_W once per chunk.)
+* frozen head (LoRA / QLoRA), when autograd needs the hidden states' gradient: the loss is a sum,
+  so ``d sum / d logits = softmax - onehot`` does not depend on the upstream gradient; forward
+  computes ``(softmax - onehot) @ W`` per row chunk right away and saves that ``[n, H]`` float32
+  matrix (no hidden, no weight); backward only scales it by ``grad / denom`` and scatters it into
+  ``[N, H]``. Same two GEMMs as the unfused path, no recompute.
 
 Numerics follow transformers: the GEMM runs in the inputs' dtype (the autocast dtype under
 ``torch.autocast``, as ``nn.Linear`` would), the logits are upcast to ``logit_dtype`` (float32)
 before log-softmax, the gradient of the logits is cast back to the GEMM dtype for the two backward
 GEMMs, and ``grad_hidden`` / ``grad_weight`` / ``grad_bias`` come back in the inputs' own dtypes.
-Across chunks ``grad_weight`` is accumulated in float32. Pure torch: runs on any device (cpu, cuda,
-npu); no custom kernel.
+Across vocabulary chunks ``grad_hidden`` is accumulated in float32. Pure torch: runs on any device
+(cpu, cuda, npu); no custom kernel.
 
 Entry point: :func:`linear_cross_entropy`. The model patch that uses it is
 :func:`npu_ft.modules.fused_loss.enable_fused_cross_entropy`.
@@ -49,16 +58,22 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "default_chunk_rows", "linear_cross_entropy"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_CHUNK_BYTES_CPU", "default_chunk_rows", "linear_cross_entropy"]
 
-#: default size of one chunk's logits (in ``logit_dtype``)
+#: default size of one chunk's logits (in ``logit_dtype``): accelerators
 DEFAULT_CHUNK_BYTES = 64 << 20
+#: ... and CPU (host memory is plentiful; small-M GEMMs are slow there)
+DEFAULT_CHUNK_BYTES_CPU = 256 << 20
 
 
 def default_chunk_rows(vocab_size: int, logit_dtype: torch.dtype = torch.float32,
-                       chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Rows per chunk such that a chunk's logits take about ``chunk_bytes`` (a multiple of 8 when
-    at least 8). Qwen's vocab 151,936 in fp32: 104 rows (60 MiB)."""
+                       chunk_bytes: Optional[int] = None, device: Union[str, torch.device, None] = None) -> int:
+    """Rows per chunk such that a chunk's logits take about ``chunk_bytes`` (default
+    :data:`DEFAULT_CHUNK_BYTES`, :data:`DEFAULT_CHUNK_BYTES_CPU` for a cpu ``device``); a multiple
+    of 8 when at least 8. Qwen's vocab 151,936 in fp32: 104 rows (60 MiB), cpu 440 rows (255 MiB)."""
+    if chunk_bytes is None:
+        cpu = device is not None and torch.device(device).type == "cpu"
+        chunk_bytes = DEFAULT_CHUNK_BYTES_CPU if cpu else DEFAULT_CHUNK_BYTES
     per_row = max(1, int(vocab_size)) * torch.empty((), dtype=logit_dtype).element_size()
     rows = max(1, chunk_bytes // per_row)
     return rows - rows % 8 if rows >= 8 else rows
@@ -92,12 +107,17 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     """sum over labelled rows of ``lse - logit[label]``; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, rows, chunk_rows, compute_dtype, logit_dtype):
+    def forward(ctx, hidden, weight, bias, labels, rows, chunk_rows, compute_dtype, logit_dtype, eager_grad):
         # hidden [N, H], weight [V, H], bias [V]|None, labels [n] (of the labelled rows),
-        # rows [n] int64 (their indices into hidden) -> scalar logit_dtype
+        # rows [n] int64 (their indices into hidden) -> scalar logit_dtype.
+        # eager_grad: only hidden needs a gradient (frozen head): compute it here, per row chunk
         device_type = hidden.device.type
         n = rows.numel()
-        lse_all = torch.empty(n, dtype=logit_dtype, device=hidden.device)
+        lse_all = None if eager_grad else torch.empty(n, dtype=logit_dtype, device=hidden.device)
+        grad_rows = None
+        if eager_grad:
+            acc_dtype = torch.promote_types(compute_dtype, torch.float32)
+            grad_rows = torch.empty((n, hidden.shape[1]), dtype=acc_dtype, device=hidden.device)
         total = torch.zeros((), dtype=logit_dtype, device=hidden.device)
         with torch.no_grad(), _no_autocast(device_type):
             w = weight.to(compute_dtype)
@@ -106,12 +126,28 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 end = min(start + chunk_rows, n)
                 h = hidden.index_select(0, rows[start:end]).to(compute_dtype)
                 logits = _chunk_logits(h, w, b, logit_dtype)                 # [c, V]
-                lse = torch.logsumexp(logits, dim=1)                         # [c]
                 target = logits.gather(1, labels[start:end, None]).squeeze(1)  # [c]
+                # logsumexp in place (no second [c, V] buffer): exp(x - max), summed
+                row_max = logits.amax(dim=1)
+                row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+                p = logits.sub_(row_max[:, None]).exp_()                     # [c, V]
+                sum_exp = p.sum(dim=1)
+                lse = row_max + sum_exp.log()                                # [c]
                 total += (lse - target).sum()
-                lse_all[start:end] = lse
-                del logits
-        ctx.save_for_backward(hidden, weight, bias, labels, rows, lse_all)
+                if eager_grad:  # d(sum)/d logits = softmax - onehot; times grad_output in backward
+                    p.div_(sum_exp[:, None])
+                    p.scatter_add_(1, labels[start:end, None],
+                                   torch.full((end - start, 1), -1.0, dtype=logit_dtype, device=p.device))
+                    grad_rows[start:end] = torch.mm(p.to(compute_dtype), w)
+                else:
+                    lse_all[start:end] = lse
+                del logits, p
+        if eager_grad:
+            ctx.save_for_backward(rows, grad_rows)
+            ctx.hidden_meta = (hidden.shape, hidden.dtype)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, labels, rows, lse_all)
+        ctx.eager_grad = eager_grad
         ctx.chunk_rows = chunk_rows
         ctx.compute_dtype = compute_dtype
         ctx.logit_dtype = logit_dtype
@@ -119,49 +155,62 @@ class _LinearCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
+        if ctx.eager_grad:
+            rows, grad_rows = ctx.saved_tensors
+            shape, dtype = ctx.hidden_meta
+            grad_h = torch.zeros(shape, dtype=dtype, device=grad_rows.device)
+            if rows.numel():
+                grad_h.index_copy_(0, rows, (grad_rows * grad_total.to(grad_rows.dtype)).to(dtype))
+            return (grad_h, None, None) + (None,) * 6
         hidden, weight, bias, labels, rows, lse_all = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         cd, ld, chunk_rows = ctx.compute_dtype, ctx.logit_dtype, ctx.chunk_rows
-        n = rows.numel()
-        n_chunks = -(-n // chunk_rows)
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = None
-        grad_b = torch.zeros(weight.shape[0], dtype=ld, device=hidden.device) if need_b else None
-        scale = grad_total.to(ld)
-        with torch.no_grad(), _no_autocast(hidden.device.type):
-            w = weight.to(cd)
-            b = None if bias is None else bias.to(cd)
-            for start in range(0, n, chunk_rows):
-                end = min(start + chunk_rows, n)
-                idx = rows[start:end]
-                h = hidden.index_select(0, idx).to(cd)                        # [c, H]
-                g = _chunk_logits(h, w, b, ld)                                # [c, V] logits
-                g.sub_(lse_all[start:end, None]).exp_()                       # softmax
-                g.scatter_add_(1, labels[start:end, None],
-                               torch.full((end - start, 1), -1.0, dtype=ld, device=g.device))
-                g.mul_(scale)                                                 # d loss / d logits
-                if need_b:
-                    grad_b += g.sum(0)
-                g_c = g.to(cd)
-                del g
-                if need_h:
-                    grad_h.index_copy_(0, idx, torch.mm(g_c, w).to(hidden.dtype))
-                if need_w:
-                    if grad_w is None:
-                        grad_w = torch.mm(g_c.t(), h)                          # [V, H]
-                        if n_chunks > 1 and grad_w.dtype != torch.float32 and grad_w.dtype != torch.float64:
-                            grad_w = grad_w.float()
-                    elif grad_w.dtype == cd:
-                        grad_w.addmm_(g_c.t(), h)
-                    else:
-                        grad_w += torch.mm(g_c.t(), h)
-                del g_c
-        if need_w:
-            grad_w = torch.zeros_like(weight) if grad_w is None else grad_w.to(weight.dtype)
-        if need_b:
-            grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b else None
+        if rows.numel() and (need_h or need_w or need_b):
+            with torch.no_grad(), _no_autocast(hidden.device.type):
+                w = weight.to(cd)
+                b = None if bias is None else bias.to(cd)
+                _backward_vocab_chunks(hidden, w, b, labels, rows, lse_all, grad_total.to(ld), chunk_rows, cd, ld,
+                                       grad_h, grad_w, grad_b)
+        return (grad_h, grad_w, grad_b) + (None,) * 6
+
+
+def _backward_vocab_chunks(hidden, w, b, labels, rows, lse_all, scale, chunk_rows, cd, ld, grad_h, grad_w, grad_b):
+    """Trainable head (full fine-tuning, tied embeddings): chunks of the vocabulary, all labelled
+    rows at once, so every row block of grad_W (and grad_bias) is written by one GEMM, and only the
+    small [n, H] grad of the hidden states is accumulated across chunks. (Row chunks would re-read
+    and re-write the whole [V, H] grad_W once per chunk.) A chunk holds the same number of logits as
+    a row chunk: [n, chunk_rows * V / n]. Exact because the forward saved each row's logsumexp."""
+    n, vocab = rows.numel(), w.shape[0]
+    cols = max(1, (chunk_rows * vocab) // n)
+    h = hidden.index_select(0, rows).to(cd)                                    # [n, H]
+    acc_dtype = torch.promote_types(cd, torch.float32)
+    gh = torch.zeros(h.shape, dtype=acc_dtype, device=h.device) if grad_h is not None else None
+    lse = lse_all[:, None]
+    for v0 in range(0, vocab, cols):
+        v1 = min(v0 + cols, vocab)
+        wc = w[v0:v1]                                                          # [c, H]
+        g = _chunk_logits(h, wc, None if b is None else b[v0:v1], ld)          # [n, c] logits
+        g.sub_(lse).exp_()                                                     # softmax
+        here = (labels >= v0) & (labels < v1)                                  # target in this chunk
+        g.scatter_add_(1, (labels - v0).clamp_(0, v1 - v0 - 1)[:, None], here.to(ld).neg_()[:, None])
+        g.mul_(scale)                                                          # d loss / d logits
+        if grad_b is not None:
+            grad_b[v0:v1] = g.sum(0).to(grad_b.dtype)
+        g = g.to(cd)
+        if grad_w is not None:
+            grad_w[v0:v1] = torch.mm(g.t(), h).to(grad_w.dtype)                # [c, H], once
+        if gh is not None:
+            if gh.dtype == cd:
+                gh.addmm_(g, wc)
+            else:
+                gh += torch.mm(g, wc)
+        del g
+    if grad_h is not None:
+        grad_h.index_copy_(0, rows, gh.to(grad_h.dtype))
 
 
 def linear_cross_entropy(
@@ -185,7 +234,8 @@ def linear_cross_entropy(
         ignore_index: label value of rows without a target (-100).
         num_items_in_batch: None -> mean over labelled rows; else ``sum / num_items_in_batch``
             (an int or a tensor, moved to the loss' device), as transformers' ``ForCausalLMLoss``.
-        chunk_rows: labelled rows per chunk; default :func:`default_chunk_rows` (~64 MiB logits).
+        chunk_rows: labelled rows per chunk; default :func:`default_chunk_rows` (~64 MiB logits,
+            ~256 MiB on cpu).
         logit_dtype: dtype of the logits for the softmax (float32, as transformers upcasts); never
             lower than the GEMM dtype (float64 inputs give float64 logits).
 
@@ -208,7 +258,7 @@ def linear_cross_entropy(
     if weight.device != hidden.device or (bias is not None and bias.device != hidden.device):
         raise ValueError(f"weight/bias: expected on {hidden.device}, got {weight.device}")
     if chunk_rows is None:
-        chunk_rows = default_chunk_rows(vocab, logit_dtype)
+        chunk_rows = default_chunk_rows(vocab, logit_dtype, device=hidden.device)
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"chunk_rows: expected a positive int, got {chunk_rows!r}")
 
@@ -228,7 +278,10 @@ def linear_cross_entropy(
         lo, hi = torch.stack(torch.aminmax(targets)).tolist()
         if lo < 0 or hi >= vocab:
             raise ValueError(f"labels: target ids must be in [0, {vocab}) or {ignore_index}, got {lo if lo < 0 else hi}")
-    total = _LinearCrossEntropySum.apply(hidden, weight, bias, targets, rows, chunk_rows, compute_dtype, ld)
+    eager_grad = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
+                  and (bias is None or not bias.requires_grad))
+    total = _LinearCrossEntropySum.apply(hidden, weight, bias, targets, rows, chunk_rows, compute_dtype, ld,
+                                         eager_grad)
     if num_items_in_batch is None:
         return total / n  # n == 0: 0 / 0 = nan, as torch's mean cross_entropy
     if torch.is_tensor(num_items_in_batch):

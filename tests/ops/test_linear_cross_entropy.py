@@ -69,10 +69,15 @@ SHAPES = [(37, 13, 101), (1, 7, 3), (130, 33, 257)]
 @pytest.mark.parametrize("chunk_rows", [1, 5, 64, None])
 @pytest.mark.parametrize("pattern", ["some", "none", "all"])
 @pytest.mark.parametrize("num_items", [None, "int", "tensor"])
-def test_fp32_matches_reference(shape, chunk_rows, pattern, num_items):
+@pytest.mark.parametrize("head", ["trainable", "frozen"])
+def test_fp32_matches_reference(shape, chunk_rows, pattern, num_items, head):
+    """trainable: the recompute path (vocab-chunked backward); frozen head and bias: the path that
+    computes grad_hidden in forward."""
     n, h, v = shape
     gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, chunk_rows, pattern, num_items)).encode()))
-    hidden, weight, bias = _inputs(n, h, v, torch.float32, gen)
+    hidden, weight, bias = _inputs(n, h, v, torch.float32, gen, weight_grad=head == "trainable")
+    if head == "frozen":
+        bias.requires_grad_(False)
     labels = _labels(n, v, pattern, gen)
     valid = int((labels != IGNORE).sum())
     items = {None: None, "int": valid + 3, "tensor": torch.tensor(valid + 3)}[num_items]
@@ -115,10 +120,13 @@ def test_frozen_weight_and_no_bias(weight_grad, bias):
 @pytest.mark.parametrize("shape", [(37, 13, 101), (130, 33, 257)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("chunk_rows", [7, None])
 @pytest.mark.parametrize("num_items", [None, "tensor"])
-def test_bf16_matches_reference(shape, chunk_rows, num_items):
+@pytest.mark.parametrize("head", ["trainable", "frozen"])
+def test_bf16_matches_reference(shape, chunk_rows, num_items, head):
     n, h, v = shape
     gen = torch.Generator().manual_seed(11)
-    hidden, weight, bias = _inputs(n, h, v, torch.bfloat16, gen)
+    hidden, weight, bias = _inputs(n, h, v, torch.bfloat16, gen, weight_grad=head == "trainable")
+    if head == "frozen":
+        bias = bias.detach()
     labels = _labels(n, v, "some", gen)
     items = None if num_items is None else torch.tensor(int((labels != IGNORE).sum()) + 1)
     ref = _reference(hidden, weight, labels, bias, items)
@@ -183,12 +191,16 @@ def test_ignored_rows_are_never_read():
     _close(g_w, r_w, 1e-5, 1e-5, "weight")
 
 
-def test_backward_keeps_no_logits():
-    """What autograd keeps: hidden, weight, bias, labels and two [labelled rows] vectors - nothing
-    with a vocab-sized dimension except the weight and bias themselves."""
+@pytest.mark.parametrize("head", ["trainable", "frozen"])
+def test_backward_keeps_no_logits(head):
+    """What autograd keeps. Trainable head: hidden, weight, bias, labels and two [labelled rows]
+    vectors. Frozen head: the [labelled rows, H] gradient of the hidden states and the row index.
+    Nothing with a vocab-sized dimension except the weight and bias themselves."""
     gen = torch.Generator().manual_seed(1)
     n, h, v = 50, 8, 211
-    hidden, weight, bias = _inputs(n, h, v, torch.float32, gen)
+    hidden, weight, bias = _inputs(n, h, v, torch.float32, gen, weight_grad=head == "trainable")
+    if head == "frozen":
+        bias = bias.detach()
     labels = _labels(n, v, "some", gen)
     saved = []
 
@@ -200,9 +212,22 @@ def test_backward_keeps_no_logits():
         loss = linear_cross_entropy(hidden, weight, labels, bias=bias, chunk_rows=8)
     loss.backward()
     n_valid = int((labels != IGNORE).sum())
-    allowed = {(n, h), (v, h), (v,), (n_valid,), ()}
+    if head == "trainable":
+        allowed = {(n, h), (v, h), (v,), (n_valid,), ()}
+        assert sum(1 for s in saved if s == (v, h)) == 1
+    else:
+        allowed = {(n_valid, h), (n_valid,), ()}
     assert saved and set(saved) <= allowed, saved
-    assert sum(1 for s in saved if s == (v, h)) == 1
+
+
+def test_no_grad_forward():
+    gen = torch.Generator().manual_seed(4)
+    hidden, weight, bias = _inputs(17, 5, 23, torch.float32, gen, weight_grad=False)
+    labels = _labels(17, 23, "some", gen)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, labels, bias=bias, chunk_rows=3)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, _reference(hidden, weight, labels, bias).detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_ignore_index_and_int32_labels():
@@ -217,6 +242,8 @@ def test_ignore_index_and_int32_labels():
 
 def test_default_chunk_rows():
     assert default_chunk_rows(151936) == 104  # 104 x 151936 x 4 B = 60 MiB
+    assert default_chunk_rows(151936, device="cuda") == 104
+    assert default_chunk_rows(151936, device="cpu") == 440  # 255 MiB
     assert default_chunk_rows(151936, torch.float32, chunk_bytes=1) == 1
     assert default_chunk_rows(10) % 8 == 0
 
