@@ -188,7 +188,8 @@ def _check_output_dir(cfg: Any, resume: str | None) -> str | None:
 def _publish_final(trainer, output_dir: str) -> None:
     """save_model into a temp folder, then move each file into output_dir (one rename per file)."""
     staging = os.path.join(output_dir, ".tmp-final-model")
-    shutil.rmtree(staging, ignore_errors=True)
+    if trainer.args.should_save:  # only the writing rank: another rank would delete its files mid-save
+        shutil.rmtree(staging, ignore_errors=True)
     trainer.save_model(staging)
     if trainer.args.should_save:
         names = sorted(os.listdir(staging))
