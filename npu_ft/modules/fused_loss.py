@@ -29,9 +29,10 @@ bound method).
 Not applicable (returns False, model untouched, the reason logged): not one of the transformers
 classes whose forward is exactly base model -> ``lm_head`` -> ``ForCausalLMLoss``
 (:data:`KNOWN_CLASSES`: Qwen2, Qwen3, Llama, Mistral ``*ForCausalLM``; a ``peft.PeftModel``
-around one is not patched either -- patch the inner model); ``lm_head`` not exactly ``nn.Linear`` (e.g. PEFT/npu-ft
-``modules_to_save`` wrapper from ``additional_target``, a LoRA on the head, a quantized head); a
-loss function other than transformers' ``ForCausalLMLoss``.
+around one is not patched either -- patch the inner model); ``lm_head`` not exactly ``nn.Linear``
+(PEFT's ``ModulesToSaveWrapper``, a LoRA on the head, a quantized head; npu-ft's own
+``additional_target: lm_head`` is a plain trainable ``nn.Linear`` copy and is fused); a loss
+function other than transformers' ``ForCausalLMLoss``.
 """
 
 from __future__ import annotations
