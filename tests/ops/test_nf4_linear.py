@@ -17,6 +17,8 @@ from npu_ft.ops.backends import _fused_lora as fused_lora
 from npu_ft.ops.lora import nf4_linear, nf4_linear_backward_reference, nf4_linear_reference
 from npu_ft.ops.nf4 import Nf4QuantState, dequantize_nf4, quantize_nf4
 
+from ._bnb_reference import bnb_dequantize_4bit
+
 FP32 = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -96,7 +98,7 @@ def test_base_weight_matches_bitsandbytes(dtype):
     w = torch.randn(48, 80, generator=torch.Generator().manual_seed(0)) * 0.1
     q, qs = bnbf.quantize_4bit(w.to(dtype), blocksize=64, quant_type="nf4", compress_statistics=True)
     assert torch.equal(q, packed)  # same storage bytes
-    w_bnb = bnbf.dequantize_4bit(q, qs).to(dtype)
+    w_bnb = bnb_dequantize_4bit(q, qs).to(dtype)  # bnb's definition: 80 % 64, see _bnb_reference
     y = nf4_linear(x, packed, state, b)
     torch.testing.assert_close(y, F.linear(x, w_bnb, b), rtol=0, atol=0 if dtype == torch.float32 else 1e-2)
 
@@ -124,8 +126,9 @@ def test_matches_peft_linear4bit(dtype, dropout):
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
     torch.manual_seed(0)
-    lin = nn.Linear(96, 80).to(dtype)
-    q = bnb.nn.Linear4bit(96, 80, bias=True, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
+    # in_features a multiple of the blocksize: bnb's native CPU kernel is wrong when blocks span rows
+    lin = nn.Linear(128, 80).to(dtype)
+    q = bnb.nn.Linear4bit(128, 80, bias=True, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
     q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4", blocksize=64,
                                  compress_statistics=True)
     q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
@@ -143,7 +146,7 @@ def test_matches_peft_linear4bit(dtype, dropout):
     with torch.no_grad():
         ref.lora_B["default"].weight.normal_()
         mine.lora_B.weight.copy_(ref.lora_B["default"].weight)
-    x = torch.randn(2, 5, 96).to(dtype)
+    x = torch.randn(2, 5, 128).to(dtype)
     g = torch.randn(2, 5, 80).to(dtype)
     out = []
     for layer, lora_A, lora_B in ((ref, ref.lora_A["default"], ref.lora_B["default"]),
