@@ -20,9 +20,12 @@ activations               per micro-batch of T = batch x cutoff tokens, e bytes 
                           (2 for bf16 autocast, 4 for fp32): each decoder layer saves about
                           e T (12 h + 2 kv + 4 i) (RMSNorm in/out x2, q/k/v after RoPE, attention
                           output, MLP gate/up/silu/product); with gradient checkpointing only
-                          its input e T h is kept, plus one layer recomputed; the loss keeps the
-                          logits, their fp32 upcast, log-softmax and its gradient: T V (16 + 2e
-                          for e < 4) bytes.
+                          its input e T h is kept, plus one layer recomputed. The loss: with
+                          npu-ft's fused linear cross-entropy (``fused_cross_entropy``, the
+                          default) one chunk of fp32 logits, min(T, c) V (4 + e for e < 4) bytes
+                          (c = rows per chunk), plus the saved fp32 [T, h] input gradient;
+                          with transformers' loss the logits, their fp32 upcast, log-softmax
+                          and its gradient: T V (16 + 2e for e < 4) bytes.
 ========================  =====================================================================
 
 plus ``overhead_gib`` per card for the runtime (CANN/HCCL workspaces and communication buffers:
@@ -167,8 +170,12 @@ class Estimate:
 
 
 def activation_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpointing: bool,
-                     lora_rank: int | None = None) -> float:
-    """Saved activations of one micro-batch of ``tokens`` tokens (see the module docstring)."""
+                     lora_rank: int | None = None, fused_cross_entropy: bool = True,
+                     loss_chunk_rows: int | None = None) -> float:
+    """Saved activations of one micro-batch of ``tokens`` tokens (see the module docstring).
+
+    ``loss_chunk_rows``: rows per chunk of the fused loss (default: its accelerator default for
+    this vocabulary, ``npu_ft.ops.linear_cross_entropy.default_chunk_rows``)."""
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
     layer = elem * tokens * (8 * h + 4 * shape.q_dim + 2 * kv + 4 * i)
     if lora_rank:
@@ -177,15 +184,26 @@ def activation_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpo
         body = shape.layers * elem * tokens * h + layer
     else:
         body = shape.layers * layer
-    logits = tokens * shape.vocab * (16 + (2 * elem if elem < 4 else 0))
+    if fused_cross_entropy:
+        if loss_chunk_rows is None:
+            from npu_ft.ops.linear_cross_entropy import default_chunk_rows
+
+            loss_chunk_rows = default_chunk_rows(shape.vocab)
+        logits = min(tokens, loss_chunk_rows) * shape.vocab * (4 + (elem if elem < 4 else 0)) + 4 * tokens * h
+    else:
+        logits = tokens * shape.vocab * (16 + (2 * elem if elem < 4 else 0))
     return body + logits
 
 
 def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_optimizer: bool = False,
              offload_param: bool = False, world_size: int = 1, batch: int = 1, seq: int = 2048,
              gradient_checkpointing: bool = True, lora_rank: int = 16, dtype: str = "bf16",
-             overhead_gib: float | None = None) -> Estimate:
+             overhead_gib: float | None = None, fused_cross_entropy: bool = True,
+             loss_chunk_rows: int | None = None) -> Estimate:
     """Per-card memory of ``method`` (lora | qlora | full) on ``world_size`` data-parallel cards.
+
+    ``fused_cross_entropy`` / ``loss_chunk_rows``: the loss as npu-ft trains by default (chunked,
+    no full logits) or transformers' loss (False); see :func:`activation_bytes`.
 
     ``dtype="fp32"`` describes a plain fp32 run (weights, gradients and activations in fp32, no
     mixed precision), which is what the CPU check measures.
@@ -238,7 +256,7 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
     if offload_optimizer:
         opt = 0.0
     acts = activation_bytes(shape, batch * seq, elem, gradient_checkpointing,
-                            lora_rank if method != "full" else None)
+                            lora_rank if method != "full" else None, fused_cross_entropy, loss_chunk_rows)
     if method == "qlora":  # one dequantized weight at a time
         acts += half * max(a * b for a, b in shape.linear_shapes())
     if overhead_gib is None:
