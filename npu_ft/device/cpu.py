@@ -14,6 +14,41 @@ _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def tune_glibc_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 30,
+                      top_pad: int = 64 << 20) -> bool:
+    """Keep large, short-lived CPU tensors in glibc's heap instead of fresh ``mmap`` pages.
+
+    By default glibc serves every allocation above its (dynamic, <= 32 MiB) mmap threshold with a
+    new ``mmap`` and returns it with ``munmap`` on free. A training step allocates and frees the
+    same large buffers every step (the dense ``[vocab, hidden]`` embedding/head gradient, logits
+    chunks, MLP activations), so each step page-faults all of them in again and the kernel zeroes
+    every page: on Qwen's 151,936-row vocabulary that is hundreds of MiB of faults per step (the
+    tiny-model demo: 62 k minor faults per step, 1.5x of its step time). Raising the mmap and trim
+    thresholds lets freed blocks be reused by the next step. The resident peak stays about the same
+    (the same buffers are live at the peak either way); freed memory is returned to the OS less
+    eagerly. Call once, before the model is built. Returns False where the C library is not glibc
+    (musl, macOS, Windows): nothing is changed there.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
+    ok &= mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1
+    ok &= mallopt(_M_TOP_PAD, int(top_pad)) == 1
+    return bool(ok)
+
+
 def _read_status_kib(field: str) -> int | None:
     try:
         with open(_STATUS) as f:

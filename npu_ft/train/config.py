@@ -382,6 +382,11 @@ _CURATED: list[Option] = [
        "a label go through the output head, in chunks, so the [tokens, vocab] fp32 logits, log-softmax "
        "and their gradient are never materialised (same loss and gradients). Qwen2/Qwen3 with a plain "
        "lm_head; otherwise (or false) transformers' loss.", lf=False),
+    _o("cpu_malloc_tuning", "npu_ft", "bool", True,
+       "npu-ft: on CPU (glibc), raise malloc's mmap/trim thresholds before training so the large "
+       "per-step buffers (embedding/head gradients, activations) are reused instead of being "
+       "page-faulted in and zeroed again every step (~1.5x faster steps on small models; same peak). "
+       "No effect on other devices or C libraries.", lf=False),
 ]
 
 

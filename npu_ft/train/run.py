@@ -232,6 +232,11 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
     # 1. device (raises DeviceUnavailableError for a device asked for but absent)
     backend, device = select_device(None if cfg.device == "auto" else cfg.device)
     backend.set_device(device)
+    if backend.name == "cpu" and bool(cfg.get("cpu_malloc_tuning", True)):
+        from npu_ft.device.cpu import tune_glibc_malloc
+
+        if tune_glibc_malloc():
+            logger.info("cpu_malloc_tuning: glibc mmap/trim thresholds raised (per-step buffers are reused)")
     dtype = _compute_dtype(cfg)
     if dtype == torch.bfloat16 and not backend.supports_bf16():
         raise TrainingError(f"{cfg.source}: key 'bf16': {backend.name} ({backend.device_name()}) has no bf16")
