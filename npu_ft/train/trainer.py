@@ -17,7 +17,10 @@ What is changed:
   under gradient accumulation, else mean). SFT prompts are mostly label -100, and a Qwen head has
   151,936 rows, so this saves most of the head's time and the (tokens x vocab) logits memory. The
   loss is the same number (``label_logits_only=False`` turns it off; wrapped models -- DDP,
-  DeepSpeed -- always use the model's own loss).
+  DeepSpeed -- always use the model's own loss). ``run_sft`` uses this path only with
+  ``fused_cross_entropy: false``; by default the model's own forward is patched with the chunked
+  fused linear cross-entropy (:mod:`npu_ft.modules.fused_loss`), which does the same and more, and
+  also works under DDP/DeepSpeed.
 * **NaN/inf guard.** Every micro-batch loss is checked after backward and before the optimizer
   step; a non-finite loss raises :class:`~npu_ft.train.callbacks.NonFiniteLossError` naming the
   step, so the bad update never reaches the weights and no checkpoint of it is written.
