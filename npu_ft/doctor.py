@@ -173,6 +173,29 @@ def _nf4_linear(device, dtype):
     )
 
 
+#: the fused loss check: N rows (some unlabelled) x hidden H against a V-row head, in chunks of
+#: _CE_CHUNK rows (N, V and the chunk deliberately not multiples of each other)
+_CE_N, _CE_H, _CE_V, _CE_CHUNK = 37, 48, 1031, 8
+
+
+def _linear_cross_entropy(device, dtype):
+    from npu_ft.ops.linear_cross_entropy import linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(5)
+    hidden, weight = _rand(gen, _CE_N, _CE_H), _rand(gen, _CE_V, _CE_H) / 4
+    labels = torch.randint(0, _CE_V, (_CE_N,), generator=gen)
+    labels[::3] = -100  # prompt rows
+
+    def ref_fn(hidden, weight):
+        return torch.nn.functional.cross_entropy(hidden.float() @ weight.float().T, labels, ignore_index=-100)
+
+    def op_fn(hidden, weight):  # labels stay integer, on the device
+        return linear_cross_entropy(hidden, weight, labels.to(hidden.device), chunk_rows=_CE_CHUNK)
+
+    return _compare_grads(device, dtype, op_fn, ref_fn, trainable={"hidden": hidden, "weight": weight},
+                          fixed={}, grad=torch.tensor(1.0))
+
+
 def build_checks(dtypes=(torch.float32, torch.bfloat16)) -> list[Check]:
     shape_w, shape_x = "x".join(map(str, _W_SHAPE)), "x".join(map(str, _X_SHAPE))
     checks = []
@@ -186,6 +209,8 @@ def build_checks(dtypes=(torch.float32, torch.bfloat16)) -> list[Check]:
                   ("lora_linear", "lora_linear_backward")),
             Check("nf4_linear fwd+bwd", dtype, f"x {shape_x} W {shape_w} r{_RANK} dq", _nf4_linear,
                   ("nf4_linear", "nf4_linear_backward")),
+            Check("linear_cross_entropy fwd+bwd", dtype, f"h {_CE_N}x{_CE_H} W {_CE_V}x{_CE_H} chunk{_CE_CHUNK}",
+                  _linear_cross_entropy, ()),
         ]
     return checks
 
@@ -196,6 +221,8 @@ def build_checks(dtypes=(torch.float32, torch.bfloat16)) -> list[Check]:
 def _kernel_summary(ops: tuple[str, ...]) -> str:
     from npu_ft.ops import kernel_calls
 
+    if not ops:  # plain torch on the device (no torch.library op behind it)
+        return "torch"
     used = []
     for op in ops:
         calls = kernel_calls(op)

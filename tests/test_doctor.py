@@ -19,7 +19,8 @@ def test_doctor_passes_on_cpu_and_reports_kernels(tmp_path, capsys):
     report = json.loads(out.read_text())
     rows = {(r["op"], r["dtype"]): r for r in report["results"]}
     ops = {op for op, _ in rows}
-    assert ops == {"nf4_quantize", "nf4_dequantize", "blockwise_8bit", "lora_linear fwd+bwd", "nf4_linear fwd+bwd"}
+    assert ops == {"nf4_quantize", "nf4_dequantize", "blockwise_8bit", "lora_linear fwd+bwd", "nf4_linear fwd+bwd",
+                   "linear_cross_entropy fwd+bwd"}
     assert {dtype for _, dtype in rows} == {"fp32", "bf16"}
     # the CPU backend registers its own lora kernels: the doctor must say they served the call
     assert rows[("lora_linear fwd+bwd", "fp32")]["kernel"] == "cpu"
@@ -38,6 +39,16 @@ def test_doctor_fails_on_a_wrong_kernel(monkeypatch, capsys):
     text = capsys.readouterr().out
     failing = [line for line in text.splitlines() if line.startswith("lora_linear") and "FAIL" in line]
     assert failing, text
+
+
+def test_doctor_catches_a_wrong_fused_loss(monkeypatch, capsys):
+    from npu_ft.ops import linear_cross_entropy as lce
+
+    real = lce.linear_cross_entropy
+    monkeypatch.setattr(lce, "linear_cross_entropy", lambda *a, **kw: real(*a, **kw) * (1 + 1e-3))
+    assert doctor.doctor_main(["--device", "cpu", "--dtype", "fp32"]) == 1
+    text = capsys.readouterr().out
+    assert [line for line in text.splitlines() if line.startswith("linear_cross_entropy") and "FAIL" in line], text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
