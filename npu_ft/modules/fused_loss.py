@@ -153,13 +153,8 @@ def _fused_forward(
     original forward otherwise."""
     shift_labels = kwargs.get("shift_labels")
     plain_ltk = isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool) and logits_to_keep == 0
-    if labels is None or not plain_ltk:
-        return _original_forward(self)(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-            logits_to_keep=logits_to_keep, **kwargs)
     weight = self.lm_head.weight
-    if not _head_is_materialised(weight, self.config.hidden_size):
+    if labels is None or not plain_ltk or not _head_is_materialised(weight, self.config.hidden_size):
         return _original_forward(self)(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
