@@ -58,11 +58,12 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Same setting on both sides: non-reentrant checkpointing of every decoder layer."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
+def _enable_gradient_checkpointing(model: nn.Module, policy: str = "full") -> None:
+    """Non-reentrant checkpointing of every decoder layer on both sides; npu-ft may use its
+    ``selective`` policy (:mod:`npu_ft.modules.checkpointing`), the reference always runs "full"."""
+    from npu_ft.modules.checkpointing import enable_gradient_checkpointing
+
+    enable_gradient_checkpointing(model, policy, use_reentrant=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,12 +205,14 @@ def build_npu_ft(case, base_model_factory, device: torch.device) -> Prepared:
             p.requires_grad_(True)
     model = model.to(device)
     if case.gradient_checkpointing:
-        _enable_gradient_checkpointing(model)
+        _enable_gradient_checkpointing(model, case.checkpoint_policy)
     if case.method in ("lora", "qlora"):
         n = align_lora_init(model, case.seed)
         if n == 0:
             raise RuntimeError("npu-ft: no LoRA parameters found after injection (expected names with lora_A/lora_B)")
     features = _npu_ft_features(model) or ["transformers"]
+    if case.gradient_checkpointing and case.checkpoint_policy != "full":
+        features.append(f"{case.checkpoint_policy}_checkpointing")
     # npu-ft's training path computes the loss with the fused linear cross-entropy (run_sft's
     # fused_cross_entropy default): model(input_ids, labels).loss goes through the patched forward
     from npu_ft.modules.fused_loss import enable_fused_cross_entropy

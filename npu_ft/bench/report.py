@@ -22,7 +22,8 @@ from pathlib import Path
 #: results.csv columns, in order
 COLUMNS = [
     "suite", "case_id", "model", "method", "implementation", "device", "device_name", "dtype", "seq_len",
-    "batch_size", "steps", "warmup", "repeats_ok", "repeats_failed", "gradient_checkpointing", "lora_r",
+    "batch_size", "steps", "warmup", "repeats_ok", "repeats_failed", "gradient_checkpointing", "checkpoint_policy",
+    "lora_r",
     "status", "error",
     "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "s_per_step_median", "s_per_step_min",
     "s_per_step_max", "peak_mem_bytes", "peak_mem_mib", "peak_mem_max_bytes", "mem_kind", "baseline_mem_bytes",
@@ -33,7 +34,7 @@ COLUMNS = [
 #: columns that may be empty on an ok row
 MAY_BE_EMPTY = {"error"}
 _CASE_KEYS = ("suite", "case_id", "model", "method", "implementation", "device", "dtype", "seq_len",
-              "batch_size", "steps", "warmup", "gradient_checkpointing")
+              "batch_size", "steps", "warmup", "gradient_checkpointing", "checkpoint_policy")
 GROUP_KEYS = ("model", "method", "dtype", "seq_len", "batch_size", "gradient_checkpointing", "variant")
 
 
@@ -154,18 +155,35 @@ def ratios(rows: list[dict]) -> list[dict]:
         base = dict(model=model, device=dev, dtype=dt, seq_len=s, batch_size=b, gradient_checkpointing=gc, variant=v)
         ref = ok.get((model, method, "reference", dev, dt, s, b, gc, v))
         if ref is not None:
-            out.append({**base, "ratio": f"{method}: npu-ft / reference",
+            out.append({**base, "ratio": f"{method}: {_npu_ft_label(r)} / reference",
                         "tokens_per_s": r["tokens_per_s"] / ref["tokens_per_s"],
                         "peak_mem": r["peak_mem_bytes"] / ref["peak_mem_bytes"],
                         "weight_bytes": r["weight_bytes"] / ref["weight_bytes"]})
         if method == "qlora":
             lora = ok.get((model, "lora", "npu-ft", dev, dt, s, b, gc, v))
             if lora is not None:
-                out.append({**base, "ratio": "npu-ft: qlora / lora",
+                out.append({**base, "ratio": f"npu-ft: qlora{_policy_suffix(r)} / lora{_policy_suffix(lora)}",
                             "tokens_per_s": r["tokens_per_s"] / lora["tokens_per_s"],
                             "peak_mem": r["peak_mem_bytes"] / lora["peak_mem_bytes"],
                             "weight_bytes": r["weight_bytes"] / lora["weight_bytes"]})
     return out
+
+
+def _policy_suffix(row: dict) -> str:
+    """" (selective checkpointing)" for a row that ran a non-default npu-ft checkpointing policy."""
+    policy = row.get("checkpoint_policy") or "full"
+    return "" if policy == "full" or not row.get("gradient_checkpointing") else f" ({policy} checkpointing)"
+
+
+def _npu_ft_label(row: dict) -> str:
+    return "npu-ft" + _policy_suffix(row)
+
+
+def _gc_cell(row: dict) -> str:
+    """The markdown "gc" cell: off, or the checkpointing policy that ran."""
+    if not row.get("gradient_checkpointing") or row["gradient_checkpointing"] in ("False", "false"):
+        return "off"
+    return row.get("checkpoint_policy") or "full"
 
 
 def _fmt(v, digits=3):
@@ -210,11 +228,11 @@ def markdown(rows, par, rat, suite_meta: dict, env: dict | None = None) -> str:
     for r in rows:
         if r["status"] == "failed":
             body.append([r["model"], r["method"], r["implementation"], r["device"], r["dtype"],
-                         f"{r['seq_len']}×{r['batch_size']}", r["gradient_checkpointing"], "FAILED",
+                         f"{r['seq_len']}×{r['batch_size']}", _gc_cell(r), "FAILED",
                          r["error"][:160], "", "", "", "", ""])
             continue
         body.append([r["model"], r["method"], r["implementation"], r["device"], r["dtype"],
-                     f"{r['seq_len']}×{r['batch_size']}", r["gradient_checkpointing"], r["status"],
+                     f"{r['seq_len']}×{r['batch_size']}", _gc_cell(r), r["status"],
                      f"{r['tokens_per_s']:.1f} [{r['tokens_per_s_min']:.1f}-{r['tokens_per_s_max']:.1f}]",
                      r["s_per_step_median"], r["peak_mem_mib"], r["weight_mib"], f"{r['trainable_params']:,}",
                      f"{r['loss_first']:.4f}→{r['loss_last']:.4f}"])

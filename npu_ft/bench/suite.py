@@ -18,6 +18,7 @@ every case runs in a fresh process (see :mod:`npu_ft.bench.runner`).
     warmup: 2
     repeats: 3                        # fresh process per case per repeat, interleaved
     gradient_checkpointing: true
+    checkpoint_policy: full           # npu-ft only: full | selective, or per method {lora: selective}
     lora: {r: 16, alpha: 32, dropout: 0.0, targets: all, use_rslora: false}
     lr: 1.0e-4
     seed: 0
@@ -72,6 +73,7 @@ CASE_SETTINGS: dict[str, tuple[Any, Any]] = {
     "steps": (int, 5),
     "warmup": (int, 1),
     "gradient_checkpointing": (bool, False),
+    "checkpoint_policy": ((str, dict), "full"),
     "lora": (dict, None),
     "lr": ((int, float), 1e-4),
     "seed": (int, 0),
@@ -104,6 +106,9 @@ class BenchCase:
     steps: int = 5
     warmup: int = 1
     gradient_checkpointing: bool = False
+    #: npu-ft's gradient-checkpointing policy (npu_ft.modules.checkpointing); other implementations
+    #: always checkpoint the transformers way ("full")
+    checkpoint_policy: str = "full"
     lora: dict = dataclasses.field(default_factory=lambda: dict(LORA_DEFAULTS))
     lr: float = 1e-4
     seed: int = 0
@@ -114,7 +119,8 @@ class BenchCase:
 
     @property
     def case_id(self) -> str:
-        gc = "gc" if self.gradient_checkpointing else "nogc"
+        gc = "nogc" if not self.gradient_checkpointing else "gc" if self.checkpoint_policy == "full" else (
+            f"gc-{self.checkpoint_policy}")
         return (f"{self.model}/{self.method}/{self.implementation}/{self.device}/{self.dtype}"
                 f"/s{self.seq_len}b{self.batch_size}/{gc}/v{self.variant}")
 
@@ -183,6 +189,26 @@ def _check_lora(path, key, value) -> dict:
     return out
 
 
+def _check_policy(path, key, value) -> str | dict:
+    from npu_ft.modules.checkpointing import POLICIES
+
+    per_method = value if isinstance(value, dict) else {None: value}
+    for method, policy in per_method.items():
+        where = key if method is None else f"{key}.{method}"
+        if method is not None and method not in METHODS:
+            raise SuiteError(f"{_where(path, where)}: unknown method; expected one of {', '.join(METHODS)}")
+        if policy not in POLICIES:
+            raise SuiteError(f"{_where(path, where)}: unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
+    return copy.deepcopy(value)
+
+
+def _case_policy(value: str | dict, method: str, implementation: str) -> str:
+    """The checkpointing policy one case runs: npu-ft follows the suite, the others run "full"."""
+    if implementation != "npu-ft":
+        return "full"
+    return value.get(method, "full") if isinstance(value, dict) else value
+
+
 def _check_settings(path, prefix, raw: dict) -> dict:
     """Validate the case settings found in ``raw`` (top level or one variant)."""
     out = {}
@@ -194,6 +220,10 @@ def _check_settings(path, prefix, raw: dict) -> dict:
             continue
         if key == "lora":
             out[key] = _check_lora(path, where, value)
+            continue
+        _check_type(path, where, value, types)
+        if key == "checkpoint_policy":
+            out[key] = _check_policy(path, where, value)
             continue
         _check_type(path, where, value, types)
         if key in ("seq_len", "batch_size", "steps", "data_pool") and value < 1:
@@ -305,8 +335,9 @@ def parse_suite(data: Any, path: str | None = None, check_devices: bool = True) 
     cases = []
     for vi, settings in enumerate(variants):
         for model, method, device, impl in itertools.product(models, methods, devices, impls):
+            case_settings = dict(settings, checkpoint_policy=_case_policy(settings["checkpoint_policy"], method, impl))
             cases.append(BenchCase(suite=name, model=model, method=method, implementation=impl, device=device,
-                                   variant=vi, **settings))
+                                   variant=vi, **case_settings))
     return Suite(name=name, description=str(data.get("description", "")), path=path, cases=cases,
                  repeats=repeats, tolerances=tolerances, cross_device_tolerance=cross)
 

@@ -131,10 +131,13 @@ def prepare_model(cfg: Any, device: torch.device, compute_dtype: torch.dtype | N
     model = model.to(device)
     model.config.use_cache = False
     if cfg.gradient_checkpointing_enabled:
+        from npu_ft.modules.checkpointing import enable_gradient_checkpointing
+
         use_reentrant = bool(cfg.get("use_reentrant_gc", True))
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-        if method != "full" or use_reentrant:
-            model.enable_input_require_grads()  # frozen embeddings: make checkpointed segments see grads
+        policy = cfg.get("gradient_checkpointing_policy", "full")
+        enable_gradient_checkpointing(model, policy, use_reentrant,
+                                      input_require_grads=method != "full" or use_reentrant)
+        logger.info("gradient checkpointing: policy %s", policy)
     return model
 
 
