@@ -171,8 +171,11 @@ class Estimate:
 
 def activation_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpointing: bool,
                      lora_rank: int | None = None, fused_cross_entropy: bool = True,
-                     loss_chunk_rows: int | None = None) -> float:
+                     loss_chunk_rows: int | None = None, checkpoint_policy: str = "full") -> float:
     """Saved activations of one micro-batch of ``tokens`` tokens (see the module docstring).
+
+    ``checkpoint_policy="selective"`` (:mod:`npu_ft.modules.checkpointing`): each checkpointed layer
+    also keeps its GEMM outputs (q, k, v, o, gate, up, down) and its attention output.
 
     ``loss_chunk_rows``: rows per chunk of the fused loss (default: its accelerator default for
     this vocabulary, ``npu_ft.ops.linear_cross_entropy.default_chunk_rows``)."""
@@ -181,7 +184,10 @@ def activation_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpo
     if lora_rank:
         layer += elem * tokens * lora_rank * 7
     if gradient_checkpointing:
-        body = shape.layers * elem * tokens * h + layer
+        kept = h
+        if checkpoint_policy == "selective":
+            kept += 2 * shape.q_dim + 2 * kv + 2 * h + 2 * i
+        body = shape.layers * elem * tokens * kept + layer
     else:
         body = shape.layers * layer
     if fused_cross_entropy:
@@ -199,6 +205,7 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
              offload_param: bool = False, world_size: int = 1, batch: int = 1, seq: int = 2048,
              gradient_checkpointing: bool = True, lora_rank: int = 16, dtype: str = "bf16",
              overhead_gib: float | None = None, fused_cross_entropy: bool = True,
+             checkpoint_policy: str = "full",
              loss_chunk_rows: int | None = None) -> Estimate:
     """Per-card memory of ``method`` (lora | qlora | full) on ``world_size`` data-parallel cards.
 
@@ -256,7 +263,8 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
     if offload_optimizer:
         opt = 0.0
     acts = activation_bytes(shape, batch * seq, elem, gradient_checkpointing,
-                            lora_rank if method != "full" else None, fused_cross_entropy, loss_chunk_rows)
+                            lora_rank if method != "full" else None, fused_cross_entropy, loss_chunk_rows,
+                            checkpoint_policy)
     if method == "qlora":  # one dequantized weight at a time
         acts += half * max(a * b for a, b in shape.linear_shapes())
     if overhead_gib is None:

@@ -25,6 +25,10 @@ def test_parts_by_method_and_zero_stage():
     assert lora.optimizer == qlora.optimizer == 8 * m.lora_params(16)
     assert qlora.weights < 0.4 * lora.weights
     assert estimate(m, "lora", seq=1024, gradient_checkpointing=False).activations > 2.5 * lora.activations
+    # selective checkpointing keeps q, k, v, o, gate, up, down and the attention output per layer
+    sel = estimate(m, "lora", seq=1024, checkpoint_policy="selective")
+    kept = 2 * m.q_dim + 2 * m.kv_dim + 2 * m.hidden + 2 * m.intermediate
+    assert sel.activations - lora.activations == pytest.approx(m.layers * 1024 * 2 * kept)
     with pytest.raises(ValueError, match="QLoRA with ZeRO-3"):
         estimate(m, "qlora", zero=3)
 
