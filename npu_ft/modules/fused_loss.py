@@ -101,7 +101,7 @@ def enable_fused_cross_entropy(model: nn.Module, chunk_rows: Optional[int] = Non
         return True
     reason = why_not_applicable(model)
     if reason is not None:
-        logger.warning("fused cross-entropy not enabled: %s", reason)
+        logger.warning("fused cross-entropy not enabled (transformers' loss is used): %s", reason)
         return False
     previous = vars(model).get("forward")  # an instance forward someone set before us, else None
     object.__setattr__(model, _ATTR, {"previous_forward": previous, "chunk_rows": chunk_rows})

@@ -144,19 +144,14 @@ def prepare_model(cfg: Any, device: torch.device, compute_dtype: torch.dtype | N
 def enable_fused_loss(cfg: Any, model: torch.nn.Module) -> bool:
     """``fused_cross_entropy: true`` (the default): patch the model's forward so its training loss is
     the chunked fused linear + cross-entropy (:mod:`npu_ft.modules.fused_loss`). Returns whether the
-    model now uses it; logs what happened."""
+    model now uses it; what happened is logged once (here or by the patch)."""
     if not bool(cfg.get("fused_cross_entropy", True)):
         logger.info("fused_cross_entropy: false -> transformers' loss (full [tokens, vocab] logits)")
         return False
     from npu_ft.modules.fused_loss import enable_fused_cross_entropy
 
-    if enable_fused_cross_entropy(model):
-        logger.info("fused_cross_entropy: the loss runs the output head only on labelled positions, in chunks "
-                    "(no [tokens, %d] logits)", model.get_output_embeddings().weight.shape[0])
-        return True
-    logger.warning("fused_cross_entropy: not applicable to this model (see the warning above); "
-                   "transformers' loss is used")
-    return False
+    # enable_fused_cross_entropy logs whether it applies (and why not): one line, not two
+    return enable_fused_cross_entropy(model)
 
 
 def _adapter_fns(cfg: Any, method: str):
