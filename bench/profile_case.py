@@ -1,10 +1,12 @@
 """Profile the training steps of one bench case with torch.profiler: top ops by self CPU time.
 
-    python bench/profile_case.py SUITE.yaml CASE_ID_SUBSTRING [--layers N] [--top 15]
+    python bench/profile_case.py SUITE.yaml CASE_ID_SUBSTRING [--layers N] [--seq-len T]
+                                 [--checkpoint-policy full|selective] [--top 15]
 
 Builds the case exactly as the worker does (same implementation builders, same loop), runs warmup
 steps unprofiled, then profiles the timed steps. ``--layers`` cuts the model to N decoder layers so a
-profile of a big shape stays cheap (the per-layer ops keep their shapes).
+profile of a big shape stays cheap (the per-layer ops keep their shapes); ``--seq-len`` and
+``--checkpoint-policy`` override the suite's settings for the case.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ def main(argv=None) -> int:
     p.add_argument("suite")
     p.add_argument("case")
     p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--checkpoint-policy", choices=("full", "selective"), default=None)
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args(argv)
     from npu_ft.bench import impls, load_suite
@@ -30,6 +34,10 @@ def main(argv=None) -> int:
     (case,) = [c for c in suite.cases if args.case in c.case_id][:1]
     if args.layers:
         case.model_overrides = {**case.model_overrides, "num_hidden_layers": args.layers}
+    if args.seq_len:
+        case.seq_len = args.seq_len
+    if args.checkpoint_policy:
+        case.checkpoint_policy = args.checkpoint_policy
     dtype = impls.torch_dtype(case.dtype)
     prepared = impls.resolve(case.implementation)(
         case, lambda: build_model(case.model, case.seed, dtype, case.model_overrides), torch.device("cpu"))
