@@ -37,6 +37,7 @@ function other than transformers' ``ForCausalLMLoss``.
 
 from __future__ import annotations
 
+import collections
 import logging
 import types
 from typing import Any, Optional
@@ -46,8 +47,12 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KNOWN_CLASSES", "disable_fused_cross_entropy", "enable_fused_cross_entropy", "fused_cross_entropy_enabled",
+__all__ = ["CALLS", "KNOWN_CLASSES", "disable_fused_cross_entropy", "enable_fused_cross_entropy", "fused_cross_entropy_enabled",
            "why_not_applicable"]
+
+#: calls of patched forwards since import (or ``CALLS.clear()``): "fused" (the loss went through
+#: the fused op) and "original" (handed to the model's own forward: no labels, logits_to_keep, ...)
+CALLS: collections.Counter = collections.Counter()
 
 _ATTR = "_npu_ft_fused_ce"  # {"previous_forward": ..., "chunk_rows": ...} on a patched model
 
@@ -155,6 +160,7 @@ def _fused_forward(
     plain_ltk = isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool) and logits_to_keep == 0
     weight = self.lm_head.weight
     if labels is None or not plain_ltk or not _head_is_materialised(weight, self.config.hidden_size):
+        CALLS["original"] += 1
         return _original_forward(self)(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
@@ -163,6 +169,8 @@ def _fused_forward(
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from npu_ft.ops.linear_cross_entropy import linear_cross_entropy
+
+    CALLS["fused"] += 1
 
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:

@@ -71,7 +71,7 @@ def _args(**kw):
     return types.SimpleNamespace(**base)
 
 
-def _load(arch="qwen2", **model_kw):
+def _load(arch="qwen2", finetuning_args=None, **model_kw):
     """What LLaMA-Factory's load_model does around the two patched functions."""
     from llamafactory.model import loader, patcher
 
@@ -80,7 +80,7 @@ def _load(arch="qwen2", **model_kw):
     args = _args(**model_kw)
     init_kwargs = {}
     patcher.configure_quantization(model.config, None, args, True, init_kwargs)
-    model = loader.init_adapter(model.config, model, args, None, True)
+    model = loader.init_adapter(model.config, model, args, finetuning_args, True)
     return model, init_kwargs
 
 
@@ -108,6 +108,32 @@ def test_lora_and_qlora_through_fake_loader(fake_lf):
     reset_kernel_calls()
     model(input_ids=ids, labels=ids).loss.backward()
     assert sum(kernel_calls("nf4_linear").values()) == 7
+
+
+def test_fused_loss_on_the_model_inside_peft(fake_lf, monkeypatch):
+    fake_lf("0.9.5")
+    from npu_ft.modules.fused_loss import CALLS, fused_cross_entropy_enabled
+    from npu_ft_llamafactory import apply_npu_ft_to_llamafactory, counters
+
+    apply_npu_ft_to_llamafactory(fallback=False)
+    model, _ = _load()
+    assert fused_cross_entropy_enabled(model.get_base_model())
+    CALLS.clear()
+    ids = torch.randint(0, 97, (2, 6))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert CALLS == {"fused": 1} and torch.isfinite(loss)
+    assert counters()["fused_cross_entropy"] is True and counters()["fused_loss_calls"] == {"fused": 1}
+    # LLaMA-Factory options that read the training logits, and the opt-out, keep transformers' loss
+    for finetuning_args in (types.SimpleNamespace(compute_accuracy=True), types.SimpleNamespace(use_dft_loss=True)):
+        model, _ = _load(finetuning_args=finetuning_args)
+        assert not fused_cross_entropy_enabled(model.get_base_model())
+    model, _ = _load(enable_liger_kernel=True)
+    assert not fused_cross_entropy_enabled(model.get_base_model())
+    monkeypatch.setenv("NPU_FT_LF_FUSED_LOSS", "0")
+    model, _ = _load()
+    assert not fused_cross_entropy_enabled(model.get_base_model())
+    assert counters()["fused_cross_entropy"] is False
 
 
 @pytest.mark.parametrize("kw, msg", [

@@ -11,7 +11,11 @@
    quantized for LLaMA-Factory's own guards (``quantization_method``: only LoRA/OFT, no PiSSA), lets
    LLaMA-Factory build the PEFT model as usual, then replaces the base linears by npu-ft NF4 layers
    (:func:`~.qlora.quantize_base_layers`; double quantization as configured) and converts any
-   bitsandbytes ``Linear4bit`` of a pre-quantized checkpoint (:func:`~.qlora.convert_bnb_4bit_layers`).
+   bitsandbytes ``Linear4bit`` of a pre-quantized checkpoint (:func:`~.qlora.convert_bnb_4bit_layers`);
+   for training, it also switches on npu-ft's fused linear cross-entropy on the model inside PEFT
+   (:func:`npu_ft.modules.fused_loss.enable_fused_cross_entropy`: the same loss without the
+   ``[tokens, vocab]`` logits) unless ``NPU_FT_LF_FUSED_LOSS=0`` or a LLaMA-Factory option needs the
+   training logits (:data:`LOGIT_OPTIONS`, Liger kernels).
 
 Nothing else of LLaMA-Factory changes: its arguments, data, Trainer, callbacks and adapter saving
 (PEFT ``adapter_model.safetensors`` + ``adapter_config.json``) are its own.
@@ -41,6 +45,8 @@ __all__ = [
     "ENV_COUNTERS",
     "ENV_ENABLE",
     "ENV_FALLBACK",
+    "ENV_FUSED_LOSS",
+    "LOGIT_OPTIONS",
     "NpuFtLlamaFactoryError",
     "SUPPORTED_LF_VERSIONS",
     "SUPPORTED_MODEL_TYPES",
@@ -61,10 +67,13 @@ SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
 ENV_ENABLE = "NPU_FT_LLAMAFACTORY"
 ENV_FALLBACK = "NPU_FT_LF_FALLBACK"
 ENV_COUNTERS = "NPU_FT_LF_COUNTERS"
+ENV_FUSED_LOSS = "NPU_FT_LF_FUSED_LOSS"
+#: LLaMA-Factory finetuning options whose loss or metrics read the training logits: no fused loss
+LOGIT_OPTIONS = ("use_asft_loss", "use_dft_loss", "use_eaft_loss", "compute_accuracy")
 
 _TRUE = ("1", "true", "yes", "on")
 _STATE = {"applied": False, "fallback": False, "unpatched_reason": None, "quantized": 0, "converted": 0,
-          "model_type": None, "counters_hook": False}
+          "model_type": None, "counters_hook": False, "fused_cross_entropy": None}
 
 
 class NpuFtLlamaFactoryError(RuntimeError):
@@ -168,6 +177,31 @@ def _quantize_device():
         return None
 
 
+def _fused_loss_blocker(model_args, finetuning_args) -> str | None:
+    """Why LLaMA-Factory's run must keep transformers' loss (None: the fused loss may be used)."""
+    if os.environ.get(ENV_FUSED_LOSS, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"{ENV_FUSED_LOSS}=0"
+    if getattr(model_args, "enable_liger_kernel", False):
+        return "enable_liger_kernel (Liger's own fused loss)"
+    for name in LOGIT_OPTIONS:
+        if getattr(finetuning_args, name, False):
+            return f"{name} reads the training logits"
+    return None
+
+
+def _enable_fused_loss(model, model_args, finetuning_args) -> bool:
+    """Switch on npu-ft's fused linear cross-entropy on the causal LM inside LLaMA-Factory's
+    (PEFT) model; logs and returns whether it is on."""
+    reason = _fused_loss_blocker(model_args, finetuning_args)
+    if reason is not None:
+        logger.info("npu-ft fused cross-entropy off: %s", reason)
+        return False
+    from npu_ft.modules.fused_loss import enable_fused_cross_entropy
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return enable_fused_cross_entropy(inner)
+
+
 def _wrap_init_adapter(original, fallback: bool):
     @functools.wraps(original)
     def init_adapter(config, model, model_args, finetuning_args, is_trainable):
@@ -196,6 +230,8 @@ def _wrap_init_adapter(original, fallback: bool):
             _STATE["converted"] += len(converted)
             if converted:
                 print(f"[npu-ft] converted {len(converted)} bitsandbytes Linear4bit layers to npu-ft NF4", file=sys.stderr)
+            if is_trainable:
+                _STATE["fused_cross_entropy"] = _enable_fused_loss(model, model_args, finetuning_args)
         return model
 
     init_adapter.__npu_ft_patched__ = True
@@ -232,6 +268,7 @@ def apply_npu_ft_to_llamafactory(fallback: bool | None = None) -> dict:
 
 def counters() -> dict:
     """npu-ft op kernel calls + plugin counters (what ran where), JSON-ready."""
+    from npu_ft.modules.fused_loss import CALLS as fused_loss_calls
     from npu_ft.ops import kernel_calls
 
     ops = ("lora_linear", "lora_linear_backward", "nf4_linear", "nf4_linear_backward")
@@ -243,6 +280,8 @@ def counters() -> dict:
         "model_type": _STATE["model_type"],
         "nf4_layers": _STATE["quantized"],
         "bnb_layers_converted": _STATE["converted"],
+        "fused_cross_entropy": _STATE["fused_cross_entropy"],
+        "fused_loss_calls": dict(fused_loss_calls),
         "torch": torch.__version__,
     }
 

@@ -144,6 +144,8 @@ def test_lora_same_loss_via_env_hook(work):
     assert sum(c["kernel_calls"]["lora_linear"].values()) == 56, c
     assert sum(c["kernel_calls"]["lora_linear_backward"].values()) == 56, c
     assert c["plugin"].get("fallback", 0) == 0, c
+    # the loss of every step went through npu-ft's fused linear cross-entropy
+    assert c["fused_cross_entropy"] is True and c["fused_loss_calls"] == {"fused": 4}, c
     _assert_same_adapter_files(work, "lora_ref", "lora_npu_ft")
 
 
@@ -159,6 +161,7 @@ def test_qlora_same_loss_via_lf_train(work):
     assert sum(c["kernel_calls"]["nf4_linear"].values()) == 56, c
     assert sum(c["kernel_calls"]["nf4_linear_backward"].values()) == 56, c
     assert not c["kernel_calls"]["lora_linear"], c
+    assert c["fused_cross_entropy"] is True and c["fused_loss_calls"] == {"fused": 4}, c
     _assert_same_adapter_files(work, "qlora_ref", "qlora_npu_ft")
 
 
