@@ -276,10 +276,7 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
     set_seed(int(cfg.seed))
     model = prepare_model(cfg, device, dtype)
     trainer_kwargs = dict(trainer_kwargs or {})
-    if enable_fused_loss(cfg, model):
-        # the model's (patched) forward computes the loss; the trainer's own label-only head path
-        # would bypass it
-        trainer_kwargs.setdefault("label_logits_only", False)
+    enable_fused_loss(cfg, model)
 
     # 5. trainer
     changes: dict[str, Any] = {"output_dir": cfg.output_dir}

@@ -11,16 +11,9 @@ What is changed:
 * **Atomic checkpoints.** ``checkpoint-N`` is written completely into ``tmp-checkpoint-N`` and then
   renamed (:func:`npu_ft.train.checkpoint.atomic_publish`), so a kill while saving never leaves a
   half-written ``checkpoint-N`` for ``resume_from_checkpoint: true`` to pick.
-* **Logits only where there are labels.** With a plain (single-process, unwrapped) causal LM the
-  loss runs the decoder, then the output head only on the positions whose next token has a label,
-  then the same cross-entropy as transformers' ``ForCausalLMLoss`` (sum / ``num_items_in_batch``
-  under gradient accumulation, else mean). SFT prompts are mostly label -100, and a Qwen head has
-  151,936 rows, so this saves most of the head's time and the (tokens x vocab) logits memory. The
-  loss is the same number (``label_logits_only=False`` turns it off; wrapped models -- DDP,
-  DeepSpeed -- always use the model's own loss). ``run_sft`` uses this path only with
-  ``fused_cross_entropy: false``; by default the model's own forward is patched with the chunked
-  fused linear cross-entropy (:mod:`npu_ft.modules.fused_loss`), which does the same and more, and
-  also works under DDP/DeepSpeed.
+* **Loss.** Unchanged: the model's own. ``run_sft`` patches the model's forward with the chunked
+  fused linear cross-entropy (:mod:`npu_ft.modules.fused_loss`, ``fused_cross_entropy``), which runs
+  the output head only on labelled positions; with it off, transformers' loss runs as it is.
 * **NaN/inf guard.** Every micro-batch loss is checked after backward and before the optimizer
   step; a non-finite loss raises :class:`~npu_ft.train.callbacks.NonFiniteLossError` naming the
   step, so the bad update never reaches the weights and no checkpoint of it is written.
@@ -61,10 +54,8 @@ class SftTrainer(Trainer):
         save_adapter: AdapterSaver | None = None,
         load_adapter: AdapterLoader | None = None,
         nan_guard: NonFiniteLossGuard | None = None,
-        label_logits_only: bool = True,
         **kwargs: Any,
     ) -> None:
-        self.label_logits_only = label_logits_only
         self._adapter_saver = save_adapter
         self._adapter_loader = load_adapter
         self.nan_guard = nan_guard or NonFiniteLossGuard()
@@ -73,40 +64,6 @@ class SftTrainer(Trainer):
         if not any(cb is self.nan_guard for cb in callbacks):
             callbacks.append(self.nan_guard)
         super().__init__(*args, callbacks=callbacks, **kwargs)
-
-    # -- loss --------------------------------------------------------------------------------
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        core = model
-        usable = (
-            self.label_logits_only
-            and not return_outputs
-            and "labels" in inputs
-            and self.label_smoother is None
-            and self.compute_loss_func is None
-            and core is self.model  # not wrapped by DDP / DeepSpeed / FSDP
-            and hasattr(core, "get_decoder")
-            and core.get_output_embeddings() is not None
-            and set(inputs) <= {"input_ids", "attention_mask", "position_ids", "labels"}
-        )
-        if not usable:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        labels = inputs["labels"]
-        features = {k: v for k, v in inputs.items() if k != "labels"}
-        hidden = core.get_decoder()(**features, use_cache=False).last_hidden_state
-        shift_labels = labels[:, 1:]
-        keep = shift_labels != -100
-        logits = core.get_output_embeddings()(hidden[:, :-1][keep]).float()
-        targets = shift_labels[keep].to(logits.device)
-        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
-            loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-            if torch.is_tensor(num_items_in_batch):
-                num_items_in_batch = num_items_in_batch.to(loss.device)
-            loss = loss / num_items_in_batch
-        else:
-            loss = torch.nn.functional.cross_entropy(logits, targets, reduction="mean")
-        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes
-        return loss
 
     # -- NaN / inf guard ---------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -1,8 +1,8 @@
 """Loss parity with the reference path LLaMA-Factory uses: transformers ``Trainer`` + PEFT
 (+ bitsandbytes 4-bit for QLoRA) on the same tokens, seed and arguments, fp32, every step of 20.
 
-npu-ft side: ``run_sft`` (our LoraLinear / Nf4Linear modules and fused ops, our trainer with
-label-only logits). Reference side: ``AutoModelForCausalLM`` + ``peft.get_peft_model`` and a plain
+npu-ft side: ``run_sft`` (our LoraLinear / Nf4Linear modules and fused ops, the fused linear
+cross-entropy). Reference side: ``AutoModelForCausalLM`` + ``peft.get_peft_model`` and a plain
 ``transformers.Trainer``. Tolerances (relative, per step): 1e-4 LoRA and full, 1e-3 QLoRA.
 """
 
