@@ -15,6 +15,8 @@ forward pass and what it recomputes in the backward pass.
   1024 tokens over 24 layers. The numerics are unchanged: the same kernels produce the same values.
 
 The policy needs non-reentrant checkpointing (``torch.utils.checkpoint(..., use_reentrant=False)``).
+An attention kernel not in :data:`_ATTENTION_OPS` (e.g. torch_npu's ``npu_fusion_attention``, or
+an eager ``matmul``/``softmax`` attention) is simply recomputed: the same values, less speed-up.
 """
 
 from __future__ import annotations
