@@ -16,12 +16,12 @@ VOCAB = 211
 LAYERS = 3
 
 
-def _model(method: str, policy: str | None):
+def _model(method: str, policy: str | None, dropout: float = 0.0):
     cfg = tiny_config("qwen2", hidden_size=48, layers=LAYERS, heads=4, kv_heads=2, intermediate=80, vocab=VOCAB)
     cfg.update(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = model_from_config(cfg, dtype=torch.float32, seed=0)
     if method == "lora":
-        apply_lora(model, "all", r=4, alpha=8)
+        apply_lora(model, "all", r=4, alpha=8, dropout=dropout)
     elif method == "qlora":
         apply_qlora(model, "all", r=4, alpha=8, compute_dtype=torch.float32)
     else:
@@ -63,6 +63,20 @@ def test_selective_matches_full_and_no_checkpointing(method):
         assert grads.keys() == grads0.keys()
         for name, g in grads.items():
             torch.testing.assert_close(g, grads0[name], rtol=1e-5, atol=1e-6, msg=f"{policy}: grad of {name}")
+
+
+def test_selective_with_lora_dropout_replays_the_same_masks():
+    """Dropout's random masks are drawn again in the recomputation from the saved RNG state: the
+    gradients equal those of the run without checkpointing (same seed)."""
+    results = {}
+    for policy in (None, "full", "selective"):
+        model = _model("lora", policy, dropout=0.3)
+        torch.manual_seed(11)
+        results[policy] = _loss_and_grads(model)
+    for policy in ("full", "selective"):
+        torch.testing.assert_close(results[policy][0], results[None][0], rtol=1e-6, atol=1e-6)
+        for name, g in results[policy][1].items():
+            torch.testing.assert_close(g, results[None][1][name], rtol=1e-5, atol=1e-6, msg=f"{policy}: {name}")
 
 
 @pytest.mark.parametrize("method, op", [("lora", "lora_linear"), ("qlora", "nf4_linear")])
