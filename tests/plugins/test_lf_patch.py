@@ -29,6 +29,13 @@ def configure_quantization(config, tokenizer, model_args, is_trainable, init_kwa
     init_kwargs["quantization_config"] = "bitsandbytes would be used"
 '''
 
+FAKE_CHECKPOINTING = '''
+CALLS = []
+def _gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, use_unsloth_gc=False):
+    CALLS.append((gradient_checkpointing_kwargs, use_unsloth_gc))
+    self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+'''
+
 
 @pytest.fixture
 def fake_lf(tmp_path, monkeypatch):
@@ -40,6 +47,9 @@ def fake_lf(tmp_path, monkeypatch):
         (pkg / "__init__.py").write_text("")
         (pkg / "loader.py").write_text(textwrap.dedent(FAKE_LOADER))
         (pkg / "patcher.py").write_text(textwrap.dedent(FAKE_PATCHER))
+        (pkg / "model_utils").mkdir()
+        (pkg / "model_utils" / "__init__.py").write_text("")
+        (pkg / "model_utils" / "checkpointing.py").write_text(textwrap.dedent(FAKE_CHECKPOINTING))
         dist = root / f"llamafactory-{version}.dist-info"
         dist.mkdir()
         (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: llamafactory\nVersion: {version}\n")
@@ -134,6 +144,37 @@ def test_fused_loss_on_the_model_inside_peft(fake_lf, monkeypatch):
     model, _ = _load()
     assert not fused_cross_entropy_enabled(model.get_base_model())
     assert counters()["fused_cross_entropy"] is False
+
+
+def test_checkpoint_policy_from_env(fake_lf, monkeypatch):
+    fake_lf("0.9.5")
+    from npu_ft_llamafactory import apply_npu_ft_to_llamafactory, counters
+    from npu_ft_llamafactory.lf_patch import NpuFtLlamaFactoryError
+
+    apply_npu_ft_to_llamafactory(fallback=False)
+    from llamafactory.model.model_utils import checkpointing
+
+    model, _ = _load()
+    checkpointing._gradient_checkpointing_enable(model.get_base_model(), {"use_reentrant": True})
+    assert checkpointing.CALLS[-1] == ({"use_reentrant": True}, False)  # unset: LLaMA-Factory's own
+    assert counters()["checkpoint_policy"] == "full"
+    monkeypatch.setenv("NPU_FT_LF_CHECKPOINT_POLICY", "selective")
+    checkpointing._gradient_checkpointing_enable(model.get_base_model(), {"use_reentrant": True})
+    kwargs, _ = checkpointing.CALLS[-1]
+    assert kwargs["use_reentrant"] is False and callable(kwargs["context_fn"])
+    assert counters()["checkpoint_policy"] == "selective"
+    ids = torch.randint(0, 97, (2, 6))
+    from npu_ft.ops import kernel_calls, reset_kernel_calls
+
+    model.train()
+    reset_kernel_calls()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert sum(kernel_calls("lora_linear").values()) == 2  # q_proj, v_proj once each: not rerun
+    with pytest.raises(NpuFtLlamaFactoryError, match="cannot be combined with use_unsloth_gc"):
+        checkpointing._gradient_checkpointing_enable(model.get_base_model(), None, True)
+    monkeypatch.setenv("NPU_FT_LF_CHECKPOINT_POLICY", "most")
+    with pytest.raises(NpuFtLlamaFactoryError, match="NPU_FT_LF_CHECKPOINT_POLICY='most': expected one of full, selective"):
+        checkpointing._gradient_checkpointing_enable(model.get_base_model(), None)
 
 
 @pytest.mark.parametrize("kw, msg", [

@@ -15,7 +15,11 @@
    for training, it also switches on npu-ft's fused linear cross-entropy on the model inside PEFT
    (:func:`npu_ft.modules.fused_loss.enable_fused_cross_entropy`: the same loss without the
    ``[tokens, vocab]`` logits) unless ``NPU_FT_LF_FUSED_LOSS=0`` or a LLaMA-Factory option needs the
-   training logits (:data:`LOGIT_OPTIONS`, Liger kernels).
+   training logits (:data:`LOGIT_OPTIONS`, Liger kernels);
+5. wraps ``llamafactory.model.model_utils.checkpointing._gradient_checkpointing_enable`` so that
+   ``NPU_FT_LF_CHECKPOINT_POLICY=selective`` checkpoints with npu-ft's selective policy
+   (:mod:`npu_ft.modules.checkpointing`: GEMM outputs kept, not recomputed); unset or ``full``:
+   LLaMA-Factory's own checkpointing, unchanged.
 
 Nothing else of LLaMA-Factory changes: its arguments, data, Trainer, callbacks and adapter saving
 (PEFT ``adapter_model.safetensors`` + ``adapter_config.json``) are its own.
@@ -45,6 +49,7 @@ __all__ = [
     "ENV_COUNTERS",
     "ENV_ENABLE",
     "ENV_FALLBACK",
+    "ENV_CHECKPOINT_POLICY",
     "ENV_FUSED_LOSS",
     "LOGIT_OPTIONS",
     "NpuFtLlamaFactoryError",
@@ -68,12 +73,13 @@ ENV_ENABLE = "NPU_FT_LLAMAFACTORY"
 ENV_FALLBACK = "NPU_FT_LF_FALLBACK"
 ENV_COUNTERS = "NPU_FT_LF_COUNTERS"
 ENV_FUSED_LOSS = "NPU_FT_LF_FUSED_LOSS"
+ENV_CHECKPOINT_POLICY = "NPU_FT_LF_CHECKPOINT_POLICY"
 #: LLaMA-Factory finetuning options whose loss or metrics read the training logits: no fused loss
 LOGIT_OPTIONS = ("use_asft_loss", "use_dft_loss", "use_eaft_loss", "compute_accuracy")
 
 _TRUE = ("1", "true", "yes", "on")
 _STATE = {"applied": False, "fallback": False, "unpatched_reason": None, "quantized": 0, "converted": 0,
-          "model_type": None, "counters_hook": False, "fused_cross_entropy": None}
+          "model_type": None, "counters_hook": False, "fused_cross_entropy": None, "checkpoint_policy": None}
 
 
 class NpuFtLlamaFactoryError(RuntimeError):
@@ -238,6 +244,51 @@ def _wrap_init_adapter(original, fallback: bool):
     return init_adapter
 
 
+def checkpoint_policy() -> str:
+    """The checkpointing policy ``NPU_FT_LF_CHECKPOINT_POLICY`` asks for (default ``full``)."""
+    from npu_ft.modules.checkpointing import POLICIES
+
+    value = os.environ.get(ENV_CHECKPOINT_POLICY, "").strip().lower() or "full"
+    if value not in POLICIES:
+        raise NpuFtLlamaFactoryError(f"{ENV_CHECKPOINT_POLICY}={value!r}: expected one of {', '.join(POLICIES)}")
+    return value
+
+
+def _wrap_gradient_checkpointing_enable(original):
+    @functools.wraps(original)
+    def _gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, use_unsloth_gc=False):
+        policy = checkpoint_policy()
+        if policy != "full" and peft_patch.is_enabled():
+            if use_unsloth_gc:
+                raise NpuFtLlamaFactoryError(f"{ENV_CHECKPOINT_POLICY}={policy} cannot be combined with use_unsloth_gc")
+            from npu_ft.modules.checkpointing import checkpointing_kwargs
+
+            gradient_checkpointing_kwargs = checkpointing_kwargs(policy)
+            print(f"[npu-ft] gradient checkpointing: {policy} policy", file=sys.stderr)
+        else:
+            policy = "full"
+        _STATE["checkpoint_policy"] = policy
+        return original(self, gradient_checkpointing_kwargs, use_unsloth_gc)
+
+    _gradient_checkpointing_enable.__npu_ft_patched__ = True
+    return _gradient_checkpointing_enable
+
+
+def _patch_checkpointing(fallback: bool) -> None:
+    """Install :func:`_wrap_gradient_checkpointing_enable` (LLaMA-Factory looks the function up in its
+    module when it prepares the model, so replacing the module attribute is enough)."""
+    try:
+        from llamafactory.model.model_utils import checkpointing
+    except ImportError as exc:
+        if checkpoint_policy() != "full":
+            _unpatchable(f"{ENV_CHECKPOINT_POLICY} is set but LLaMA-Factory's checkpointing module is "
+                         f"missing ({exc})", fallback)
+        return
+    current = checkpointing._gradient_checkpointing_enable
+    if not getattr(current, "__npu_ft_patched__", False):
+        checkpointing._gradient_checkpointing_enable = _wrap_gradient_checkpointing_enable(current)
+
+
 # --------------------------------------------------------------------------------------------------
 
 def apply_npu_ft_to_llamafactory(fallback: bool | None = None) -> dict:
@@ -261,6 +312,7 @@ def apply_npu_ft_to_llamafactory(fallback: bool | None = None) -> dict:
         patcher.configure_quantization = _wrap_configure_quantization(patcher.configure_quantization, fallback)
     if not getattr(loader.init_adapter, "__npu_ft_patched__", False):
         loader.init_adapter = _wrap_init_adapter(loader.init_adapter, fallback)
+    _patch_checkpointing(fallback)
     _STATE["applied"] = True
     install_counters_hook()
     return {"patched": True, "llamafactory": version, "peft_classes": classes}
@@ -282,6 +334,7 @@ def counters() -> dict:
         "bnb_layers_converted": _STATE["converted"],
         "fused_cross_entropy": _STATE["fused_cross_entropy"],
         "fused_loss_calls": dict(fused_loss_calls),
+        "checkpoint_policy": _STATE["checkpoint_policy"],
         "torch": torch.__version__,
     }
 

@@ -149,6 +149,23 @@ def test_lora_same_loss_via_env_hook(work):
     _assert_same_adapter_files(work, "lora_ref", "lora_npu_ft")
 
 
+def test_lora_selective_checkpointing_via_env(work):
+    """LLaMA-Factory with checkpointing on and NPU_FT_LF_CHECKPOINT_POLICY=selective: the same losses
+    as its unpatched run without checkpointing, and no linear runs twice (full would rerun all 56)."""
+    if not (work / "lora_ref" / "trainer_log.jsonl").exists():
+        _run(work, "lora_ref", [LF_CLI, "train"])
+    counters = work / "lora_selective_counters.json"
+    proc = _run(work, "lora_selective", [LF_CLI, "train"], ["disable_gradient_checkpointing=false"],
+                env=_env(NPU_FT_LLAMAFACTORY="1", NPU_FT_LF_CHECKPOINT_POLICY="selective",
+                         NPU_FT_LF_COUNTERS=str(counters)))
+    assert "[npu-ft] gradient checkpointing: selective policy" in proc.stderr
+    _assert_same_losses(_losses(work, "lora_ref"), _losses(work, "lora_selective"), 1e-4)
+    c = _counters(counters)
+    assert c["checkpoint_policy"] == "selective", c
+    assert sum(c["kernel_calls"]["lora_linear"].values()) == 56, c
+    assert sum(c["kernel_calls"]["lora_linear_backward"].values()) == 56, c
+
+
 def test_qlora_same_loss_via_lf_train(work):
     """LLaMA-Factory + bitsandbytes 4-bit (CPU) vs `npu-ft lf-train` (npu-ft NF4, no bitsandbytes)."""
     _run(work, "qlora_ref", [LF_CLI, "train"], ["quantization_bit=4"])
