@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from npu_ft.modules.checkpointing import POLICIES
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
@@ -23,7 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("case")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--checkpoint-policy", choices=("full", "selective"), default=None)
+    p.add_argument("--checkpoint-policy", choices=POLICIES, default=None)
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args(argv)
     from npu_ft.bench import impls, load_suite

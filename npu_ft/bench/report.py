@@ -171,8 +171,8 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 def _policy_suffix(row: dict) -> str:
     """" (selective checkpointing)" for a row that ran a non-default npu-ft checkpointing policy."""
-    policy = row.get("checkpoint_policy") or "full"
-    return "" if policy == "full" or not row.get("gradient_checkpointing") else f" ({policy} checkpointing)"
+    policy = _gc_cell(row)
+    return "" if policy in ("off", "full") else f" ({policy} checkpointing)"
 
 
 def _npu_ft_label(row: dict) -> str:
@@ -181,7 +181,7 @@ def _npu_ft_label(row: dict) -> str:
 
 def _gc_cell(row: dict) -> str:
     """The markdown "gc" cell: off, or the checkpointing policy that ran."""
-    if not row.get("gradient_checkpointing") or row["gradient_checkpointing"] in ("False", "false"):
+    if not row.get("gradient_checkpointing"):
         return "off"
     return row.get("checkpoint_policy") or "full"
 

@@ -225,7 +225,6 @@ def _check_settings(path, prefix, raw: dict) -> dict:
         if key == "checkpoint_policy":
             out[key] = _check_policy(path, where, value)
             continue
-        _check_type(path, where, value, types)
         if key in ("seq_len", "batch_size", "steps", "data_pool") and value < 1:
             raise SuiteError(f"{_where(path, where)} must be >= 1, got {value}")
         if key in ("warmup", "seed") and value < 0:
