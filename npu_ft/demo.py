@@ -79,7 +79,7 @@ def _held_out(model_dir: Path):
                                             cutoff_len=64), tokenizer)
     records = json.loads((ASSETS / "demo_test.json").read_text(encoding="utf-8"))
     out = []
-    for item, rec in zip(items, records):
+    for item, rec in zip(items, records, strict=False):
         first = next(i for i, label in enumerate(item["labels"]) if label != -100)
         target = [t for t in item["labels"][first:] if t != -100]
         answer = target[: target.index(IM_END)] if IM_END in target else target

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 
@@ -157,7 +157,8 @@ def _nf4_linear(device, dtype):
     absmax = state.absmax_fp32()
 
     def ref_fn(x, lora_A, lora_B, bias, scaling):
-        y, _ = lora.nf4_linear_reference(x, packed, absmax, _BLOCKSIZE, list(_W_SHAPE), bias, lora_A, lora_B, scaling, None)
+        y, _ = lora.nf4_linear_reference(x, packed, absmax, _BLOCKSIZE, list(_W_SHAPE), bias, lora_A, lora_B,
+                                         scaling, None)
         return y
 
     dev_packed, dev_state = packed.to(device), state.to(device)
@@ -166,7 +167,10 @@ def _nf4_linear(device, dtype):
         return lora.nf4_linear(x, dev_packed, dev_state, bias, lora_A, lora_B, scaling)
 
     return _compare_grads(
-        device, dtype, op_fn, ref_fn,
+        device,
+        dtype,
+        op_fn,
+        ref_fn,
         trainable={"x": t["x"], "lora_A": t["lora_A"], "lora_B": t["lora_B"]},
         fixed={"bias": t["bias"], "scaling": 2.0},
         grad=t["grad"],
@@ -192,8 +196,9 @@ def _linear_cross_entropy(device, dtype):
     def op_fn(hidden, weight):  # labels stay integer, on the device
         return linear_cross_entropy(hidden, weight, labels.to(hidden.device), chunk_rows=_CE_CHUNK)
 
-    return _compare_grads(device, dtype, op_fn, ref_fn, trainable={"hidden": hidden, "weight": weight},
-                          fixed={}, grad=torch.tensor(1.0))
+    return _compare_grads(
+        device, dtype, op_fn, ref_fn, trainable={"hidden": hidden, "weight": weight}, fixed={}, grad=torch.tensor(1.0)
+    )
 
 
 def build_checks(dtypes=(torch.float32, torch.bfloat16)) -> list[Check]:
@@ -203,14 +208,34 @@ def build_checks(dtypes=(torch.float32, torch.bfloat16)) -> list[Check]:
         checks += [
             Check("nf4_quantize", dtype, f"{shape_w} bs{_BLOCKSIZE}", _nf4_quantize, ("nf4_quantize",), exact=True),
             Check("nf4_dequantize", dtype, f"{shape_w} bs{_BLOCKSIZE}", _nf4_dequantize, ("nf4_dequantize",)),
-            Check("blockwise_8bit", dtype, "1000 bs256", _blockwise_8bit,
-                  ("quantize_blockwise_8bit", "dequantize_blockwise_8bit")),
-            Check("lora_linear fwd+bwd", dtype, f"x {shape_x} W {shape_w} r{_RANK}", _lora_linear,
-                  ("lora_linear", "lora_linear_backward")),
-            Check("nf4_linear fwd+bwd", dtype, f"x {shape_x} W {shape_w} r{_RANK} dq", _nf4_linear,
-                  ("nf4_linear", "nf4_linear_backward")),
-            Check("linear_cross_entropy fwd+bwd", dtype, f"h {_CE_N}x{_CE_H} W {_CE_V}x{_CE_H} chunk{_CE_CHUNK}",
-                  _linear_cross_entropy, ()),
+            Check(
+                "blockwise_8bit",
+                dtype,
+                "1000 bs256",
+                _blockwise_8bit,
+                ("quantize_blockwise_8bit", "dequantize_blockwise_8bit"),
+            ),
+            Check(
+                "lora_linear fwd+bwd",
+                dtype,
+                f"x {shape_x} W {shape_w} r{_RANK}",
+                _lora_linear,
+                ("lora_linear", "lora_linear_backward"),
+            ),
+            Check(
+                "nf4_linear fwd+bwd",
+                dtype,
+                f"x {shape_x} W {shape_w} r{_RANK} dq",
+                _nf4_linear,
+                ("nf4_linear", "nf4_linear_backward"),
+            ),
+            Check(
+                "linear_cross_entropy fwd+bwd",
+                dtype,
+                f"h {_CE_N}x{_CE_H} W {_CE_V}x{_CE_H} chunk{_CE_CHUNK}",
+                _linear_cross_entropy,
+                (),
+            ),
         ]
     return checks
 
@@ -248,22 +273,38 @@ def run_check(check: Check, device: torch.device) -> CheckResult:
             scale = float(reference.abs().max()) if reference.numel() else 0.0
             worst = max(worst, err)
             passed &= err <= atol + rtol * scale
-        return CheckResult(check.op, _dtype_name(check.dtype), check.shape, _kernel_summary(check.kernel_ops),
-                           worst, tolerance, passed)
+        return CheckResult(
+            check.op, _dtype_name(check.dtype), check.shape, _kernel_summary(check.kernel_ops), worst, tolerance, passed
+        )
     except Exception as exc:  # noqa: BLE001 - a failing op is a table row, not a crash
-        return CheckResult(check.op, _dtype_name(check.dtype), check.shape, _kernel_summary(check.kernel_ops),
-                           float("nan"), tolerance, False, f"{type(exc).__name__}: {exc}")
+        return CheckResult(
+            check.op,
+            _dtype_name(check.dtype),
+            check.shape,
+            _kernel_summary(check.kernel_ops),
+            float("nan"),
+            tolerance,
+            False,
+            f"{type(exc).__name__}: {exc}",
+        )
 
 
 def format_table(results: list[CheckResult]) -> str:
     header = ["op", "dtype", "shape", "kernel", "max abs error", "tolerance", "result"]
     rows = [
-        [r.op, r.dtype, r.shape, r.kernel, f"{r.max_abs_error:.3g}", r.tolerance,
-         "PASS" if r.passed else f"FAIL {r.error}".strip()]
+        [
+            r.op,
+            r.dtype,
+            r.shape,
+            r.kernel,
+            f"{r.max_abs_error:.3g}",
+            r.tolerance,
+            "PASS" if r.passed else f"FAIL {r.error}".strip(),
+        ]
         for r in results
     ]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
@@ -283,8 +324,12 @@ def doctor_main(argv: list[str]) -> int:
     env = environment_report(backend.name)
     print(f"npu-ft doctor on {backend.name} ({backend.device_name()}), device {device}")
     print("packages: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v))
-    print("kernels registered: " + ", ".join(
-        f"{name}={'yes' if why is None else 'no (' + why + ')'}" for name, why in ops.BACKEND_STATUS.items()))
+    print(
+        "kernels registered: "
+        + ", ".join(
+            f"{name}={'yes' if why is None else 'no (' + why + ')'}" for name, why in ops.BACKEND_STATUS.items()
+        )
+    )
     print()
     dtypes = tuple(DTYPES[d] for d in (args.dtype or ["fp32", "bf16"]))
     results = [run_check(check, device) for check in build_checks(dtypes)]

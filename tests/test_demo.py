@@ -5,8 +5,8 @@ glibc's malloc thresholds for itself). Its result is deterministic on a given ma
 CPU): with the defaults it goes from 0% to ~97% exact match on the held-out sentences (animal
 100%, colour 90%, verb 100%). Another CPU / BLAS rounds differently and takes another trajectory;
 the colour question is the one that is learned last (35% at 800 steps, 90% at 1000 here), so the
-thresholds leave room there without letting a demo that does not learn pass. The 3-minute budget is checked by hand and in docs/training.md, not here (timing on shared CI
-machines is noise).
+thresholds leave room there without letting a demo that does not learn pass. The 3-minute budget is
+checked by hand and in docs/training.md, not here (timing on shared CI machines is noise).
 """
 
 from __future__ import annotations
@@ -31,9 +31,19 @@ def _share(cell: str) -> float:
 
 @pytest.mark.slow
 def test_demo_learns_from_zero(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", "import sys; from npu_ft.cli import main; sys.exit(main())",
-                           "demo", "--output-dir", str(tmp_path / "demo")],
-                          capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from npu_ft.cli import main; sys.exit(main())",
+            "demo",
+            "--output-dir",
+            str(tmp_path / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr[-3000:]
     loss_before, loss_after = map(float, _row(out, "held-out loss (target tokens)"))

@@ -17,7 +17,7 @@ import sys
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 sys.path.insert(0, os.path.dirname(__file__))
 
-from ratios import ratio_rows, format_rows  # noqa: E402
+from ratios import format_rows, ratio_rows  # noqa: E402
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

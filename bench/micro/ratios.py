@@ -49,8 +49,15 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     with open(argv[0]) as f:
         data = json.load(f)
-    records = [{"group": b["group"], "name": b["name"].split("[")[0].replace("test_", ""), "median": b["stats"]["median"],
-                "extra_info": b.get("extra_info", {})} for b in data["benchmarks"]]
+    records = [
+        {
+            "group": b["group"],
+            "name": b["name"].split("[")[0].replace("test_", ""),
+            "median": b["stats"]["median"],
+            "extra_info": b.get("extra_info", {}),
+        }
+        for b in data["benchmarks"]
+    ]
     print(format_rows(ratio_rows(records)))
     return 0
 

@@ -29,8 +29,13 @@ def _pair(in_f, out_f):
     base = nn.Linear(in_f, out_f, bias=True)
     ours = LoraLinear(nn.Linear(in_f, out_f, bias=True), r=R, lora_alpha=ALPHA)
     ours.base_layer.load_state_dict(base.state_dict())
-    theirs = peft_layer.Linear(nn.Linear(in_f, out_f, bias=True), adapter_name="default", config=LoraConfig(r=R, lora_alpha=ALPHA),
-                               r=R, lora_alpha=ALPHA)
+    theirs = peft_layer.Linear(
+        nn.Linear(in_f, out_f, bias=True),
+        adapter_name="default",
+        config=LoraConfig(r=R, lora_alpha=ALPHA),
+        r=R,
+        lora_alpha=ALPHA,
+    )
     theirs.base_layer.load_state_dict(base.state_dict())
     g = torch.Generator().manual_seed(1)
     a = torch.randn(R, in_f, generator=g) * 0.02

@@ -54,12 +54,27 @@ def to_markdown(df, a_name: str, b_name: str) -> str:
             return str(v)
 
     for _, r in df.iterrows():
-        lines.append("| " + " | ".join([
-            str(r["model"]), str(r["method"]), str(r["implementation"]), str(r["dtype"]),
-            f"{r['seq_len']}×{r['batch_size']}", str(r["gradient_checkpointing"]),
-            f"{r.get('device_a', '-')}→{r.get('device_b', '-')}",
-            f(r.get("tokens_per_s_a")), f(r.get("tokens_per_s_b")), f(r.get("tokens_per_s_ratio"), ".2f") + "×",
-            f(r.get("peak_mem_mib_a"), ".0f"), f(r.get("peak_mem_mib_b"), ".0f"), f(r.get("peak_mem_mib_ratio"), ".2f") + "×",
-            f(r.get("loss_last_a"), ".4f"), f(r.get("loss_last_b"), ".4f"),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    str(r["model"]),
+                    str(r["method"]),
+                    str(r["implementation"]),
+                    str(r["dtype"]),
+                    f"{r['seq_len']}×{r['batch_size']}",
+                    str(r["gradient_checkpointing"]),
+                    f"{r.get('device_a', '-')}→{r.get('device_b', '-')}",
+                    f(r.get("tokens_per_s_a")),
+                    f(r.get("tokens_per_s_b")),
+                    f(r.get("tokens_per_s_ratio"), ".2f") + "×",
+                    f(r.get("peak_mem_mib_a"), ".0f"),
+                    f(r.get("peak_mem_mib_b"), ".0f"),
+                    f(r.get("peak_mem_mib_ratio"), ".2f") + "×",
+                    f(r.get("loss_last_a"), ".4f"),
+                    f(r.get("loss_last_b"), ".4f"),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)

@@ -41,22 +41,43 @@ def lf_python() -> str:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     exe = os.environ.get(ENV_PYTHON) or str(cache / "npu_ft" / "venv-llamafactory" / "bin" / "python")
     if not Path(exe).exists():
-        raise RuntimeError(f"implementation llamafactory needs a Python with llamafactory==0.9.5: set {ENV_PYTHON} "
-                           "or build one with scripts/ci_llamafactory.sh --setup-only (~/.cache/npu_ft/venv-llamafactory)")
+        raise RuntimeError(
+            f"implementation llamafactory needs a Python with llamafactory==0.9.5: set {ENV_PYTHON} "
+            "or build one with scripts/ci_llamafactory.sh --setup-only (~/.cache/npu_ft/venv-llamafactory)"
+        )
     return exe
 
 
 def _lf_args(case, model_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     args = {
-        "model_name_or_path": str(model_dir), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+        "model_name_or_path": str(model_dir),
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "lora",
         # LLaMA-Factory wants a dataset name even when it loads the pre-tokenized one (tokenized_path)
-        "dataset": "npu_ft_bench", "dataset_dir": str(data_dir.parent), "tokenized_path": str(data_dir),
-        "template": "qwen", "cutoff_len": case.seq_len,
-        "output_dir": str(out_dir), "overwrite_output_dir": True, "logging_steps": 1, "save_strategy": "no",
-        "plot_loss": False, "report_to": "none", "per_device_train_batch_size": case.batch_size,
-        "gradient_accumulation_steps": 1, "learning_rate": case.lr, "max_steps": case.warmup + case.steps,
-        "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 0.0,
-        "optim": "adamw_torch", "seed": case.seed, "disable_shuffling": True, "dataloader_num_workers": 0,
+        "dataset": "npu_ft_bench",
+        "dataset_dir": str(data_dir.parent),
+        "tokenized_path": str(data_dir),
+        "template": "qwen",
+        "cutoff_len": case.seq_len,
+        "output_dir": str(out_dir),
+        "overwrite_output_dir": True,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "plot_loss": False,
+        "report_to": "none",
+        "per_device_train_batch_size": case.batch_size,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": case.lr,
+        "max_steps": case.warmup + case.steps,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 0.0,
+        "optim": "adamw_torch",
+        "seed": case.seed,
+        "disable_shuffling": True,
+        "dataloader_num_workers": 0,
         "disable_gradient_checkpointing": not case.gradient_checkpointing,
     }
     if case.method == "full":
@@ -64,9 +85,13 @@ def _lf_args(case, model_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     else:
         lora = case.lora
         targets = lora.get("targets", "all")
-        args.update(lora_rank=lora["r"], lora_alpha=lora["alpha"], lora_dropout=float(lora["dropout"]),
-                    lora_target=targets if isinstance(targets, str) else ",".join(targets),
-                    use_rslora=bool(lora.get("use_rslora", False)))
+        args.update(
+            lora_rank=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=float(lora["dropout"]),
+            lora_target=targets if isinstance(targets, str) else ",".join(targets),
+            use_rslora=bool(lora.get("use_rslora", False)),
+        )
         if lora.get("additional_target"):
             args["additional_target"] = ",".join(lora["additional_target"])
     if case.method == "qlora":
@@ -99,24 +124,35 @@ def run_case(case) -> dict:
         from npu_ft.model.tokenizer import load_qwen_tokenizer
 
         load_qwen_tokenizer(None, variant="qwen3" if "qwen3" in case.model else "qwen2.5").save_pretrained(
-            str(tmp / "model"))
+            str(tmp / "model")
+        )
         batches = make_batches(case, vocab)
         rows = [row.tolist() for b in batches for row in b]
         (tmp / "rows.json").write_text(json.dumps(rows))
         (tmp / "dataset_info.json").write_text(json.dumps({"npu_ft_bench": {"file_name": "rows.json"}}))
-        job = {"case": case.to_dict(), "args": _lf_args(case, tmp / "model", tmp / "data", tmp / "out"),
-               "rows": str(tmp / "rows.json"), "plugin": case.implementation == "llamafactory+npu-ft",
-               "counters": str(tmp / "counters.json")}
+        job = {
+            "case": case.to_dict(),
+            "args": _lf_args(case, tmp / "model", tmp / "data", tmp / "out"),
+            "rows": str(tmp / "rows.json"),
+            "plugin": case.implementation == "llamafactory+npu-ft",
+            "counters": str(tmp / "counters.json"),
+        }
         (tmp / "job.json").write_text(json.dumps(job))
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(_ROOT), str(_PLUGIN_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(_ROOT), str(_PLUGIN_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        )
         env.pop("NPU_FT_LLAMAFACTORY", None)  # the child patches (or not) explicitly
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("HF_DATASETS_OFFLINE", "1")
         t0 = time.perf_counter()
-        proc = subprocess.run([python, "-m", "npu_ft.bench.impl_llamafactory", str(tmp / "job.json"),
-                               str(tmp / "result.json")], env=env, capture_output=True, text=True,
-                              timeout=case.timeout_s)
+        proc = subprocess.run(
+            [python, "-m", "npu_ft.bench.impl_llamafactory", str(tmp / "job.json"), str(tmp / "result.json")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=case.timeout_s,
+        )
         (Path(tempfile.gettempdir()) / "npu_ft_lf_bench_last.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0 or not (tmp / "result.json").exists():
             tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-6:])
@@ -126,22 +162,38 @@ def run_case(case) -> dict:
         losses = [json.loads(line)["loss"] for line in log.read_text().splitlines() if '"loss"' in line]
         step_s = child["step_s"]
         if len(losses) != len(step_s) or len(step_s) != case.warmup + case.steps:
-            raise RuntimeError(f"llamafactory logged {len(losses)} losses / {len(step_s)} steps, "
-                               f"expected {case.warmup + case.steps}")
-        timed = step_s[case.warmup:]
+            raise RuntimeError(
+                f"llamafactory logged {len(losses)} losses / {len(step_s)} steps, expected {case.warmup + case.steps}"
+            )
+        timed = step_s[case.warmup :]
         tokens = case.batch_size * case.seq_len
         med = statistics.median(timed)
-        result = {"case": case.to_dict(), "device_name": child["device_name"], **_versions(),
-                  "status": "ok", "error": "", "features": child["features"],
-                  "trainable_params": child["trainable_params"], "total_params": child["total_params"],
-                  "weight_bytes": child["weight_bytes"], "build_s": child["build_s"],
-                  "peak_mem_bytes": child["peak_mem_bytes"], "mem_kind": child["mem_kind"],
-                  "baseline_mem_bytes": child["baseline_mem_bytes"],
-                  "s_per_step_median": med, "s_per_step_min": min(timed), "s_per_step_max": max(timed),
-                  "tokens_per_s": tokens / med, "tokens_per_s_min": tokens / max(timed),
-                  "tokens_per_s_max": tokens / min(timed), "losses": losses, "step_s": step_s,
-                  "wall_s": time.perf_counter() - t0, "llamafactory_versions": child["versions"],
-                  "kernel_calls": child.get("kernel_calls")}
+        result = {
+            "case": case.to_dict(),
+            "device_name": child["device_name"],
+            **_versions(),
+            "status": "ok",
+            "error": "",
+            "features": child["features"],
+            "trainable_params": child["trainable_params"],
+            "total_params": child["total_params"],
+            "weight_bytes": child["weight_bytes"],
+            "build_s": child["build_s"],
+            "peak_mem_bytes": child["peak_mem_bytes"],
+            "mem_kind": child["mem_kind"],
+            "baseline_mem_bytes": child["baseline_mem_bytes"],
+            "s_per_step_median": med,
+            "s_per_step_min": min(timed),
+            "s_per_step_max": max(timed),
+            "tokens_per_s": tokens / med,
+            "tokens_per_s_min": tokens / max(timed),
+            "tokens_per_s_max": tokens / min(timed),
+            "losses": losses,
+            "step_s": step_s,
+            "wall_s": time.perf_counter() - t0,
+            "llamafactory_versions": child["versions"],
+            "kernel_calls": child.get("kernel_calls"),
+        }
         if any(not (v == v) or v in (float("inf"), float("-inf")) for v in losses):
             result.update(status="failed", error=f"non-finite loss: {losses}")
         return result
@@ -152,6 +204,7 @@ def run_case(case) -> dict:
 # --------------------------------------------------------------------------------------------------
 # child: runs inside the LLaMA-Factory Python
 # --------------------------------------------------------------------------------------------------
+
 
 def _child(job_path: str, out_path: str) -> int:
     import torch
@@ -171,8 +224,13 @@ def _child(job_path: str, out_path: str) -> int:
     # loss terms are the worker's (labels=ids), and the Trainer's num_items_in_batch (it counts labels
     # != -100 before the shift) is the number of predicted tokens, as the worker's mean uses
     labels = [[-100] + r[1:] for r in rows]
-    DatasetDict({"train": Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows],
-                                             "labels": labels})}).save_to_disk(job["args"]["tokenized_path"])
+    DatasetDict(
+        {
+            "train": Dataset.from_dict(
+                {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows], "labels": labels}
+            )
+        }
+    ).save_to_disk(job["args"]["tokenized_path"])
     backend = get_backend(case.device)
     info: dict = {"device_name": backend.device_name(), "step_s": []}
     features = ["llamafactory", "transformers", "peft"]
@@ -224,7 +282,6 @@ def _child(job_path: str, out_path: str) -> int:
 
     run_exp(args=job["args"], callbacks=[Meter()])
     from npu_ft.env_info import package_versions
-
     from npu_ft.ops import kernel_calls
 
     info["versions"] = package_versions(("llamafactory", "transformers", "peft", "bitsandbytes"))

@@ -24,7 +24,8 @@ import math
 import re
 import shutil
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,7 +71,9 @@ def _enable_gradient_checkpointing(model: nn.Module, policy: str = "full") -> No
 # LoRA init alignment: both implementations get identical LoRA weights, whatever RNG they consumed
 # --------------------------------------------------------------------------------------------------
 
-_LORA_PARAM = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<which>lora_A|lora_B)(?:\.default)?(?:\.weight)?$")
+_LORA_PARAM = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<which>lora_A|lora_B)(?:\.default)?(?:\.weight)?$"
+)
 
 
 def lora_parameters(model: nn.Module) -> dict[tuple[str, str], nn.Parameter]:
@@ -114,13 +117,19 @@ def align_lora_init(model: nn.Module, seed: int) -> int:
 # reference: transformers + PEFT (+ bitsandbytes)
 # --------------------------------------------------------------------------------------------------
 
+
 def _peft_lora(model, case):
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(
-        r=case.lora["r"], lora_alpha=case.lora["alpha"], lora_dropout=float(case.lora["dropout"]),
-        target_modules=lora_targets(case), use_rslora=bool(case.lora.get("use_rslora", False)),
-        modules_to_save=case.lora.get("additional_target") or None, bias="none", task_type="CAUSAL_LM",
+        r=case.lora["r"],
+        lora_alpha=case.lora["alpha"],
+        lora_dropout=float(case.lora["dropout"]),
+        target_modules=lora_targets(case),
+        use_rslora=bool(case.lora.get("use_rslora", False)),
+        modules_to_save=case.lora.get("additional_target") or None,
+        bias="none",
+        task_type="CAUSAL_LM",
     )
     return get_peft_model(model, cfg)
 
@@ -141,10 +150,14 @@ def build_reference(case, base_model_factory, device: torch.device) -> Prepared:
         base = base_model_factory()
         base.save_pretrained(tmp)
         del base
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=dtype)
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
         model = AutoModelForCausalLM.from_pretrained(
-            tmp, quantization_config=bnb, dtype=dtype, device_map={"": str(device)},
+            tmp,
+            quantization_config=bnb,
+            dtype=dtype,
+            device_map={"": str(device)},
             attn_implementation=ATTN_IMPLEMENTATION,
         )
         model.config.use_cache = False
@@ -166,6 +179,7 @@ def build_reference(case, base_model_factory, device: torch.device) -> Prepared:
 # npu-ft
 # --------------------------------------------------------------------------------------------------
 
+
 def _call_with_supported(fn, *args, **kwargs):
     """Call ``fn`` with the keyword arguments its signature accepts (the inject API is young)."""
     try:
@@ -185,9 +199,14 @@ def _npu_ft_features(model: nn.Module) -> list[str]:
 def build_npu_ft(case, base_model_factory, device: torch.device) -> Prepared:
     model = base_model_factory()
     lora_kwargs = dict(
-        targets=lora_targets(case), target_modules=lora_targets(case), r=case.lora["r"],
-        alpha=case.lora["alpha"], lora_alpha=case.lora["alpha"], dropout=float(case.lora["dropout"]),
-        lora_dropout=float(case.lora["dropout"]), use_rslora=bool(case.lora.get("use_rslora", False)),
+        targets=lora_targets(case),
+        target_modules=lora_targets(case),
+        r=case.lora["r"],
+        alpha=case.lora["alpha"],
+        lora_alpha=case.lora["alpha"],
+        dropout=float(case.lora["dropout"]),
+        lora_dropout=float(case.lora["dropout"]),
+        use_rslora=bool(case.lora.get("use_rslora", False)),
         additional_target=case.lora.get("additional_target") or None,
     )
     if case.method == "lora":
@@ -224,6 +243,7 @@ def build_npu_ft(case, base_model_factory, device: torch.device) -> Prepared:
 
 # --------------------------------------------------------------------------------------------------
 
+
 def resolve(name: str) -> Callable[..., Prepared]:
     """The builder for an implementation name."""
     if name == "npu-ft":
@@ -231,7 +251,7 @@ def resolve(name: str) -> Callable[..., Prepared]:
     if name == "reference":
         return build_reference
     if name.startswith("custom:"):
-        module, _, attr = name[len("custom:"):].partition(":")
+        module, _, attr = name[len("custom:") :].partition(":")
         return getattr(importlib.import_module(module), attr)
     raise ValueError(f"unknown implementation {name!r}")
 

@@ -50,7 +50,7 @@ def aggregate(results: list[dict]) -> list[dict]:
     for r in results:
         by_case.setdefault(r["case"]["case_id"], []).append(r)
     rows = []
-    for case_id, runs in by_case.items():
+    for _case_id, runs in by_case.items():
         case = runs[0]["case"]
         row = {k: case.get(k) for k in _CASE_KEYS}
         row["variant"] = case.get("variant", 0)
@@ -90,7 +90,7 @@ def aggregate(results: list[dict]) -> list[dict]:
         row["losses"] = json.dumps([round(x, 7) for x in losses])
         row["loss_first"], row["loss_last"] = losses[0], losses[-1]
         row["loss_repeat_spread"] = max(
-            (abs(a - b) for r in ok for a, b in zip(r["losses"], losses)), default=0.0)
+            (abs(a - b) for r in ok for a, b in zip(r["losses"], losses, strict=False)), default=0.0)
         row["features"] = "+".join(first.get("features", []))
         row["build_s"] = round(statistics.median(r["build_s"] for r in ok), 2)
         rows.append(row)
@@ -101,7 +101,7 @@ def _rel_diff(a: list[float], b: list[float]) -> float:
     n = min(len(a), len(b))
     if n == 0:
         return math.nan
-    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a[:n], b[:n]))
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a[:n], b[:n], strict=False))
 
 
 def parity(rows: list[dict], tolerances: dict, cross_device: dict) -> list[dict]:
@@ -113,7 +113,7 @@ def parity(rows: list[dict], tolerances: dict, cross_device: dict) -> list[dict]
     for r in ok:
         groups.setdefault(tuple(r[k] for k in GROUP_KEYS), []).append(r)
     for key, members in groups.items():
-        g = dict(zip(GROUP_KEYS, key))
+        g = dict(zip(GROUP_KEYS, key, strict=False))
         tol = float(tolerances[g["dtype"]][g["method"]])
         by_dev: dict[str, dict[str, dict]] = {}
         for r in members:
@@ -213,41 +213,117 @@ def markdown(rows, par, rat, suite_meta: dict, env: dict | None = None) -> str:
     if first:
         parts += [
             f"- device: {first.get('device_name', '')} ({', '.join(sorted({r['device'] for r in rows}))})",
-            f"- torch {first.get('torch')}, torch_npu {first.get('torch_npu')}, transformers {first.get('transformers')}, "
+            f"- torch {first.get('torch')}, torch_npu {first.get('torch_npu')}, "
+            f"transformers {first.get('transformers')}, "
             f"peft {first.get('peft')}, bitsandbytes {first.get('bitsandbytes')}",
             f"- npu-ft commit: {first.get('git_commit')}",
         ]
     if env:
         parts += [f"- {k}: {v}" for k, v in env.items()]
-    parts += ["- tokens/s: median over all timed steps of all repeats [min-max]; peak: median over repeats "
-              "of the training-phase peak (CPU: resident-set high-water mark, reset after the model is built)", ""]
+    parts += [
+        "- tokens/s: median over all timed steps of all repeats [min-max]; peak: median over repeats "
+        "of the training-phase peak (CPU: resident-set high-water mark, reset after the model is built)",
+        "",
+    ]
     parts += ["## Cases", ""]
-    header = ["model", "method", "impl", "device", "dtype", "seq×batch", "gc", "status", "tokens/s [min-max]",
-              "s/step", "peak MiB", "weights MiB", "trainable", "loss first→last"]
+    header = [
+        "model",
+        "method",
+        "impl",
+        "device",
+        "dtype",
+        "seq×batch",
+        "gc",
+        "status",
+        "tokens/s [min-max]",
+        "s/step",
+        "peak MiB",
+        "weights MiB",
+        "trainable",
+        "loss first→last",
+    ]
     body = []
     for r in rows:
         if r["status"] == "failed":
-            body.append([r["model"], r["method"], r["implementation"], r["device"], r["dtype"],
-                         f"{r['seq_len']}×{r['batch_size']}", _gc_cell(r), "FAILED",
-                         r["error"][:160], "", "", "", "", ""])
+            body.append(
+                [
+                    r["model"],
+                    r["method"],
+                    r["implementation"],
+                    r["device"],
+                    r["dtype"],
+                    f"{r['seq_len']}×{r['batch_size']}",
+                    _gc_cell(r),
+                    "FAILED",
+                    r["error"][:160],
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
+            )
             continue
-        body.append([r["model"], r["method"], r["implementation"], r["device"], r["dtype"],
-                     f"{r['seq_len']}×{r['batch_size']}", _gc_cell(r), r["status"],
-                     f"{r['tokens_per_s']:.1f} [{r['tokens_per_s_min']:.1f}-{r['tokens_per_s_max']:.1f}]",
-                     r["s_per_step_median"], r["peak_mem_mib"], r["weight_mib"], f"{r['trainable_params']:,}",
-                     f"{r['loss_first']:.4f}→{r['loss_last']:.4f}"])
+        body.append(
+            [
+                r["model"],
+                r["method"],
+                r["implementation"],
+                r["device"],
+                r["dtype"],
+                f"{r['seq_len']}×{r['batch_size']}",
+                _gc_cell(r),
+                r["status"],
+                f"{r['tokens_per_s']:.1f} [{r['tokens_per_s_min']:.1f}-{r['tokens_per_s_max']:.1f}]",
+                r["s_per_step_median"],
+                r["peak_mem_mib"],
+                r["weight_mib"],
+                f"{r['trainable_params']:,}",
+                f"{r['loss_first']:.4f}→{r['loss_last']:.4f}",
+            ]
+        )
     parts += [_md_table(header, body), ""]
     if par:
         parts += ["## Loss parity", ""]
-        parts += [_md_table(["model", "method", "dtype", "compare", "max rel loss diff", "tolerance", "pass"],
-                            [[p["model"], p["method"], p["dtype"], p["compare"], f"{p['max_rel_loss_diff']:.2e}",
-                              f"{p['tolerance']:.0e}", "PASS" if p["pass"] else "FAIL"] for p in par]), ""]
+        parts += [
+            _md_table(
+                ["model", "method", "dtype", "compare", "max rel loss diff", "tolerance", "pass"],
+                [
+                    [
+                        p["model"],
+                        p["method"],
+                        p["dtype"],
+                        p["compare"],
+                        f"{p['max_rel_loss_diff']:.2e}",
+                        f"{p['tolerance']:.0e}",
+                        "PASS" if p["pass"] else "FAIL",
+                    ]
+                    for p in par
+                ],
+            ),
+            "",
+        ]
     if rat:
         parts += ["## Ratios", ""]
-        parts += [_md_table(["model", "device", "seq×batch", "gc", "ratio", "tokens/s", "peak memory", "weight bytes"],
-                            [[x["model"], x["device"], f"{x['seq_len']}×{x['batch_size']}", x["gradient_checkpointing"],
-                              x["ratio"], f"{x['tokens_per_s']:.2f}×", f"{x['peak_mem']:.2f}×",
-                              f"{x['weight_bytes']:.2f}×"] for x in rat]), ""]
+        parts += [
+            _md_table(
+                ["model", "device", "seq×batch", "gc", "ratio", "tokens/s", "peak memory", "weight bytes"],
+                [
+                    [
+                        x["model"],
+                        x["device"],
+                        f"{x['seq_len']}×{x['batch_size']}",
+                        x["gradient_checkpointing"],
+                        x["ratio"],
+                        f"{x['tokens_per_s']:.2f}×",
+                        f"{x['peak_mem']:.2f}×",
+                        f"{x['weight_bytes']:.2f}×",
+                    ]
+                    for x in rat
+                ],
+            ),
+            "",
+        ]
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         parts += ["## Failures", ""]
@@ -267,16 +343,23 @@ def plot_memory_vs_throughput(rows, path) -> None:
     fig, axes = plt.subplots(1, n, figsize=(6 * n, 4.5), squeeze=False)
     colors = {"lora": "tab:blue", "qlora": "tab:orange", "full": "tab:green"}
     markers = {"npu-ft": "o", "reference": "s"}
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes[0], panels, strict=False):
         for r in ok:
             if (r["model"], r["device"], r["dtype"], r["seq_len"], r["batch_size"], r["variant"]) != panel:
                 continue
             x, y = r["tokens_per_s"], r["peak_mem_bytes"] / 2**20
-            ax.errorbar(x, y, xerr=[[x - r["tokens_per_s_min"]], [r["tokens_per_s_max"] - x]],
-                        fmt=markers.get(r["implementation"], "^"), color=colors.get(r["method"], "gray"),
-                        markersize=8, capsize=3)
-            ax.annotate(f"{r['method']}/{r['implementation']}", (x, y), textcoords="offset points", xytext=(6, 4),
-                        fontsize=8)
+            ax.errorbar(
+                x,
+                y,
+                xerr=[[x - r["tokens_per_s_min"]], [r["tokens_per_s_max"] - x]],
+                fmt=markers.get(r["implementation"], "^"),
+                color=colors.get(r["method"], "gray"),
+                markersize=8,
+                capsize=3,
+            )
+            ax.annotate(
+                f"{r['method']}/{r['implementation']}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8
+            )
         model, dev, dt, s, b, v = panel
         ax.set_title(f"{model} on {dev}, {dt}, seq {s} × batch {b}", fontsize=9)
         ax.set_xlabel("tokens/s (median, bars: min-max)")
@@ -300,13 +383,18 @@ def plot_loss_curves(rows, path) -> None:
     nrows = math.ceil(n / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
     styles = {"npu-ft": dict(linestyle="-", marker="o"), "reference": dict(linestyle="--", marker="x")}
-    for ax, panel in zip(axes.flat, panels):
+    for ax, panel in zip(axes.flat, panels, strict=False):
         for r in ok:
             if (r["model"], r["method"], r["dtype"], r["seq_len"], r["batch_size"], r["variant"]) != panel:
                 continue
             losses = json.loads(r["losses"])
-            ax.plot(range(len(losses)), losses, label=f"{r['implementation']} ({r['device']})", markersize=4,
-                    **styles.get(r["implementation"], dict(linestyle=":", marker=".")))
+            ax.plot(
+                range(len(losses)),
+                losses,
+                label=f"{r['implementation']} ({r['device']})",
+                markersize=4,
+                **styles.get(r["implementation"], dict(linestyle=":", marker=".")),
+            )
         model, method, dt, s, b, v = panel
         ax.set_title(f"{model} {method} {dt} seq {s}×{b}", fontsize=9)
         ax.set_xlabel("step")
@@ -334,9 +422,14 @@ def _write_csv(records: list[dict], columns: list[str] | None, path: Path) -> No
 
 def suite_meta(suite) -> dict:
     """What the reports need to know about a Suite (saved as suite.json)."""
-    return {"name": suite.name, "description": suite.description, "path": suite.path,
-            "repeats": suite.repeats, "tolerances": suite.tolerances,
-            "cross_device_tolerance": suite.cross_device_tolerance}
+    return {
+        "name": suite.name,
+        "description": suite.description,
+        "path": suite.path,
+        "repeats": suite.repeats,
+        "tolerances": suite.tolerances,
+        "cross_device_tolerance": suite.cross_device_tolerance,
+    }
 
 
 def write_reports(results: list[dict], suite, out_dir: str | Path, env: dict | None = None) -> dict:

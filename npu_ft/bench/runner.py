@@ -14,8 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .suite import BenchCase, Suite
 
@@ -53,7 +53,10 @@ def run_case_subprocess(case: BenchCase, repeat: int = 0, env: dict | None = Non
             proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True, timeout=case.timeout_s)
             rc, stderr = proc.returncode, proc.stderr
         except subprocess.TimeoutExpired as exc:
-            rc, stderr = None, (exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or "")
+            rc, stderr = (
+                None,
+                (exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""),
+            )
         wall = time.perf_counter() - t0
         result = None
         if os.path.exists(out_path):
@@ -78,9 +81,16 @@ def run_case_subprocess(case: BenchCase, repeat: int = 0, env: dict | None = Non
     return result
 
 
-def run_suite(suite: Suite, out_dir: str | Path | None = None, repeats: int | None = None,
-              only: str | None = None, progress: Callable[[str], None] | None = _print,
-              env: dict | None = None, jobs: int = 1, skip: list[str] | tuple = ()) -> list[dict]:
+def run_suite(
+    suite: Suite,
+    out_dir: str | Path | None = None,
+    repeats: int | None = None,
+    only: str | None = None,
+    progress: Callable[[str], None] | None = _print,
+    env: dict | None = None,
+    jobs: int = 1,
+    skip: list[str] | tuple = (),
+) -> list[dict]:
     """Run every case of ``suite`` ``repeats`` times; write ``raw.jsonl`` and the reports to ``out_dir``.
 
     ``only``: substring filter on case ids (e.g. "lora/" or "qwen2.5-0.5b"); ``skip``: substrings of
@@ -114,7 +124,7 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None, repeats: int | No
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = [pool.submit(run_case_subprocess, case, rep, env) for rep, case in schedule]
             done = (f.result() for f in futures)
-            outcomes = list(zip(schedule, done))
+            outcomes = list(zip(schedule, done, strict=False))
     else:
         outcomes = ((item, None) for item in schedule)
     for (rep, case), res in outcomes:
@@ -127,8 +137,10 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None, repeats: int | No
         results.append(res)
         if progress:
             if res["status"] == "ok":
-                progress(f"    ok: {res['tokens_per_s']:.1f} tok/s, peak {res['peak_mem_bytes'] / 2**20:.0f} MiB, "
-                         f"loss {res['losses'][0]:.4f} -> {res['losses'][-1]:.4f}")
+                progress(
+                    f"    ok: {res['tokens_per_s']:.1f} tok/s, peak {res['peak_mem_bytes'] / 2**20:.0f} MiB, "
+                    f"loss {res['losses'][0]:.4f} -> {res['losses'][-1]:.4f}"
+                )
             else:
                 progress(f"    FAILED: {res['error'][:300]}")
         if raw_path:

@@ -136,7 +136,7 @@ class BenchCase:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BenchCase":
+    def from_dict(cls, d: dict) -> BenchCase:
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in fields})
 
@@ -288,7 +288,8 @@ def parse_suite(data: Any, path: str | None = None, check_devices: bool = True) 
                 f"{', '.join(BUILTIN_IMPLEMENTATIONS)} or '{CUSTOM_PREFIX}<module>:<function>'"
             )
         if impl.startswith(CUSTOM_PREFIX) and impl[len(CUSTOM_PREFIX):].count(":") != 1:
-            raise SuiteError(f"{_where(path, 'implementations')}: {impl!r} must be '{CUSTOM_PREFIX}<module>:<function>'")
+            raise SuiteError(f"{_where(path, 'implementations')}: {impl!r} must be "
+                             f"'{CUSTOM_PREFIX}<module>:<function>'")
     devices = _check_names(path, "devices", data.get("devices", ["cpu"]), DEVICES, "device")
     if check_devices:
         from npu_ft.device import all_backends
@@ -314,8 +315,9 @@ def parse_suite(data: Any, path: str | None = None, check_devices: bool = True) 
             raise SuiteError(f"{_where(path, f'variants[{i}]')} must be a mapping, got {var!r}")
         for key in var:
             if key not in CASE_SETTINGS:
-                raise SuiteError(f"{_where(path, f'variants[{i}].{key}')}: unknown key; expected one of "
-                                 f"{', '.join(CASE_SETTINGS)}")
+                raise SuiteError(
+                    f"{_where(path, f'variants[{i}].{key}')}: unknown key; expected one of {', '.join(CASE_SETTINGS)}"
+                )
         settings = copy.deepcopy(base)
         settings.update(_check_settings(path, f"variants[{i}].", var))
         variants.append(settings)
@@ -323,7 +325,9 @@ def parse_suite(data: Any, path: str | None = None, check_devices: bool = True) 
     tolerances = copy.deepcopy(DEFAULT_TOLERANCES)
     for method, tol in (data.get("tolerances") or {}).items():
         if method not in METHODS:
-            raise SuiteError(f"{_where(path, f'tolerances.{method}')}: unknown method; expected one of {', '.join(METHODS)}")
+            raise SuiteError(
+                f"{_where(path, f'tolerances.{method}')}: unknown method; expected one of {', '.join(METHODS)}"
+            )
         _check_type(path, f"tolerances.{method}", tol, (int, float))
         for dt in DTYPES:
             tolerances[dt][method] = float(tol)
@@ -335,10 +339,26 @@ def parse_suite(data: Any, path: str | None = None, check_devices: bool = True) 
     for vi, settings in enumerate(variants):
         for model, method, device, impl in itertools.product(models, methods, devices, impls):
             case_settings = dict(settings, checkpoint_policy=_case_policy(settings["checkpoint_policy"], method, impl))
-            cases.append(BenchCase(suite=name, model=model, method=method, implementation=impl, device=device,
-                                   variant=vi, **case_settings))
-    return Suite(name=name, description=str(data.get("description", "")), path=path, cases=cases,
-                 repeats=repeats, tolerances=tolerances, cross_device_tolerance=cross)
+            cases.append(
+                BenchCase(
+                    suite=name,
+                    model=model,
+                    method=method,
+                    implementation=impl,
+                    device=device,
+                    variant=vi,
+                    **case_settings,
+                )
+            )
+    return Suite(
+        name=name,
+        description=str(data.get("description", "")),
+        path=path,
+        cases=cases,
+        repeats=repeats,
+        tolerances=tolerances,
+        cross_device_tolerance=cross,
+    )
 
 
 def load_suite(path: str | Path, check_devices: bool = True) -> Suite:

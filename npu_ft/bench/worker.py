@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -124,7 +125,7 @@ def run_case(case) -> dict:
         tokens_per_s=tokens / med, tokens_per_s_min=tokens / max(timed), tokens_per_s_max=tokens / min(timed),
         losses=losses, step_s=step_s, wall_s=time.perf_counter() - t_start,
     )
-    if any(not (l == l) or l in (float("inf"), float("-inf")) for l in losses):  # NaN/inf
+    if not all(math.isfinite(loss) for loss in losses):
         result.update(status="failed", error=f"non-finite loss: {losses}")
     return result
 

@@ -33,7 +33,9 @@ def list_data_files(dataset_dir: str | os.PathLike, file_name: str) -> list[str]
     elif os.path.isfile(path):
         files = [path]
     else:
-        raise DataFileError(f"Data file {path} not found (file_name={file_name!r}, dataset_dir={os.fspath(dataset_dir)!r}).")
+        raise DataFileError(
+            f"Data file {path} not found (file_name={file_name!r}, dataset_dir={os.fspath(dataset_dir)!r})."
+        )
     kinds = {FILEEXT2TYPE.get(os.path.splitext(f)[1][1:].lower()) for f in files}
     if None in kinds:
         bad = next(f for f in files if FILEEXT2TYPE.get(os.path.splitext(f)[1][1:].lower()) is None)

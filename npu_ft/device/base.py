@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -44,10 +45,14 @@ class DeviceBackend(abc.ABC):
     def unavailable_reason(self) -> str | None:
         """None when the device can be used here, else a short human-readable reason."""
 
+    def reprobe(self) -> None:
+        """Forget any cached availability probe (after a backend was registered at run time)."""
+        return None
+
     def is_available(self) -> bool:
         return self.unavailable_reason() is None
 
-    def require(self) -> "DeviceBackend":
+    def require(self) -> DeviceBackend:
         """Return self, or raise :class:`DeviceUnavailableError` naming why it cannot be used."""
         reason = self.unavailable_reason()
         if reason is not None:
@@ -74,6 +79,7 @@ class DeviceBackend(abc.ABC):
 
     def set_device(self, device: torch.device) -> None:
         """Make ``device`` the current one for this process (no-op on CPU)."""
+        return None
 
     # -- capabilities -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -89,9 +95,11 @@ class DeviceBackend(abc.ABC):
     # -- runtime ------------------------------------------------------------------------------
     def synchronize(self) -> None:
         """Wait for all queued work on the current device (no-op on CPU)."""
+        return None
 
     def empty_cache(self) -> None:
         """Return cached allocator blocks to the device (no-op on CPU)."""
+        return None
 
     def manual_seed(self, seed: int) -> None:
         """Seed Python, torch's CPU generator and every device generator of this kind."""
@@ -115,7 +123,7 @@ class DeviceBackend(abc.ABC):
 
     def describe(self) -> dict:
         """Facts for reports and `npu-ft env`."""
-        info = {"device": self.name, "dist_backend": self.dist_backend}
+        info: dict[str, Any] = {"device": self.name, "dist_backend": self.dist_backend}
         reason = self.unavailable_reason()
         info["available"] = reason is None
         if reason is not None:

@@ -39,7 +39,7 @@ process each and compares the training-phase peak (weights excluded, they are ex
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from collections.abc import Iterable
 
 __all__ = [
     "CARD_GIB",

@@ -155,7 +155,7 @@ def render_docs_table() -> str:
             f"| {format_gib(p['weights'])} | {format_gib(p['gradients'])} | {format_gib(p['optimizer'])} "
             f"| {format_gib(p['activations'])} | {format_gib(p['overhead'])} | **{format_gib(p['total'])}** "
             f"| **{cards if cards else '> 128'}** |")
-    foot = [f"", f"Budget per card: {USABLE_FRACTION:.0%} of {CARD_GIB:g} GB. Cards are the smallest of "
+    foot = ["", f"Budget per card: {USABLE_FRACTION:.0%} of {CARD_GIB:g} GB. Cards are the smallest of "
             "1, 2, 4, 8, 16, 32, ... that fits; without ZeRO the memory per card does not fall with more "
             "cards (more cards only make it faster). Parameters: "
             + ", ".join(f"{k} {v.params / 1e9:.2f} B" for k, v in MODELS.items()) + "."]

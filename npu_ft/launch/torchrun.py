@@ -33,7 +33,7 @@ import os
 import socket
 import subprocess
 import sys
-from typing import Mapping, MutableSequence, Sequence
+from collections.abc import Mapping, MutableSequence, Sequence
 
 __all__ = [
     "LAUNCH_FLAGS",

@@ -10,8 +10,9 @@ with :class:`ModelLoadError` saying what is missing and how to fix it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 

@@ -222,7 +222,8 @@ def build_qwen_tokenizer(out_dir: str | os.PathLike, variant: str = "qwen2.5") -
             "pad_token": "<|endoftext|>",
         },
     )
-    _write_json(out / _BUILD_STAMP, {"builder": "npu_ft.model.tokenizer", "version": _BUILD_VERSION, "variant": variant})
+    stamp = {"builder": "npu_ft.model.tokenizer", "version": _BUILD_VERSION, "variant": variant}
+    _write_json(out / _BUILD_STAMP, stamp)
     return out
 
 

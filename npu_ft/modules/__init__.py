@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
-from .lora import LoraLinear
 from .fused_loss import enable_fused_cross_entropy
+from .lora import LoraLinear
 from .nf4 import Nf4Linear
 
 __all__ = ["LoraLinear", "Nf4Linear", "enable_fused_cross_entropy"]

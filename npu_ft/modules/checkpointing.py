@@ -71,6 +71,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module, policy: str = "full", 
 
     ``input_require_grads``: make the embedding output require grad, which reentrant checkpointing
     needs when the embeddings are frozen (LoRA/QLoRA); harmless otherwise."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(policy, use_reentrant))
+    hf_model: Any = model  # a transformers PreTrainedModel
+    hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(policy, use_reentrant))
     if input_require_grads and hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
+        hf_model.enable_input_require_grads()

@@ -40,15 +40,21 @@ from __future__ import annotations
 import collections
 import logging
 import types
-from typing import Any, Optional
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CALLS", "KNOWN_CLASSES", "disable_fused_cross_entropy", "enable_fused_cross_entropy", "fused_cross_entropy_enabled",
-           "why_not_applicable"]
+__all__ = [
+    "CALLS",
+    "KNOWN_CLASSES",
+    "disable_fused_cross_entropy",
+    "enable_fused_cross_entropy",
+    "fused_cross_entropy_enabled",
+    "why_not_applicable",
+]
 
 #: calls of patched forwards since import (or ``CALLS.clear()``): "fused" (the loss went through
 #: the fused op) and "original" (handed to the model's own forward: no labels, logits_to_keep, ...)
@@ -62,7 +68,7 @@ _ATTR = "_npu_ft_fused_ce"  # {"previous_forward": ..., "chunk_rows": ...} on a 
 KNOWN_CLASSES = frozenset({"Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM"})
 
 
-def why_not_applicable(model: nn.Module) -> Optional[str]:
+def why_not_applicable(model: nn.Module) -> str | None:
     """None if :func:`enable_fused_cross_entropy` can patch ``model``, else the reason."""
     name = type(model).__name__
     if name not in KNOWN_CLASSES:
@@ -76,8 +82,10 @@ def why_not_applicable(model: nn.Module) -> Optional[str]:
     if head is None:
         return f"{name} has no .lm_head"
     if type(head) is not nn.Linear:
-        return (f"{name}.lm_head is {type(head).__module__}.{type(head).__name__}, not a plain nn.Linear "
-                "(e.g. a LoRA or PEFT modules_to_save wrapper on the head); transformers' loss is used")
+        return (
+            f"{name}.lm_head is {type(head).__module__}.{type(head).__name__}, not a plain nn.Linear "
+            "(e.g. a LoRA or PEFT modules_to_save wrapper on the head); transformers' loss is used"
+        )
     if head.weight.dim() != 2 or head.weight.shape[0] != getattr(model.config, "vocab_size", head.weight.shape[0]):
         return f"{name}.lm_head.weight has shape {tuple(head.weight.shape)}, not [vocab, hidden]"
     try:
@@ -98,7 +106,7 @@ def fused_cross_entropy_enabled(model: nn.Module) -> bool:
     return _ATTR in vars(model)
 
 
-def enable_fused_cross_entropy(model: nn.Module, chunk_rows: Optional[int] = None) -> bool:
+def enable_fused_cross_entropy(model: nn.Module, chunk_rows: int | None = None) -> bool:
     """Patch ``model.forward`` (this instance) to compute the loss with the chunked fused linear
     cross-entropy when labels are given. Returns True if patched (or already was), False -- model
     untouched, reason logged -- when not applicable. See the module docstring."""
@@ -111,8 +119,11 @@ def enable_fused_cross_entropy(model: nn.Module, chunk_rows: Optional[int] = Non
     previous = vars(model).get("forward")  # an instance forward someone set before us, else None
     object.__setattr__(model, _ATTR, {"previous_forward": previous, "chunk_rows": chunk_rows})
     object.__setattr__(model, "forward", types.MethodType(_fused_forward, model))
-    logger.info("fused cross-entropy enabled on %s (vocab %d): no [tokens, vocab] logits in training",
-                type(model).__name__, model.lm_head.weight.shape[0])
+    logger.info(
+        "fused cross-entropy enabled on %s (vocab %d): no [tokens, vocab] logits in training",
+        type(model).__name__,
+        cast(Any, model).lm_head.weight.shape[0],
+    )
     return True
 
 
@@ -143,13 +154,13 @@ def _head_is_materialised(weight: torch.Tensor, hidden_size: int) -> bool:
 
 def _fused_forward(
     self,
-    input_ids: Optional[torch.LongTensor] = None,
-    attention_mask: Optional[torch.Tensor] = None,
-    position_ids: Optional[torch.LongTensor] = None,
+    input_ids: torch.LongTensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.LongTensor | None = None,
     past_key_values: Any = None,
-    inputs_embeds: Optional[torch.Tensor] = None,
-    labels: Optional[torch.LongTensor] = None,
-    use_cache: Optional[bool] = None,
+    inputs_embeds: torch.Tensor | None = None,
+    labels: torch.LongTensor | None = None,
+    use_cache: bool | None = None,
     logits_to_keep: Any = 0,
     **kwargs: Any,
 ):
@@ -162,9 +173,16 @@ def _fused_forward(
     if labels is None or not plain_ltk or not _head_is_materialised(weight, self.config.hidden_size):
         CALLS["original"] += 1
         return _original_forward(self)(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-            logits_to_keep=logits_to_keep, **kwargs)
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
 
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -176,19 +194,35 @@ def _fused_forward(
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
     # as transformers: every kwarg goes to the base model (it ignores the loss ones) and to the loss
-    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         **kwargs)
-    hidden = outputs.last_hidden_state                                   # [B, S, H]
+    outputs = self.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        use_cache=use_cache,
+        **kwargs,
+    )
+    hidden = outputs.last_hidden_state  # [B, S, H]
     ignore_index = kwargs.get("ignore_index", -100)
     if shift_labels is None:  # ForCausalLMLoss: tokens < n predict n
         shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     shift_labels = shift_labels.reshape(-1).to(hidden.device)
     state = vars(self).get(_ATTR) or {}
     loss = linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), weight, shift_labels, bias=self.lm_head.bias,
-        ignore_index=ignore_index, num_items_in_batch=kwargs.get("num_items_in_batch"),
-        chunk_rows=state.get("chunk_rows"))
-    out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        shift_labels,
+        bias=self.lm_head.bias,
+        ignore_index=ignore_index,
+        num_items_in_batch=kwargs.get("num_items_in_batch"),
+        chunk_rows=state.get("chunk_rows"),
+    )
+    out = CausalLMOutputWithPast(
+        loss=loss,
+        logits=None,
+        past_key_values=outputs.past_key_values,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+    )
     return out if return_dict else out.to_tuple()

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -84,7 +85,7 @@ def _split(names: str | Iterable[str] | None) -> list[str] | None:
 def output_head_names(model: nn.Module) -> set[str]:
     """Full names of the output projection (``lm_head``), which "all" never targets."""
     names = {"lm_head"}
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = cast(Any, model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None:
         names.update(name for name, module in model.named_modules() if module is head)
     return names
@@ -101,7 +102,7 @@ def _matches_target(name: str, targets: Sequence[str]) -> bool:
 
 def _excluded_by_modules_to_save(name: str, saved: Sequence[str] | None) -> bool:
     """PEFT never puts LoRA on a module (or inside a module) that modules_to_save names."""
-    return bool(saved) and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved)
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved or ())
 
 
 def find_target_linear_names(model: nn.Module, lora_target: str | Sequence[str] = "all") -> list[str]:

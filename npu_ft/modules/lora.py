@@ -20,7 +20,6 @@ pass is one fused op (``npu_ft::lora_linear`` or ``npu_ft::nf4_linear``) with it
 from __future__ import annotations
 
 import math
-from typing import Union
 
 import torch
 from torch import nn
@@ -49,7 +48,7 @@ class LoraLinear(nn.Module):
     Shapes: x ``[..., in]`` -> ``[..., out]`` in x's dtype (x must have the base weight's dtype).
     """
 
-    def __init__(self, base: Union[nn.Linear, Nf4Linear], r: int, lora_alpha: float, lora_dropout: float = 0.0,
+    def __init__(self, base: nn.Linear | Nf4Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                  use_rslora: bool = False, autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         if not isinstance(base, (nn.Linear, Nf4Linear)):

@@ -13,8 +13,6 @@ backward for dx; the dense W is never kept.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -52,8 +50,10 @@ class Nf4Linear(nn.Module):
     Shapes: x ``[..., in]`` -> y ``[..., out]`` in x's dtype.
     """
 
-    def __init__(self, packed: torch.Tensor, state, bias: Optional[torch.Tensor] = None,
-                 compute_dtype: Optional[torch.dtype] = None) -> None:
+    packed: torch.Tensor  # a registered buffer
+
+    def __init__(self, packed: torch.Tensor, state, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         shape = tuple(int(s) for s in state.shape)
         if len(shape) != 2:
@@ -71,7 +71,7 @@ class Nf4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: Optional[torch.dtype] = None) -> "Nf4Linear":
+                    compute_dtype: torch.dtype | None = None) -> Nf4Linear:
         """Quantize ``linear.weight`` ``[out, in]`` to NF4 (bitsandbytes layout); the bias is copied."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected nn.Linear, got {type(linear).__name__}")
@@ -84,7 +84,7 @@ class Nf4Linear(nn.Module):
         """dtype of the original (dequantized) weight."""
         return self.quant_state.dtype
 
-    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight ``[out, in]`` (a new tensor) in ``dtype`` (default: the original dtype)."""
         return _nf4().dequantize_nf4(self.packed, self.quant_state, dtype)
 

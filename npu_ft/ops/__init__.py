@@ -7,10 +7,12 @@ see ``nf4`` and ``lora`` below and docs/ops.md.
 
 from __future__ import annotations
 
-from . import _registry
+# isort: off
+# defining the ops: nf4 (NF4 / 8-bit blockwise) first, then lora (lora_linear, the fused nf4_linear)
+from . import nf4  # noqa: F401
+from . import lora  # noqa: F401
+# isort: on
 from ._registry import kernel_calls, reset_kernel_calls
-from . import nf4  # noqa: F401  (defines the NF4 / 8-bit blockwise ops)
-from . import lora  # noqa: F401  (defines lora_linear and the fused nf4_linear)
 from .backends import loaded_backends, register_available_backends
 
 BACKEND_STATUS = register_available_backends()

@@ -54,7 +54,6 @@ Entry point: :func:`linear_cross_entropy`. The model patch that uses it is
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Union
 
 import torch
 
@@ -67,7 +66,7 @@ DEFAULT_CHUNK_BYTES_CPU = 256 << 20
 
 
 def default_chunk_rows(vocab_size: int, logit_dtype: torch.dtype = torch.float32,
-                       chunk_bytes: Optional[int] = None, device: Union[str, torch.device, None] = None) -> int:
+                       chunk_bytes: int | None = None, device: str | torch.device | None = None) -> int:
     """Rows per chunk such that a chunk's logits take about ``chunk_bytes`` (default
     :data:`DEFAULT_CHUNK_BYTES`, :data:`DEFAULT_CHUNK_BYTES_CPU` for a cpu ``device``); a multiple
     of 8 when at least 8. Qwen's vocab 151,936 in fp32: 104 rows (60 MiB), cpu 440 rows (255 MiB)."""
@@ -79,7 +78,7 @@ def default_chunk_rows(vocab_size: int, logit_dtype: torch.dtype = torch.float32
     return rows - rows % 8 if rows >= 8 else rows
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
     try:
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
@@ -95,7 +94,7 @@ def _no_autocast(device_type: str):
         return contextlib.nullcontext()
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   logit_dtype: torch.dtype) -> torch.Tensor:
     """``(h @ weight.T + bias)`` in h's dtype, then upcast: [c, H] x [V, H] -> [c, V] logit_dtype.
     Always a fresh tensor (callers modify it in place)."""
@@ -218,10 +217,10 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
     ignore_index: int = -100,
-    num_items_in_batch: Union[int, float, torch.Tensor, None] = None,
-    chunk_rows: Optional[int] = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    chunk_rows: int | None = None,
     logit_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, without the full logits.
@@ -277,11 +276,15 @@ def linear_cross_entropy(
     if n:
         lo, hi = torch.stack(torch.aminmax(targets)).tolist()
         if lo < 0 or hi >= vocab:
-            raise ValueError(f"labels: target ids must be in [0, {vocab}) or {ignore_index}, got {lo if lo < 0 else hi}")
-    eager_grad = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
-                  and (bias is None or not bias.requires_grad))
-    total = _LinearCrossEntropySum.apply(hidden, weight, bias, targets, rows, chunk_rows, compute_dtype, ld,
-                                         eager_grad)
+            raise ValueError(f"labels: target ids must be in [0, {vocab}) or {ignore_index}, "
+                             f"got {lo if lo < 0 else hi}")
+    eager_grad = (
+        torch.is_grad_enabled()
+        and hidden.requires_grad
+        and not weight.requires_grad
+        and (bias is None or not bias.requires_grad)
+    )
+    total = _LinearCrossEntropySum.apply(hidden, weight, bias, targets, rows, chunk_rows, compute_dtype, ld, eager_grad)
     if num_items_in_batch is None:
         return total / n  # n == 0: 0 / 0 = nan, as torch's mean cross_entropy
     if torch.is_tensor(num_items_in_batch):

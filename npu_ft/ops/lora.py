@@ -28,7 +28,6 @@ it never saves a copy of W nor a full-size output, and the frozen weight gets no
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -84,8 +83,16 @@ def _backward_fake(grad_out, x, lora_A, lora_B, x_lora, output_mask):
         dx_lora = torch.empty_like(x_lora, memory_format=torch.contiguous_format)
     else:
         dx_lora = x.new_empty(0)
-    dA = torch.empty_like(lora_A, memory_format=torch.contiguous_format) if (output_mask[2] and lora_A is not None) else x.new_empty(0)
-    dB = torch.empty_like(lora_B, memory_format=torch.contiguous_format) if (output_mask[3] and lora_B is not None) else x.new_empty(0)
+    dA = (
+        torch.empty_like(lora_A, memory_format=torch.contiguous_format)
+        if (output_mask[2] and lora_A is not None)
+        else x.new_empty(0)
+    )
+    dB = (
+        torch.empty_like(lora_B, memory_format=torch.contiguous_format)
+        if (output_mask[3] and lora_B is not None)
+        else x.new_empty(0)
+    )
     dbias = grad_out.new_empty(grad_out.shape[-1]) if output_mask[4] else grad_out.new_empty(0)
     return dx, dx_lora, dA, dB, dbias
 
@@ -104,8 +111,9 @@ def _nf4_linear_fake(x, packed, absmax, blocksize, weight_shape, bias, lora_A, l
     return y, h
 
 
-def _nf4_linear_backward_fake(grad_out, x, packed, absmax, blocksize, weight_shape, lora_A, lora_B, h, scaling,
-                              x_lora, output_mask):
+def _nf4_linear_backward_fake(
+    grad_out, x, packed, absmax, blocksize, weight_shape, lora_A, lora_B, h, scaling, x_lora, output_mask
+):
     return _backward_fake(grad_out, x, lora_A, lora_B, x_lora, output_mask)
 
 
@@ -181,8 +189,9 @@ def nf4_linear_reference(x, packed, absmax, blocksize, weight_shape, bias, lora_
     return _forward_reference(x, weight, bias, lora_A, lora_B, scaling, x_lora, cast_branch_first=True)
 
 
-def nf4_linear_backward_reference(grad_out, x, packed, absmax, blocksize, weight_shape, lora_A, lora_B, h, scaling,
-                                  x_lora, output_mask):
+def nf4_linear_backward_reference(
+    grad_out, x, packed, absmax, blocksize, weight_shape, lora_A, lora_B, h, scaling, x_lora, output_mask
+):
     """Pure-torch ``npu_ft::nf4_linear_backward``; dequantizes W again (only when dx is needed)."""
     weight = _dequantize(packed, absmax, blocksize, weight_shape, x.dtype) if output_mask[0] else None
     return _backward_reference(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora, output_mask)
@@ -249,8 +258,18 @@ def _nf4_linear_backward(ctx, grad_y, grad_h):
     x, packed, absmax, lora_A, lora_B, h, x_lora = ctx.saved_tensors
     mask = _mask(ctx, 0, 5, 6, 7, 9)
     dx, dx_lora, dA, dB, dbias = torch.ops.npu_ft.nf4_linear_backward(
-        grad_y.contiguous(), x, packed, absmax, ctx.blocksize, ctx.weight_shape, lora_A, lora_B, h, ctx.scaling,
-        x_lora, mask,
+        grad_y.contiguous(),
+        x,
+        packed,
+        absmax,
+        ctx.blocksize,
+        ctx.weight_shape,
+        lora_A,
+        lora_B,
+        h,
+        ctx.scaling,
+        x_lora,
+        mask,
     )
     return (
         dx if mask[0] else None,
@@ -317,11 +336,11 @@ def _check_bias(bias, x, out_features: int) -> None:
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float,
-    x_lora: Optional[torch.Tensor] = None,
+    x_lora: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = x @ weight.T + bias + scaling * (x_lora @ lora_A.T) @ lora_B.T`` with PEFT's semantics.
 
@@ -356,11 +375,11 @@ def nf4_linear(
     x: torch.Tensor,
     packed: torch.Tensor,
     state,
-    bias: Optional[torch.Tensor] = None,
-    lora_A: Optional[torch.Tensor] = None,
-    lora_B: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
+    lora_A: torch.Tensor | None = None,
+    lora_B: torch.Tensor | None = None,
     scaling: float = 1.0,
-    x_lora: Optional[torch.Tensor] = None,
+    x_lora: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """QLoRA linear: ``y = x @ W.T + bias (+ scaling * (x_lora @ lora_A.T) @ lora_B.T)``.
 
@@ -400,14 +419,19 @@ def nf4_linear(
         name = "lora_B" if lora_B is None else "lora_A"
         raise ValueError(f"{name}: lora_A and lora_B must be given together")
     if lora_A is not None:
-        _check_lora(x, lora_A, lora_B, x_lora, in_features, out_features,
-                    {"packed": packed, "state.absmax": absmax, "bias": bias})
+        _check_lora(
+            x,
+            lora_A,
+            lora_B,
+            x_lora,
+            in_features,
+            out_features,
+            {"packed": packed, "state.absmax": absmax, "bias": bias},
+        )
     else:
         if x_lora is not None:
             raise ValueError("x_lora: only meaningful with lora_A / lora_B")
         _checks.check_same_device("x", x, packed=packed, bias=bias, **{"state.absmax": absmax})
     scaling = _check_scaling(scaling)
-    y, _ = torch.ops.npu_ft.nf4_linear(
-        x, packed, absmax, blocksize, shape, bias, lora_A, lora_B, scaling, x_lora
-    )
+    y, _ = torch.ops.npu_ft.nf4_linear(x, packed, absmax, blocksize, shape, bias, lora_A, lora_B, scaling, x_lora)
     return y

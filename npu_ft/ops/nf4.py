@@ -39,7 +39,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -185,7 +186,9 @@ def _num_blocks(numel, blocksize):
 # --------------------------------------------------------------------------------------------
 
 _registry.define("nf4_quantize(Tensor A, int blocksize) -> (Tensor, Tensor)")
-_registry.define("nf4_dequantize(Tensor packed, Tensor absmax, int blocksize, SymInt[] shape, ScalarType dtype) -> Tensor")
+_registry.define(
+    "nf4_dequantize(Tensor packed, Tensor absmax, int blocksize, SymInt[] shape, ScalarType dtype) -> Tensor"
+)
 _registry.define("quantize_blockwise_8bit(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)")
 _registry.define(
     "dequantize_blockwise_8bit(Tensor q, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor"
@@ -331,9 +334,7 @@ def _check_blocksize(name: str, blocksize, allowed: tuple[int, ...]) -> int:
     if isinstance(blocksize, bool) or not isinstance(blocksize, int):
         raise TypeError(f"{name}: expected an int, got {type(blocksize).__name__}")
     if blocksize not in allowed:
-        raise ValueError(
-            f"{name}: {blocksize} not supported (expected a power of two in {allowed[0]}..{allowed[-1]})"
-        )
+        raise ValueError(f"{name}: {blocksize} not supported (expected a power of two in {allowed[0]}..{allowed[-1]})")
     return blocksize
 
 
@@ -341,7 +342,9 @@ def _check_float_dtype(name: str, dtype) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"{name}: expected a torch.dtype, got {type(dtype).__name__}")
     if dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"{name}: {str(dtype).replace('torch.', '')} not supported (expected float32, bfloat16, float16)")
+        raise TypeError(
+            f"{name}: {str(dtype).replace('torch.', '')} not supported (expected float32, bfloat16, float16)"
+        )
     return dtype
 
 
@@ -530,10 +533,12 @@ class Nf4QuantState:
         )
         return absmax + self.offset.to(absmax.device, torch.float32)
 
-    def to(self, device) -> "Nf4QuantState":
+    def to(self, device) -> Nf4QuantState:
         """A copy with every tensor on ``device`` (bitsandbytes' ``QuantState.to`` works in place)."""
         moved = {
-            f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name)
+            f.name: getattr(self, f.name).to(device)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+            else getattr(self, f.name)
             for f in dataclasses.fields(self)
         }
         return Nf4QuantState(**moved)
@@ -578,7 +583,7 @@ class Nf4QuantState:
     @classmethod
     def from_bnb_dict(
         cls, state_dict: Mapping[str, Any], prefix: str = "", device: torch.device | str | None = None
-    ) -> "Nf4QuantState":
+    ) -> Nf4QuantState:
         """Read a quant state saved by bitsandbytes / transformers (packed or unpacked form).
 
         ``state_dict``: a full state dict or just the quant-state entries; only keys starting with
@@ -588,7 +593,7 @@ class Nf4QuantState:
         for key, value in state_dict.items():
             if not key.startswith(prefix):
                 continue
-            name = key[len(prefix):]
+            name = key[len(prefix) :]
             if name == _BNB_PACKED_KEY or name.startswith("quant_state.bitsandbytes__"):
                 if name != _BNB_PACKED_KEY:
                     raise ValueError(f"{key}: only nf4 quant states are supported")
@@ -599,7 +604,9 @@ class Nf4QuantState:
                 entries[name] = value
         missing = [k for k in ("quant_type", "absmax", "blocksize", "dtype", "shape") if k not in entries]
         if missing:
-            raise ValueError(f"{prefix}{missing[0]}: missing from the bitsandbytes quant state (found {sorted(entries)})")
+            raise ValueError(
+                f"{prefix}{missing[0]}: missing from the bitsandbytes quant state (found {sorted(entries)})"
+            )
         if entries["quant_type"] != "nf4":
             raise ValueError(f"{prefix}quant_type: {entries['quant_type']!r} not supported (only 'nf4')")
         if "quant_map" in entries:
@@ -651,7 +658,9 @@ class Nf4QuantState:
             _checks.check_tensor(prefix + "offset", self.offset, dtypes=(torch.float32,))
             _check_numel(prefix + "offset", self.offset, 1, "a scalar")
             _checks.check_same_device(
-                prefix + "qabsmax", self.qabsmax, **{prefix + "nested_absmax": self.nested_absmax, prefix + "offset": self.offset}
+                prefix + "qabsmax",
+                self.qabsmax,
+                **{prefix + "nested_absmax": self.nested_absmax, prefix + "offset": self.offset},
             )
         else:
             _checks.check_tensor(prefix + "absmax", self.absmax, dtypes=(torch.float32,))

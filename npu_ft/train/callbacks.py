@@ -55,7 +55,7 @@ class NonFiniteLossError(RuntimeError):
             f"applied it ({where}). Lower learning_rate, check the data, or use fp32/bf16 instead of fp16."
         )
 
-    def with_checkpoint(self, last_checkpoint: str | None) -> "NonFiniteLossError":
+    def with_checkpoint(self, last_checkpoint: str | None) -> NonFiniteLossError:
         return NonFiniteLossError(self.step, self.value, last_checkpoint)
 
 
@@ -193,7 +193,7 @@ def plot_loss(output_dir: str, keys: tuple[str, ...] = ("loss", "eval_loss")) ->
         points = [(rec["step"], rec[key]) for rec in history if key in rec and "step" in rec]
         if not points:
             continue
-        steps, values = zip(*points)
+        steps, values = zip(*points, strict=False)
         fig = plt.figure()
         plt.plot(steps, values, color="#1f77b4", alpha=0.4, label="original")
         plt.plot(steps, smooth(list(values)), color="#1f77b4", label="smoothed")

@@ -22,8 +22,9 @@ import os
 import shutil
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["EXPORT_KEYS", "export_main", "export_model", "load_export_options", "train_main"]
 

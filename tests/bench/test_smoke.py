@@ -58,14 +58,20 @@ def test_loss_parity_per_method(smoke):
     assert sorted(impl["method"]) == ["full", "lora", "qlora"]
     for _, p in impl.iterrows():
         assert p["pass"], f"{p['method']}: max rel loss diff {p['max_rel_loss_diff']:.2e} > {p['tolerance']:.0e}"
-    assert dict(zip(impl["method"], impl["tolerance"])) == {"lora": 1e-4, "full": 1e-4, "qlora": 1e-3}
+    assert dict(zip(impl["method"], impl["tolerance"], strict=False)) == {"lora": 1e-4, "full": 1e-4, "qlora": 1e-3}
 
 
 def test_qlora_stores_fewer_weight_bytes_than_lora(smoke):
     _, out = smoke
     df = pd.read_csv(out / "results.csv")
     for impl in ("npu-ft", "reference"):
-        w = dict(zip(df[df["implementation"] == impl]["method"], df[df["implementation"] == impl]["weight_bytes"]))
+        w = dict(
+            zip(
+                df[df["implementation"] == impl]["method"],
+                df[df["implementation"] == impl]["weight_bytes"],
+                strict=False,
+            )
+        )
         assert w["qlora"] < w["lora"], (impl, w)
     lora = df[df["method"] == "lora"].set_index("implementation")
     assert lora.loc["npu-ft", "trainable_params"] == lora.loc["reference", "trainable_params"]
@@ -73,8 +79,15 @@ def test_qlora_stores_fewer_weight_bytes_than_lora(smoke):
 
 def test_reports_written(smoke):
     _, out = smoke
-    for name in ("raw.jsonl", "suite.json", "parity.csv", "ratios.csv", "report.md", "memory_vs_throughput.png",
-                 "loss_curves.png"):
+    for name in (
+        "raw.jsonl",
+        "suite.json",
+        "parity.csv",
+        "ratios.csv",
+        "report.md",
+        "memory_vs_throughput.png",
+        "loss_curves.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert (out / "memory_vs_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()

@@ -21,7 +21,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def _first_diff(ours: list[int], theirs: list[int]) -> str:
-    for i, (a, b) in enumerate(zip(ours, theirs)):
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=False)):
         if a != b:
             return f"first difference at {i}: ours {ours[max(0, i - 3) : i + 4]} vs LF {theirs[max(0, i - 3) : i + 4]}"
     return f"lengths differ: ours {len(ours)} vs LF {len(theirs)}"
@@ -29,7 +29,7 @@ def _first_diff(ours: list[int], theirs: list[int]) -> str:
 
 def _compare(split: str, ours: list[dict], theirs: list[dict]) -> None:
     assert len(ours) == len(theirs), f"{split}: {len(ours)} rows vs LF {len(theirs)}"
-    for i, (mine, ref) in enumerate(zip(ours, theirs)):
+    for i, (mine, ref) in enumerate(zip(ours, theirs, strict=False)):
         for key, value in ref.items():
             assert mine[key] == value, f"{split}[{i}].{key}: {_first_diff(mine[key], value)}"
         if "attention_mask" not in ref:

@@ -54,7 +54,10 @@ def test_folder_is_read_in_sorted_order(fixtures_dir):
     files = list_data_files(fixtures_dir, "alpaca_folder")
     assert [os.path.basename(f) for f in files] == ["part1.json", "part2.json"]
     recs = read_records(files)
-    assert [r["instruction"] for r in recs][:2] == ["Give three tips for staying healthy.", "Translate the sentence into French."]
+    assert [r["instruction"] for r in recs][:2] == [
+        "Give three tips for staying healthy.",
+        "Translate the sentence into French.",
+    ]
     assert len(recs) == 4
 
 

@@ -78,7 +78,10 @@ def test_qwen3_discard_history_thoughts(qwen3_tok):
 def test_qwen3_nothink_plain(qwen3_tok):
     tpl = get_template("qwen3_nothink")
     (s, t), = tpl.encode_multiturn(qwen3_tok, _msgs("Q", "A"))
-    assert qwen3_tok.decode(s) + qwen3_tok.decode(t) == "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+    assert (
+        qwen3_tok.decode(s) + qwen3_tok.decode(t)
+        == "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+    )
 
 
 def test_qwen_tools_function_observation(qwen_tok):

@@ -35,13 +35,16 @@ def tiny(tmp_path_factory):
 
 
 def _launch(recipe, nproc: int):
-    return run([PYTHON, "-m", "npu_ft.cli", "train", str(recipe)], child_env(NPROC_PER_NODE=str(nproc), OMP_NUM_THREADS="1"))
+    return run(
+        [PYTHON, "-m", "npu_ft.cli", "train", str(recipe)], child_env(NPROC_PER_NODE=str(nproc), OMP_NUM_THREADS="1")
+    )
 
 
 def test_ddp_two_processes_equal_one_process_with_accumulation(tiny):
     root = tiny["root"]
-    one = write_yaml(root / "one.yaml", tiny_recipe(tiny["model"], tiny["data"], root / "out_one",
-                                                    gradient_accumulation_steps=2))
+    one = write_yaml(
+        root / "one.yaml", tiny_recipe(tiny["model"], tiny["data"], root / "out_one", gradient_accumulation_steps=2)
+    )
     two = write_yaml(root / "two.yaml", tiny_recipe(tiny["model"], tiny["data"], root / "out_two"))
     _launch(one, 1)
     proc = _launch(two, 2)
@@ -62,10 +65,24 @@ def _deepspeed_run(tiny, stage: int) -> list[float]:
     pytest.importorskip("deepspeed")
     root = tiny["root"]
     out = root / f"out_z{stage}"
-    recipe = write_yaml(root / f"z{stage}.yaml", tiny_recipe(
-        tiny["model"], tiny["data"], out, max_steps=6, deepspeed=str(DS / f"ds_z{stage}_config.json")))
-    run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29600 + stage),
-         str(ROOT / "tests" / "launch" / "_rank_worker.py"), str(recipe)], child_env(OMP_NUM_THREADS="1"))
+    recipe = write_yaml(
+        root / f"z{stage}.yaml",
+        tiny_recipe(tiny["model"], tiny["data"], out, max_steps=6, deepspeed=str(DS / f"ds_z{stage}_config.json")),
+    )
+    run(
+        [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29600 + stage),
+            str(ROOT / "tests" / "launch" / "_rank_worker.py"),
+            str(recipe),
+        ],
+        child_env(OMP_NUM_THREADS="1"),
+    )
     r0 = json.loads((out / "rank0.json").read_text())
     r1 = json.loads((out / "rank1.json").read_text())
     assert r0["sums"] == r1["sums"] and r0["norms"] == r1["norms"], "ranks disagree on the trained weights"

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from npu_ft.launch.estimate import (CPU_TRAIN_RUNTIME_BYTES, GIB, MODELS, ModelShape, cards_needed,
-                                    estimate)
+from npu_ft.launch.estimate import CPU_TRAIN_RUNTIME_BYTES, GIB, MODELS, ModelShape, cards_needed, estimate
 
 
 def test_parts_by_method_and_zero_stage():
@@ -69,4 +68,6 @@ def test_estimate_against_measured_cpu_peak(method, gc, policy):
         pytest.skip(f"per-phase CPU peak not available here ({result['mem_kind']})")
     measured = result["peak_mem_bytes"] - result["baseline_mem_bytes"]
     ratio = measured / (est.train_bytes + CPU_TRAIN_RUNTIME_BYTES)
-    assert BAND[0] <= ratio <= BAND[1], f"{method} gc={gc} ({policy}): measured {measured / 2**20:.1f} MiB, ratio {ratio:.2f}"
+    assert BAND[0] <= ratio <= BAND[1], (
+        f"{method} gc={gc} ({policy}): measured {measured / 2**20:.1f} MiB, ratio {ratio:.2f}"
+    )

@@ -31,9 +31,13 @@ def _pytorchjob_validator():
 
     from referencing import Registry, Resource
 
-    folder = importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema" / f"v{K8S_VERSION}.0-local-strict"
-    resources = [Resource.from_contents(json.loads((folder / name).read_text()))
-                 for name in ("podtemplatespec-v1.json", "_definitions.json")]
+    folder = (
+        importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema" / f"v{K8S_VERSION}.0-local-strict"
+    )
+    resources = [
+        Resource.from_contents(json.loads((folder / name).read_text()))
+        for name in ("podtemplatespec-v1.json", "_definitions.json")
+    ]
     registry = Registry().with_resources((r.id(), r) for r in resources)
     schema = json.loads(SCHEMA.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
@@ -56,8 +60,15 @@ def in_root(monkeypatch):
 
 
 def test_multi_node_lora_zero3_job(in_root):
-    docs = build_manifests("recipes/qwen2.5-72b/lora.yaml", nodes=4, npus_per_node=8, image="reg/npu-ft:1",
-                           namespace="llm", hub_token_secret="hf-token", scheduler="volcano")
+    docs = build_manifests(
+        "recipes/qwen2.5-72b/lora.yaml",
+        nodes=4,
+        npus_per_node=8,
+        image="reg/npu-ft:1",
+        namespace="llm",
+        hub_token_secret="hf-token",
+        scheduler="volcano",
+    )
     validate(docs)
     configmap, job = docs
     assert job["metadata"]["name"] == "npu-ft-qwen2-5-72b-lora" and job["spec"]["nprocPerNode"] == "8"
@@ -82,9 +93,26 @@ def test_multi_node_lora_zero3_job(in_root):
 
 def test_single_node_qlora_job_and_cli(in_root, tmp_path, capsys):
     out = tmp_path / "job.yaml"
-    rc = k8s_main(["recipes/qwen3-8b/qlora.yaml", "--nodes", "1", "--npus-per-node", "8", "--image", "img",
-                   "--cpu", "96", "--memory", "1000Gi", "--env", "HCCL_SOCKET_IFNAME=bond0", "-o", str(out),
-                   "num_train_epochs=1"])
+    rc = k8s_main(
+        [
+            "recipes/qwen3-8b/qlora.yaml",
+            "--nodes",
+            "1",
+            "--npus-per-node",
+            "8",
+            "--image",
+            "img",
+            "--cpu",
+            "96",
+            "--memory",
+            "1000Gi",
+            "--env",
+            "HCCL_SOCKET_IFNAME=bond0",
+            "-o",
+            str(out),
+            "num_train_epochs=1",
+        ]
+    )
     assert rc == 0
     docs = list(yaml.safe_load_all(out.read_text()))
     validate(docs)
@@ -113,12 +141,15 @@ def test_validator_rejects_broken_manifests(in_root):
     assert not VALIDATOR.is_valid(job)
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(nodes=0), "--nodes must be >= 1"),
-    (dict(npus_per_node=32), "--npus-per-node must be 1..16"),
-    (dict(image=""), "--image is required"),
-    (dict(name="Bad_Name"), "not a valid Kubernetes name"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(nodes=0), "--nodes must be >= 1"),
+        (dict(npus_per_node=32), "--npus-per-node must be 1..16"),
+        (dict(image=""), "--image is required"),
+        (dict(name="Bad_Name"), "not a valid Kubernetes name"),
+    ],
+)
 def test_bad_arguments(in_root, kw, match):
     args = dict(nodes=1, npus_per_node=8, image="img")
     args.update(kw)
@@ -127,8 +158,7 @@ def test_bad_arguments(in_root, kw, match):
 
 
 def test_qlora_zero3_refused(in_root, capsys):
-    rc = k8s_main(["recipes/qwen2.5-7b/qlora.yaml", "--image", "img",
-                   "deepspeed=recipes/deepspeed/ds_z3_config.json"])
+    rc = k8s_main(["recipes/qwen2.5-7b/qlora.yaml", "--image", "img", "deepspeed=recipes/deepspeed/ds_z3_config.json"])
     assert rc == 2 and "ZeRO-3 is not supported" in capsys.readouterr().err
 
 

@@ -38,7 +38,13 @@ def npu8(monkeypatch):
 
 def test_cpu_defaults_to_one_process_and_gloo():
     plan = plan_launch("cpu", env={})
-    assert (plan.device, plan.dist_backend, plan.nproc_per_node, plan.nnodes, plan.node_rank) == ("cpu", "gloo", 1, 1, 0)
+    assert (plan.device, plan.dist_backend, plan.nproc_per_node, plan.nnodes, plan.node_rank) == (
+        "cpu",
+        "gloo",
+        1,
+        1,
+        0,
+    )
     assert not plan.distributed and plan.master_addr == "127.0.0.1" and 0 < plan.master_port < 65536
 
 
@@ -58,7 +64,9 @@ def test_visible_devices_env_is_honoured(monkeypatch):
     env = {"ASCEND_RT_VISIBLE_DEVICES": "4,5"}
     plan = plan_launch("npu", env=env)
     assert plan.nproc_per_node == 2 and plan.visible_devices == ("4", "5")
-    with pytest.raises(LaunchError, match=r"more processes than visible npu devices: 2 \(ASCEND_RT_VISIBLE_DEVICES=4,5\)"):
+    with pytest.raises(
+        LaunchError, match=r"more processes than visible npu devices: 2 \(ASCEND_RT_VISIBLE_DEVICES=4,5\)"
+    ):
         plan_launch("npu", env={**env, "NPROC_PER_NODE": "4"})
 
 
@@ -84,20 +92,45 @@ def test_more_cpu_processes_than_cores():
 def test_multi_node(npu8):
     env = {"NNODES": "4", "NODE_RANK": "3", "MASTER_ADDR": "10.0.0.1"}
     plan = plan_launch("npu", env=env)
-    assert (plan.nnodes, plan.node_rank, plan.world_size, plan.master_addr, plan.master_port) == (4, 3, 32, "10.0.0.1", 29500)
+    assert (plan.nnodes, plan.node_rank, plan.world_size, plan.master_addr, plan.master_port) == (
+        4,
+        3,
+        32,
+        "10.0.0.1",
+        29500,
+    )
     cmd = torchrun_command(plan, ["r.yaml", "lora_rank=4"], python="python")
-    assert cmd == ["python", "-m", "torch.distributed.run", "--nnodes", "4", "--node_rank", "3", "--nproc_per_node",
-                   "8", "--master_addr", "10.0.0.1", "--master_port", "29500", "-m", "npu_ft.launch", "r.yaml",
-                   "lora_rank=4"]
+    assert cmd == [
+        "python",
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "4",
+        "--node_rank",
+        "3",
+        "--nproc_per_node",
+        "8",
+        "--master_addr",
+        "10.0.0.1",
+        "--master_port",
+        "29500",
+        "-m",
+        "npu_ft.launch",
+        "r.yaml",
+        "lora_rank=4",
+    ]
 
 
-@pytest.mark.parametrize("env, match", [
-    ({"NNODES": "2"}, "NNODES=2 needs MASTER_ADDR"),
-    ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, "NODE_RANK=2 must be smaller than NNODES=2"),
-    ({"NNODES": "two"}, "NNODES='two' is not an integer"),
-    ({"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE=0 must be >= 1"),
-    ({"MASTER_PORT": "70000"}, "MASTER_PORT=70000 is not a TCP port"),
-])
+@pytest.mark.parametrize(
+    "env, match",
+    [
+        ({"NNODES": "2"}, "NNODES=2 needs MASTER_ADDR"),
+        ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, "NODE_RANK=2 must be smaller than NNODES=2"),
+        ({"NNODES": "two"}, "NNODES='two' is not an integer"),
+        ({"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE=0 must be >= 1"),
+        ({"MASTER_PORT": "70000"}, "MASTER_PORT=70000 is not a TCP port"),
+    ],
+)
 def test_bad_environment(npu8, env, match):
     with pytest.raises(LaunchError, match=match):
         plan_launch("npu", env=env)
@@ -127,7 +160,10 @@ def test_qlora_with_zero3_is_refused():
     cfg = _cfg(quantization_bit=4, deepspeed=str(DS / "ds_z3_config.json"))
     with pytest.raises(LaunchError, match="QLoRA .* ZeRO-3 is not supported"):
         check_launch(cfg)
-    assert check_launch(_cfg(quantization_bit=4, deepspeed=str(DS / "ds_z2_config.json")))["zero_optimization"]["stage"] == 2
+    assert (
+        check_launch(_cfg(quantization_bit=4, deepspeed=str(DS / "ds_z2_config.json")))["zero_optimization"]["stage"]
+        == 2
+    )
     assert check_launch(_cfg(deepspeed=str(DS / "ds_z3_config.json")))["zero_optimization"]["stage"] == 3
 
 
@@ -140,7 +176,9 @@ def test_deepspeed_config_problems(tmp_path):
         check_launch(_cfg(deepspeed=str(bad)))
     with pytest.raises(LaunchError, match="bf16.enabled=True but the recipe has bf16: false"):
         check_launch(_cfg(deepspeed={"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
-    with pytest.raises(LaunchError, match="train_micro_batch_size_per_gpu=4 but the recipe has per_device_train_batch_size: 8"):
+    with pytest.raises(
+        LaunchError, match="train_micro_batch_size_per_gpu=4 but the recipe has per_device_train_batch_size: 8"
+    ):
         check_launch(_cfg(deepspeed={"train_micro_batch_size_per_gpu": 4}))
     plan = LaunchPlan("cpu", "gloo", 2)
     with pytest.raises(LaunchError, match="parameter offload"):
@@ -158,8 +196,17 @@ def test_deepspeed_missing_package(monkeypatch):
 
 # -- the hook: what it launches, and that nothing launches on bad input -----------------------
 def _recipe(tmp_path: Path, **kw) -> Path:
-    return write_yaml(tmp_path / "r.yaml", {"model_name_or_path": "m", "dataset": "d", "do_train": True,
-                                             "output_dir": str(tmp_path / "out"), "device": "cpu", **kw})
+    return write_yaml(
+        tmp_path / "r.yaml",
+        {
+            "model_name_or_path": "m",
+            "dataset": "d",
+            "do_train": True,
+            "output_dir": str(tmp_path / "out"),
+            "device": "cpu",
+            **kw,
+        },
+    )
 
 
 class Recorder:
@@ -176,7 +223,7 @@ def test_hook_launches_torchrun_with_the_env(tmp_path, capsys):
     rec = Recorder()
     argv = ["--nproc-per-node", "2", str(recipe), "lora_rank=4"]
     assert launch_or_init(argv, env={"MASTER_PORT": "29512"}, run=rec) == 0
-    (cmd, env), = rec.calls
+    ((cmd, env),) = rec.calls
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert cmd[cmd.index("--nproc_per_node") + 1] == "2" and cmd[cmd.index("--master_port") + 1] == "29512"
     assert cmd[-4:] == ["-m", "npu_ft.launch", str(recipe), "lora_rank=4"]
@@ -191,12 +238,18 @@ def test_hook_single_process_goes_on(tmp_path):
     assert rec.calls == []
 
 
-@pytest.mark.parametrize("kw, env, match", [
-    ({}, {"NPROC_PER_NODE": "999"}, "more processes than this host has CPU cores"),
-    ({}, {"NNODES": "2", "NPROC_PER_NODE": "1"}, "needs MASTER_ADDR"),
-    ({"quantization_bit": 4, "deepspeed": str(DS / "ds_z3_config.json")}, {"NPROC_PER_NODE": "2"},
-     "ZeRO-3 is not supported"),
-])
+@pytest.mark.parametrize(
+    "kw, env, match",
+    [
+        ({}, {"NPROC_PER_NODE": "999"}, "more processes than this host has CPU cores"),
+        ({}, {"NNODES": "2", "NPROC_PER_NODE": "1"}, "needs MASTER_ADDR"),
+        (
+            {"quantization_bit": 4, "deepspeed": str(DS / "ds_z3_config.json")},
+            {"NPROC_PER_NODE": "2"},
+            "ZeRO-3 is not supported",
+        ),
+    ],
+)
 def test_hook_refuses_before_launch(tmp_path, capsys, kw, env, match):
     rec = Recorder()
     assert launch_or_init([str(_recipe(tmp_path, **kw))], env=env, run=rec) == 1

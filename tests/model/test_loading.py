@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from npu_ft.model import (
-    ModelLoadError,
     QWEN_VOCAB_SIZE,
+    ModelLoadError,
     build_tiny_model,
     load_model,
     model_from_config,

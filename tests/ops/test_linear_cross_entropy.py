@@ -88,13 +88,19 @@ def test_fp32_matches_reference(shape, chunk_rows, pattern, num_items, head):
     if pattern == "all" and num_items is None:
         assert torch.isnan(ref) and torch.isnan(ours)  # 0 / 0, as torch's mean cross-entropy
         # torch gives zero gradients then (never NaN), and so do we
-        for g_ours, g_ref in zip(_grads(ours, (hidden, weight, bias)), _grads(ref, (hidden, weight, bias))):
+        for g_ours, g_ref in zip(
+            _grads(ours, (hidden, weight, bias)), _grads(ref, (hidden, weight, bias)), strict=False
+        ):
             assert torch.equal(g_ref, torch.zeros_like(g_ref))
             assert torch.equal(g_ours, g_ref)
         return
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
-    for name, g_ours, g_ref in zip(("hidden", "weight", "bias"), _grads(ours, (hidden, weight, bias)),
-                                   _grads(ref, (hidden, weight, bias))):
+    for name, g_ours, g_ref in zip(
+        ("hidden", "weight", "bias"),
+        _grads(ours, (hidden, weight, bias)),
+        _grads(ref, (hidden, weight, bias)),
+        strict=False,
+    ):
         assert g_ours.dtype == g_ref.dtype and g_ours.shape == g_ref.shape
         _close(g_ours, g_ref, 1e-5, 1e-5, name)
         if pattern == "all":
@@ -113,7 +119,7 @@ def test_frozen_weight_and_no_bias(weight_grad, bias):
     tensors = (hidden, weight, b)
     got, want = _grads(ours, tensors), _grads(ref, tensors)
     assert len(got) == len(want) == 1 + weight_grad + bias
-    for g_ours, g_ref in zip(got, want):
+    for g_ours, g_ref in zip(got, want, strict=False):
         _close(g_ours, g_ref, 1e-5, 1e-5, "grad")
 
 
@@ -133,8 +139,12 @@ def test_bf16_matches_reference(shape, chunk_rows, num_items, head):
     ours = linear_cross_entropy(hidden, weight, labels, bias=bias, num_items_in_batch=items, chunk_rows=chunk_rows)
     assert ours.dtype == torch.float32  # logits upcast, as transformers
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
-    for name, g_ours, g_ref in zip(("hidden", "weight", "bias"), _grads(ours, (hidden, weight, bias)),
-                                   _grads(ref, (hidden, weight, bias))):
+    for name, g_ours, g_ref in zip(
+        ("hidden", "weight", "bias"),
+        _grads(ours, (hidden, weight, bias)),
+        _grads(ref, (hidden, weight, bias)),
+        strict=False,
+    ):
         assert g_ours.dtype == torch.bfloat16, name  # grads in the inputs' dtype
         _close(g_ours.float(), g_ref.float(), 2e-2, 1e-2, name)
 
@@ -151,8 +161,12 @@ def test_autocast_computes_like_linear_under_autocast():
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
     fp32 = _reference(hidden, weight, labels, bias)
     assert float((ours - fp32).detach().abs()) > 1e-6  # it really ran in bf16 (else this test proves nothing)
-    for name, g_ours, g_ref in zip(("hidden", "weight", "bias"), _grads(ours, (hidden, weight, bias)),
-                                   _grads(ref, (hidden, weight, bias))):
+    for name, g_ours, g_ref in zip(
+        ("hidden", "weight", "bias"),
+        _grads(ours, (hidden, weight, bias)),
+        _grads(ref, (hidden, weight, bias)),
+        strict=False,
+    ):
         assert g_ours.dtype == torch.float32, name
         _close(g_ours, g_ref, 2e-2, 1e-2, name)
 
@@ -164,8 +178,9 @@ def test_gradcheck_float64():
     bias = torch.randn(9, generator=gen, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([3, IGNORE, 0, 8, IGNORE, 5])
     for items in (None, 7):
-        fn = lambda h, w, b: linear_cross_entropy(h, w, labels, bias=b, chunk_rows=3,  # noqa: E731
-                                                  num_items_in_batch=items)
+        def fn(h, w, b, items=items):
+            return linear_cross_entropy(h, w, labels, bias=b, chunk_rows=3, num_items_in_batch=items)
+
         assert fn(hidden, weight, bias).dtype == torch.float64
         assert torch.autograd.gradcheck(fn, (hidden, weight, bias), eps=1e-6, atol=1e-7)
 

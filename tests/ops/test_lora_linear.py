@@ -210,7 +210,7 @@ def test_cpu_kernel_matches_reference(batch, in_f, out_f, r, xd, ld, bias, with_
                  [False, with_x_lora, True, False, bias]):
         ref = lora_linear_backward_reference(grad, x, w, a, bb, h_ref, scaling, xl, mask)
         out = fused_lora.lora_linear_backward_fused(grad, x, w, a, bb, h_ref, scaling, xl, mask)
-        for i, (o, rr) in enumerate(zip(out, ref)):
+        for i, (o, rr) in enumerate(zip(out, ref, strict=False)):
             assert o.dtype == rr.dtype and o.shape == rr.shape, (i, o.dtype, rr.dtype, o.shape, rr.shape)
             if rr.numel():
                 _assert_close(o, rr, tol_dtype)
@@ -371,6 +371,6 @@ def test_edge_shapes_forward_and_backward(kind):
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     grads = torch.autograd.grad(y.sum(), (x, a, bb))
     grads_ref = torch.autograd.grad(expected.sum(), (x, a, bb))
-    for got, ref in zip(grads, grads_ref):
+    for got, ref in zip(grads, grads_ref, strict=False):
         assert got.shape == ref.shape
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -160,7 +160,8 @@ def test_cpu_float_conversions_exact_over_wide_range():
     for dtype in (torch.float16, torch.bfloat16):
         x = bits.view(dtype).clone()
         x[~torch.isfinite(x)] = 0.5
-        assert all(torch.equal(a, b) for a, b in zip(nf4.nf4_quantize_reference(x, 64), cpu_nf4.nf4_quantize_cpu(x, 64)))
+        pairs = zip(nf4.nf4_quantize_reference(x, 64), cpu_nf4.nf4_quantize_cpu(x, 64), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_cpu_kernel_is_dispatched():
@@ -204,11 +205,17 @@ def test_opcheck(shape):
     q, qabs = torch.ops.npu_ft.quantize_blockwise_8bit(w.float(), code, 64)
     torch.library.opcheck(torch.ops.npu_ft.nf4_quantize.default, (w, 32), test_utils=OPCHECK_TESTS)
     torch.library.opcheck(
-        torch.ops.npu_ft.nf4_dequantize.default, (packed, absmax, 32, list(shape), torch.float16), test_utils=OPCHECK_TESTS
+        torch.ops.npu_ft.nf4_dequantize.default,
+        (packed, absmax, 32, list(shape), torch.float16),
+        test_utils=OPCHECK_TESTS,
     )
-    torch.library.opcheck(torch.ops.npu_ft.quantize_blockwise_8bit.default, (w.float(), code, 64), test_utils=OPCHECK_TESTS)
     torch.library.opcheck(
-        torch.ops.npu_ft.dequantize_blockwise_8bit.default, (q, qabs, code, 64, torch.bfloat16), test_utils=OPCHECK_TESTS
+        torch.ops.npu_ft.quantize_blockwise_8bit.default, (w.float(), code, 64), test_utils=OPCHECK_TESTS
+    )
+    torch.library.opcheck(
+        torch.ops.npu_ft.dequantize_blockwise_8bit.default,
+        (q, qabs, code, 64, torch.bfloat16),
+        test_utils=OPCHECK_TESTS,
     )
     assert packed.shape == ((n + 1) // 2, 1)
 

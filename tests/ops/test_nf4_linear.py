@@ -4,7 +4,6 @@ CPU with bitsandbytes 0.50), cpu kernel vs reference, opcheck, memory contract, 
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -157,7 +156,7 @@ def test_matches_peft_linear4bit(dtype, dropout):
         y = layer(xx)
         y.backward(g)
         out.append((y.detach(), xx.grad, lora_A.weight.grad, lora_B.weight.grad))
-    for name, a, r in zip(("y", "dx", "dA", "dB"), out[1], out[0]):
+    for name, a, r in zip(("y", "dx", "dA", "dB"), out[1], out[0], strict=False):
         assert a.dtype == r.dtype, name
         _close(a, r, dtype, msg=lambda m, name=name: f"{name}: {m}")
 
@@ -188,7 +187,7 @@ def test_cpu_kernel_matches_reference(out_f, in_f, r, batch, dtype, ldtype, bloc
         bargs = (grad, x, packed, absmax, state.blocksize, shape, a, bb, h_ref, 0.5, xl, mask)
         ref = nf4_linear_backward_reference(*bargs)
         out = fused_lora.nf4_linear_backward_fused(*bargs)
-        for i, (o, rr) in enumerate(zip(out, ref)):
+        for i, (o, rr) in enumerate(zip(out, ref, strict=False)):
             assert o.shape == rr.shape and o.dtype == rr.dtype, i
             if rr.numel():
                 _close(o, rr, dtype if i in (0, 4) else ldtype)

@@ -28,8 +28,8 @@ if os.environ.get("NPU_FT_LF_VENV_TESTS") != "1":
 @pytest.fixture
 def patched_peft():
     """PEFT patched for one test, reverted afterwards (other tests see PEFT untouched)."""
-    from npu_ft_llamafactory import peft_patch
     from npu_ft.ops import reset_kernel_calls
+    from npu_ft_llamafactory import peft_patch
 
     peft_patch.apply_npu_ft_to_peft()
     peft_patch.set_enabled(True)

@@ -173,14 +173,18 @@ def test_checkpoint_policy_from_env(fake_lf, monkeypatch):
     with pytest.raises(NpuFtLlamaFactoryError, match="cannot be combined with use_unsloth_gc"):
         checkpointing._gradient_checkpointing_enable(model.get_base_model(), None, True)
     monkeypatch.setenv("NPU_FT_LF_CHECKPOINT_POLICY", "most")
-    with pytest.raises(NpuFtLlamaFactoryError, match="NPU_FT_LF_CHECKPOINT_POLICY='most': expected one of full, selective"):
+    with pytest.raises(NpuFtLlamaFactoryError, 
+                       match="NPU_FT_LF_CHECKPOINT_POLICY='most': expected one of full, selective"):
         checkpointing._gradient_checkpointing_enable(model.get_base_model(), None)
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(quantization_bit=8), "quantization_bit: 8 is not supported"),
-    (dict(quantization_bit=4, quantization_type="fp4"), "quantization_type: fp4 is not supported"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(quantization_bit=8), "quantization_bit: 8 is not supported"),
+        (dict(quantization_bit=4, quantization_type="fp4"), "quantization_type: fp4 is not supported"),
+    ],
+)
 def test_unsupported_quantization(fake_lf, kw, msg):
     fake_lf("0.9.5")
     from npu_ft_llamafactory import NpuFtLlamaFactoryError, apply_npu_ft_to_llamafactory

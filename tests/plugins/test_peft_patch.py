@@ -124,7 +124,7 @@ def _dequantized_reference(model):
     from npu_ft.modules.nf4 import Nf4Linear
 
     ref = copy.deepcopy(model)
-    for name, mod in list(ref.named_modules()):
+    for _name, mod in list(ref.named_modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, Nf4Linear):
                 dense = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)

@@ -154,9 +154,7 @@ def test_run_sft_trains_the_same_under_each_policy(tmp_path):
 
 
 def test_config_rejects_an_unknown_policy(tmp_path):
-    from npu_ft.train.config import ConfigError, build_config
-
-    from npu_ft.train.config import option
+    from npu_ft.train.config import ConfigError, build_config, option
 
     assert option("gradient_checkpointing_policy").choices == POLICIES  # the config offers every policy
     with pytest.raises(ConfigError, match="gradient_checkpointing_policy"):

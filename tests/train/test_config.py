@@ -263,4 +263,5 @@ def test_docs_config_md_matches_the_option_table():
     doc = Path(__file__).resolve().parents[2] / "docs" / "config.md"
     if not doc.is_file():
         pytest.skip("docs/config.md not written yet (python -m npu_ft.train.config > docs/config.md)")
-    assert doc.read_text(encoding="utf-8") == options_markdown(), "regenerate: python -m npu_ft.train.config > docs/config.md"
+    assert doc.read_text(encoding="utf-8") == options_markdown(), \
+        "regenerate: python -m npu_ft.train.config > docs/config.md"

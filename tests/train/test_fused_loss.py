@@ -157,7 +157,8 @@ def test_return_dict_false_and_dict_access():
     ids, mask, labels = _batch()
     out = ours(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
     assert isinstance(out, tuple)
-    torch.testing.assert_close(out[0], ref(input_ids=ids, attention_mask=mask, labels=labels).loss, rtol=1e-5, atol=1e-6)
+    expected = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-6)
     out = ours(input_ids=ids, attention_mask=mask, labels=labels)
     assert out["loss"] is out.loss and out[0] is out.loss and "logits" not in out  # what Trainer reads
 
@@ -259,8 +260,15 @@ def test_run_sft_uses_it_by_default_and_the_key_turns_it_off(tmp_path):
 
     losses = {}
     for fused in (None, False):  # None: the key left out (default true)
-        recipe = base_recipe(model_dir, data, tmp_path / f"out-{fused}", max_steps=2, save_steps=2,
-                             gradient_accumulation_steps=2, fused_cross_entropy=fused)
+        recipe = base_recipe(
+            model_dir,
+            data,
+            tmp_path / f"out-{fused}",
+            max_steps=2,
+            save_steps=2,
+            gradient_accumulation_steps=2,
+            fused_cross_entropy=fused,
+        )
         cfg = load_config(write_recipe(tmp_path / f"r-{fused}.yaml", recipe))
         calls.clear()
         lce._LinearCrossEntropySum.apply = counting

@@ -234,7 +234,8 @@ def test_qlora_quantizes_all_linears_but_the_head_and_merges_dequantized(tmp_pat
     # NF4 is lossy but close: same ballpark as the dense model
     assert (expected - logits(base, x)).abs().max() < 1.0
     save_adapter(model, tmp_path / "qlora")
-    assert json.loads((tmp_path / "qlora" / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
+    saved = json.loads((tmp_path / "qlora" / "adapter_config.json").read_text())
+    assert saved["target_modules"] == ["q_proj", "v_proj"]
     merged = merge_adapter(model)
     assert not any(isinstance(m, (LoraLinear, Nf4Linear)) for m in merged.modules())
     torch.testing.assert_close(logits(merged, x), expected, rtol=1e-4, atol=1e-4)

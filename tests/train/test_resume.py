@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from npu_ft.train.checkpoint import atomic_publish, latest_checkpoint, resolve_resume, CheckpointError
+from npu_ft.train.checkpoint import CheckpointError, atomic_publish, latest_checkpoint, resolve_resume
 from npu_ft.train.config import load_config
 from npu_ft.train.run import run_sft
 

@@ -15,7 +15,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["lora_linear_fused", "lora_linear_backward_fused", "nf4_linear_fused", "nf4_linear_backward_fused", "KERNELS"]
+__all__ = [
+    "lora_linear_fused",
+    "lora_linear_backward_fused",
+    "nf4_linear_fused",
+    "nf4_linear_backward_fused",
+    "KERNELS",
+]
 
 
 def _forward(x, weight, bias, lora_A, lora_B, scaling, x_lora, cast_branch_first):
@@ -97,8 +103,9 @@ def nf4_linear_fused(x, packed, absmax, blocksize, weight_shape, bias, lora_A, l
     return _forward(x, weight, bias, lora_A, lora_B, scaling, x_lora, cast_branch_first=True)
 
 
-def nf4_linear_backward_fused(grad_out, x, packed, absmax, blocksize, weight_shape, lora_A, lora_B, h, scaling,
-                            x_lora, output_mask):
+def nf4_linear_backward_fused(
+    grad_out, x, packed, absmax, blocksize, weight_shape, lora_A, lora_B, h, scaling, x_lora, output_mask
+):
     weight = _dequantize(packed, absmax, blocksize, weight_shape, x.dtype) if output_mask[0] else None
     return _backward(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora, output_mask)
 

@@ -235,7 +235,8 @@ def _wrap_init_adapter(original, fallback: bool):
             converted = qlora.convert_bnb_4bit_layers(model)
             _STATE["converted"] += len(converted)
             if converted:
-                print(f"[npu-ft] converted {len(converted)} bitsandbytes Linear4bit layers to npu-ft NF4", file=sys.stderr)
+                print(f"[npu-ft] converted {len(converted)} bitsandbytes Linear4bit layers to npu-ft NF4",
+                      file=sys.stderr)
             if is_trainable:
                 _STATE["fused_cross_entropy"] = _enable_fused_loss(model, model_args, finetuning_args)
         return model
@@ -281,8 +282,9 @@ def _patch_checkpointing(fallback: bool) -> None:
         from llamafactory.model.model_utils import checkpointing
     except ImportError as exc:
         if checkpoint_policy() != "full":
-            _unpatchable(f"{ENV_CHECKPOINT_POLICY} is set but LLaMA-Factory's checkpointing module is "
-                         f"missing ({exc})", fallback)
+            _unpatchable(
+                f"{ENV_CHECKPOINT_POLICY} is set but LLaMA-Factory's checkpointing module is missing ({exc})", fallback
+            )
         return
     current = checkpointing._gradient_checkpointing_enable
     if not getattr(current, "__npu_ft_patched__", False):
@@ -290,6 +292,7 @@ def _patch_checkpointing(fallback: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+
 
 def apply_npu_ft_to_llamafactory(fallback: bool | None = None) -> dict:
     """Patch LLaMA-Factory (see the module docstring). Returns what was done.
@@ -300,8 +303,10 @@ def apply_npu_ft_to_llamafactory(fallback: bool | None = None) -> dict:
     fallback = fallback_requested(fallback)
     version = check_llamafactory()
     if not version_supported(version):
-        _unpatchable(f"LLaMA-Factory {version} is not a supported version (supported: "
-                     f"{', '.join(SUPPORTED_LF_VERSIONS)})", fallback)
+        _unpatchable(
+            f"LLaMA-Factory {version} is not a supported version (supported: {', '.join(SUPPORTED_LF_VERSIONS)})",
+            fallback,
+        )
         return {"patched": False, "llamafactory": version, "reason": _STATE["unpatched_reason"]}
     if _STATE["applied"]:
         return {"patched": True, "llamafactory": version}

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,7 +98,12 @@ def _plan(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[str, Any] 
     if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
         return "base layer has hooks"
     lora_A, lora_B = layer.lora_A[a], layer.lora_B[a]
-    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None or lora_B.bias is not None:
+    if (
+        type(lora_A) is not nn.Linear
+        or type(lora_B) is not nn.Linear
+        or lora_A.bias is not None
+        or lora_B.bias is not None
+    ):
         return "non-standard lora_A/lora_B"
     if lora_A.weight.dtype != lora_B.weight.dtype:
         return "lora_A/lora_B dtypes differ"
@@ -140,8 +146,9 @@ def _make_forward(original: Callable) -> Callable:
             STATS["lora_linear"] += 1
             return lora_ops.lora_linear(x, base.weight, bias, lora_A.weight, lora_B.weight, scaling, x_lora)
         STATS["nf4_linear"] += 1
-        return lora_ops.nf4_linear(x, base.packed, base.quant_state, bias, lora_A.weight, lora_B.weight,
-                                   scaling, x_lora)
+        return lora_ops.nf4_linear(
+            x, base.packed, base.quant_state, bias, lora_A.weight, lora_B.weight, scaling, x_lora
+        )
 
     forward.__npu_ft_patched__ = True
     forward.__wrapped__ = original
@@ -184,8 +191,10 @@ def apply_npu_ft_to_peft() -> list[str]:
             if missing:
                 import peft
 
-                raise RuntimeError(f"npu-ft LLaMA-Factory plugin: PEFT {peft.__version__} {name} lacks {missing}; "
-                                   "this PEFT version cannot be patched")
+                raise RuntimeError(
+                    f"npu-ft LLaMA-Factory plugin: PEFT {peft.__version__} {name} lacks {missing}; "
+                    "this PEFT version cannot be patched"
+                )
             original = cls.forward
             _ORIGINAL[cls] = original
             cls.forward = _make_forward(original)

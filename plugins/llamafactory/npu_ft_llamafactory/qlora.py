@@ -17,7 +17,7 @@ Neither touches parameter names of LoRA adapters, so PEFT's adapter files stay t
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

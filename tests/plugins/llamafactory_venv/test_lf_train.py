@@ -104,7 +104,7 @@ def _losses(work: Path, name: str) -> list[float]:
 
 def _assert_same_losses(a: list[float], b: list[float], rtol: float) -> None:
     assert len(a) == len(b) == 4, (a, b)
-    for step, (x, y) in enumerate(zip(a, b), 1):
+    for step, (x, y) in enumerate(zip(a, b, strict=False), 1):
         assert abs(x - y) <= rtol * abs(x), f"step {step}: {x} vs {y} (relative {abs(x - y) / abs(x):.2e} > {rtol})"
 
 

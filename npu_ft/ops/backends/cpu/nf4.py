@@ -214,7 +214,8 @@ static void nf4_dequant_f32_simd(const uint8_t* packed, const float* absmax, con
 void nf4_dequant_f32(const uint8_t* packed, const float* absmax, const float* code, float* out,
                      i64 n, i64 blocksize, i64 b0, i64 b1) {
 #ifdef NPU_FT_X86
-    if (has_avx2() && blocksize % 32 == 0) { nf4_dequant_f32_simd(packed, absmax, code, out, n, blocksize, b0, b1); return; }
+    if (has_avx2() && blocksize % 32 == 0) { nf4_dequant_f32_simd(packed, absmax, code, out, n, blocksize, b0, b1);
+        return; }
 #endif
     nf4_dequant_f32_scalar(packed, absmax, code, out, n, blocksize, b0, b1);
 }
@@ -222,7 +223,8 @@ void nf4_dequant_f32(const uint8_t* packed, const float* absmax, const float* co
 void nf4_dequant_bf16(const uint8_t* packed, const float* absmax, const float* code, uint16_t* out,
                       i64 n, i64 blocksize, i64 b0, i64 b1) {
 #ifdef NPU_FT_X86
-    if (has_avx2() && blocksize % 32 == 0) { nf4_dequant_16_simd(packed, absmax, code, out, n, blocksize, b0, b1, 0); return; }
+    if (has_avx2() && blocksize % 32 == 0) { nf4_dequant_16_simd(packed, absmax, code, out, n, blocksize, b0, b1, 0);
+        return; }
 #endif
     nf4_dequant_bf16_scalar(packed, absmax, code, out, n, blocksize, b0, b1);
 }
@@ -230,7 +232,8 @@ void nf4_dequant_bf16(const uint8_t* packed, const float* absmax, const float* c
 void nf4_dequant_f16(const uint8_t* packed, const float* absmax, const float* code, uint16_t* out,
                      i64 n, i64 blocksize, i64 b0, i64 b1) {
 #ifdef NPU_FT_X86
-    if (has_avx2() && blocksize % 32 == 0) { nf4_dequant_16_simd(packed, absmax, code, out, n, blocksize, b0, b1, 1); return; }
+    if (has_avx2() && blocksize % 32 == 0) { nf4_dequant_16_simd(packed, absmax, code, out, n, blocksize, b0, b1, 1);
+        return; }
 #endif
     nf4_dequant_f16_scalar(packed, absmax, code, out, n, blocksize, b0, b1);
 }

@@ -34,8 +34,6 @@ bitsandbytes' ``matmul_4bit``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -153,11 +151,11 @@ def _blocks(M: int, N: int, K2: int, dtype: torch.dtype) -> dict:
 def dual_gemm(
     a1: torch.Tensor,
     b1: torch.Tensor,
-    a2: Optional[torch.Tensor] = None,
-    b2: Optional[torch.Tensor] = None,
+    a2: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
     scale2: float = 1.0,
-    bias: Optional[torch.Tensor] = None,
-    out_dtype: Optional[torch.dtype] = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``a1 @ b1 + scale2 * (a2 @ b2) + bias`` in one Triton kernel, fp32 accumulation.
 

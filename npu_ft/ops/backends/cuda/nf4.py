@@ -30,7 +30,7 @@ names; :func:`register` registers them on the CUDA dispatch key. They also run o
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton

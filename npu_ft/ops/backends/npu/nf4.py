@@ -40,7 +40,7 @@ these very torch ops on the CPU). On real Ascend hardware only where ``npu-ft do
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
