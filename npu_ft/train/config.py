@@ -35,7 +35,6 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -536,33 +535,13 @@ class SftConfig:
 # ---------------------------------------------------------------------------------------------
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SftConfig:
     """Read a LLaMA-Factory style YAML recipe, merge ``key=value`` overrides, validate."""
-    path = Path(path)
+    from npu_ft.config.yaml_io import YamlError, load_yaml_mapping
+
     source = str(path)
-    if not path.exists():
-        raise ConfigError("config file not found", source=source)
-    if path.is_dir():
-        raise ConfigError("config path is a directory, expected a YAML file", source=source)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file: {exc}", source=source) from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f"{source}:{mark.line + 1}" if mark is not None else source
-        problem = " ".join(str(part) for part in (exc.context, exc.problem) if part)
-        raise ConfigError(f"invalid YAML: {problem}", source=line) from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML: {exc}", source=source) from exc
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"expected a mapping of key: value at the top level, got {type(data).__name__}",
-                          source=source)
-    for key in data:
-        if not isinstance(key, str):
-            raise ConfigError(f"keys must be strings, got {key!r}", source=source)
+        data = load_yaml_mapping(path)
+    except YamlError as exc:
+        raise ConfigError(str(exc)) from None
     sources = {key: source for key in data}
     merged = dict(data)
     for key, value, text in parse_overrides(overrides):
