@@ -39,9 +39,9 @@ import copy
 import dataclasses
 import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import yaml
+from npu_ft.config.schema import ConfigError, config_field, field_infos, parse_fields
 
 METHODS = ("lora", "qlora", "full")
 BUILTIN_IMPLEMENTATIONS = ("npu-ft", "reference", "llamafactory", "llamafactory+npu-ft")  # LF: impl_llamafactory.py
@@ -60,30 +60,114 @@ DEFAULT_TOLERANCES = {
 #: tolerance for the same implementation across devices (different kernels, different order of sums)
 DEFAULT_CROSS_DEVICE_TOLERANCES = {"float32": 1e-3, "bfloat16": 3e-2, "float16": 2e-2}
 
-LORA_KEYS = {"r": int, "alpha": (int, float), "dropout": (int, float), "targets": (str, list),
-             "use_rslora": bool, "additional_target": (list, type(None))}
-LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "all", "use_rslora": False,
-                 "additional_target": None}
 
-#: settings a case carries; (type(s), default). Also the keys a variant may override.
-CASE_SETTINGS: dict[str, tuple[Any, Any]] = {
-    "dtype": (str, "float32"),
-    "seq_len": (int, 128),
-    "batch_size": (int, 1),
-    "steps": (int, 5),
-    "warmup": (int, 1),
-    "gradient_checkpointing": (bool, False),
-    "checkpoint_policy": ((str, dict), "full"),
-    "lora": (dict, None),
-    "lr": ((int, float), 1e-4),
-    "seed": (int, 0),
-    "model_overrides": (dict, None),
-    "timeout_s": ((int, float), 3600),
-    "data_pool": (int, 4),
-}
-SUITE_KEYS = {"name": str, "description": str, "models": list, "methods": list, "implementations": list,
-              "devices": list, "repeats": int, "tolerances": dict, "cross_device_tolerance": (int, float),
-              "variants": list}
+
+def _dtype_alias(value: Any) -> Any:
+    return _DTYPE_ALIASES.get(str(value).lower(), str(value).lower()) if isinstance(value, str) else value
+
+
+@dataclasses.dataclass
+class LoraSettings:
+    """The ``lora:`` mapping of a suite (LLaMA-Factory's lora_* keys, short names)."""
+
+    r: int = config_field(8, "LoRA rank.", minimum=0, exclusive_minimum=True)
+    alpha: float = config_field(16, "LoRA alpha.")
+    dropout: float = config_field(0.0, "Dropout on the LoRA input.", minimum=0.0, maximum=1.0,
+                                  exclusive_maximum=True)
+    targets: str | list[str] = config_field("all", "'all' or a list of module-name suffixes.")
+    use_rslora: bool = config_field(False, "Rank-stabilised scaling.")
+    additional_target: list[str] | None = config_field(None, "Modules trained in full (modules_to_save).")
+
+
+LORA_DEFAULTS = dataclasses.asdict(LoraSettings())
+
+
+def _check_policy(value: Any, where: str | None, key: str) -> str | dict:
+    """``full | selective``, or one per method (``{lora: selective, qlora: full}``)."""
+    from npu_ft.config.npu_ft_args import CHECKPOINT_POLICIES
+
+    if not isinstance(value, (str, dict)):
+        raise ConfigError(f"must be str or dict, got {type(value).__name__} {value!r}", source=where, key=key)
+    per_method = value if isinstance(value, dict) else {None: value}
+    for method, policy in per_method.items():
+        at = key if method is None else f"{key}.{method}"
+        if method is not None and method not in METHODS:
+            raise ConfigError(f"unknown method; expected one of {', '.join(METHODS)}", source=where, key=at)
+        if policy not in CHECKPOINT_POLICIES:
+            raise ConfigError(f"unknown policy {policy!r}; expected one of {', '.join(CHECKPOINT_POLICIES)}",
+                              source=where, key=at)
+    return copy.deepcopy(value)
+
+
+@dataclasses.dataclass
+class CaseSettings:
+    """Settings every case carries; the top level of a suite sets them, a variant may override them."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = config_field(
+        "float32", "Training dtype (aliases fp32, bf16, fp16).", normalize=_dtype_alias)
+    seq_len: int = config_field(128, "Tokens per sequence.", minimum=1)
+    batch_size: int = config_field(1, "Sequences per step.", minimum=1)
+    steps: int = config_field(5, "Timed steps (after warmup).", minimum=1)
+    warmup: int = config_field(1, "Untimed steps first.", minimum=0)
+    gradient_checkpointing: bool = config_field(False, "Checkpoint every decoder layer.")
+    checkpoint_policy: str | dict = config_field(
+        "full", "npu-ft's checkpointing policy (full | selective), or one per method; the other "
+                "implementations always checkpoint the transformers way.", check=_check_policy)
+    lora: LoraSettings = config_field(doc="LoRA settings.", default_factory=LoraSettings)
+    lr: float = config_field(1e-4, "Learning rate.", minimum=0.0, exclusive_minimum=True)
+    seed: int = config_field(0, "Seed of weights and data.", minimum=0)
+    model_overrides: dict[str, Any] = config_field(doc="Changes to the model preset's config (e.g. layers).",
+                                                   default_factory=dict)
+    timeout_s: float = config_field(3600, "Seconds one case process may take.", minimum=0.0,
+                                    exclusive_minimum=True)
+    data_pool: int = config_field(4, "Distinct random batches cycled through.", minimum=1)
+
+
+def _check_name_list(allowed: tuple[str, ...] | None, what: str) -> Any:
+    """A validator for a list of names: not empty, no repeats, each known (``allowed``)."""
+
+    def check(values: Any, where: str | None, key: str) -> list[str]:
+        if not isinstance(values, list):
+            raise ConfigError(f"must be list, got {type(values).__name__} {values!r}", source=where, key=key)
+        if not values:
+            raise ConfigError(f"must list at least one {what}", source=where, key=key)
+        out: list[str] = []
+        for v in values:
+            if not isinstance(v, str):
+                raise ConfigError(f"{what} names must be strings, got {v!r}", source=where, key=key)
+            name = v.strip() if v.startswith(CUSTOM_PREFIX) else v.strip().lower()
+            if allowed is not None and name not in allowed:
+                raise ConfigError(f"unknown {what} {v!r}; expected one of {', '.join(allowed)}", source=where,
+                                  key=key)
+            if name in out:
+                raise ConfigError(f"{what} {v!r} is listed twice", source=where, key=key)
+            out.append(name)
+        return out
+
+    return check
+
+
+@dataclasses.dataclass
+class SuiteFile(CaseSettings):
+    """The keys of a suite file (the case settings plus what to run and how often)."""
+
+    name: str | None = config_field(None, "Suite name (default: the file's stem).")
+    description: str = config_field("", "What the suite answers.")
+    models: list[str] = config_field(doc="Shape presets (npu_ft.bench.shapes), random init.", default_factory=list,
+                                     check=_check_name_list(None, "model"))
+    methods: list[str] = config_field(doc="lora | qlora | full.", default_factory=list,
+                                      check=_check_name_list(METHODS, "method"))
+    implementations: list[str] = config_field(doc="npu-ft, reference, llamafactory, ... or custom:<mod>:<fn>.",
+                                              default_factory=list, check=_check_name_list(None, "implementation"))
+    devices: list[str] = config_field(doc="cpu | cuda | npu.", default_factory=lambda: ["cpu"],
+                                      check=_check_name_list(DEVICES, "device"))
+    repeats: int = config_field(1, "Fresh process per case per repeat, interleaved.", minimum=1)
+    tolerances: dict[Literal["lora", "qlora", "full"], float] | None = config_field(
+        None, "Loss-parity tolerance per method (relative), for every dtype.")
+    cross_device_tolerance: float | None = config_field(None, "Tolerance between devices, every dtype.")
+    variants: list[dict[str, Any]] | None = config_field(None, "Extra settings, one set of cases each.")
+
+
 REQUIRED = ("models", "methods", "implementations")
 
 
@@ -155,53 +239,6 @@ class Suite:
         return float(self.tolerances[dtype][method])
 
 
-def _where(path, key) -> str:
-    return f"{path or '<suite>'}: key {key!r}"
-
-
-def _check_type(path, key, value, types) -> None:
-    if isinstance(value, bool) and types in (int, (int, float)):
-        raise SuiteError(f"{_where(path, key)} must be a number, got {value!r}")
-    if not isinstance(value, types):
-        names = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
-        raise SuiteError(f"{_where(path, key)} must be {names}, got {type(value).__name__} {value!r}")
-
-
-def _norm_dtype(path, key, value) -> str:
-    v = _DTYPE_ALIASES.get(str(value).lower(), str(value).lower())
-    if v not in DTYPES:
-        raise SuiteError(f"{_where(path, key)}: unknown dtype {value!r}; expected one of {', '.join(DTYPES)}")
-    return v
-
-
-def _check_lora(path, key, value) -> dict:
-    _check_type(path, key, value, dict)
-    out = dict(LORA_DEFAULTS)
-    for k, v in value.items():
-        if k not in LORA_KEYS:
-            raise SuiteError(f"{_where(path, f'{key}.{k}')}: unknown key; expected one of {', '.join(LORA_KEYS)}")
-        _check_type(path, f"{key}.{k}", v, LORA_KEYS[k])
-        out[k] = v
-    if out["r"] <= 0:
-        raise SuiteError(f"{_where(path, f'{key}.r')} must be > 0, got {out['r']}")
-    if not 0.0 <= float(out["dropout"]) < 1.0:
-        raise SuiteError(f"{_where(path, f'{key}.dropout')} must be in [0, 1), got {out['dropout']}")
-    return out
-
-
-def _check_policy(path, key, value) -> str | dict:
-    from npu_ft.modules.checkpointing import POLICIES
-
-    per_method = value if isinstance(value, dict) else {None: value}
-    for method, policy in per_method.items():
-        where = key if method is None else f"{key}.{method}"
-        if method is not None and method not in METHODS:
-            raise SuiteError(f"{_where(path, where)}: unknown method; expected one of {', '.join(METHODS)}")
-        if policy not in POLICIES:
-            raise SuiteError(f"{_where(path, where)}: unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
-    return copy.deepcopy(value)
-
-
 def _case_policy(value: str | dict, method: str, implementation: str) -> str:
     """The checkpointing policy one case runs: npu-ft follows the suite, the others run "full"."""
     if implementation != "npu-ft":
@@ -209,46 +246,10 @@ def _case_policy(value: str | dict, method: str, implementation: str) -> str:
     return value.get(method, "full") if isinstance(value, dict) else value
 
 
-def _check_settings(path, prefix, raw: dict) -> dict:
-    """Validate the case settings found in ``raw`` (top level or one variant)."""
-    out = {}
-    for key, value in raw.items():
-        types, _ = CASE_SETTINGS[key]
-        where = f"{prefix}{key}"
-        if key == "dtype":
-            out[key] = _norm_dtype(path, where, value)
-            continue
-        if key == "lora":
-            out[key] = _check_lora(path, where, value)
-            continue
-        _check_type(path, where, value, types)
-        if key == "checkpoint_policy":
-            out[key] = _check_policy(path, where, value)
-            continue
-        if key in ("seq_len", "batch_size", "steps", "data_pool") and value < 1:
-            raise SuiteError(f"{_where(path, where)} must be >= 1, got {value}")
-        if key in ("warmup", "seed") and value < 0:
-            raise SuiteError(f"{_where(path, where)} must be >= 0, got {value}")
-        if key in ("lr", "timeout_s") and value <= 0:
-            raise SuiteError(f"{_where(path, where)} must be > 0, got {value}")
-        out[key] = copy.deepcopy(value)
-    return out
-
-
-def _check_names(path, key, values, allowed, what) -> list[str]:
-    _check_type(path, key, values, list)
-    if not values:
-        raise SuiteError(f"{_where(path, key)} must list at least one {what}")
-    out = []
-    for v in values:
-        if not isinstance(v, str):
-            raise SuiteError(f"{_where(path, key)}: {what} names must be strings, got {v!r}")
-        name = v.strip().lower() if not v.startswith(CUSTOM_PREFIX) else v.strip()
-        if allowed is not None and name not in allowed:
-            raise SuiteError(f"{_where(path, key)}: unknown {what} {v!r}; expected one of {', '.join(allowed)}")
-        if name in out:
-            raise SuiteError(f"{_where(path, key)}: {what} {v!r} is listed twice")
-        out.append(name)
+def _settings(values: dict[str, Any]) -> dict[str, Any]:
+    """Case settings as plain values (the lora mapping as a dict)."""
+    out = {name: copy.deepcopy(values[name]) for name in field_infos(CaseSettings)}
+    out["lora"] = dataclasses.asdict(out["lora"])
     return out
 
 
@@ -258,118 +259,85 @@ def parse_suite(data: Any, path: str | None = None, check_devices: bool = True) 
     ``check_devices``: also check that every listed device can be used on this machine (an
     unavailable device is a clear error before anything runs).
     """
+    try:
+        return _parse_suite(data, path, check_devices)
+    except ConfigError as exc:
+        raise SuiteError(str(exc)) from None
+
+
+def _parse_suite(data: Any, path: str | None, check_devices: bool) -> Suite:
     from .shapes import known_models
 
+    where = path or "<suite>"
     if not isinstance(data, dict):
-        raise SuiteError(f"{path or '<suite>'}: a suite must be a mapping of keys, got {type(data).__name__}")
-    allowed = set(SUITE_KEYS) | set(CASE_SETTINGS)
-    for key in data:
-        if key not in allowed:
-            raise SuiteError(f"{_where(path, key)}: unknown key; expected one of {', '.join(sorted(allowed))}")
+        raise SuiteError(f"{where}: a suite must be a mapping of keys, got {type(data).__name__}")
     for key in REQUIRED:
         if key not in data:
-            raise SuiteError(f"{path or '<suite>'}: missing required key {key!r}")
-    for key, types in SUITE_KEYS.items():
-        if key in data:
-            _check_type(path, key, data[key], types)
-
-    name = str(data.get("name") or (Path(path).stem if path else "suite"))
-    models = _check_names(path, "models", data["models"], None, "model")
+            raise SuiteError(f"{where}: missing required key {key!r}")
+    top = SuiteFile(**parse_fields(SuiteFile, data, where, strict=True, unknown="; expected one of "
+                                   + ", ".join(sorted(field_infos(SuiteFile)))))
     known = known_models()
-    for m in models:
+    for m in top.models:
         if m not in known:
-            raise SuiteError(f"{_where(path, 'models')}: unknown model {m!r}; expected one of {', '.join(known)}")
-    methods = _check_names(path, "methods", data["methods"], METHODS, "method")
-    impls = _check_names(path, "implementations", data["implementations"], None, "implementation")
-    for impl in impls:
+            raise ConfigError(f"unknown model {m!r}; expected one of {', '.join(known)}", source=where, key="models")
+    for impl in top.implementations:
         if impl not in BUILTIN_IMPLEMENTATIONS and not impl.startswith(CUSTOM_PREFIX):
-            raise SuiteError(
-                f"{_where(path, 'implementations')}: unknown implementation {impl!r}; expected one of "
-                f"{', '.join(BUILTIN_IMPLEMENTATIONS)} or '{CUSTOM_PREFIX}<module>:<function>'"
-            )
+            raise ConfigError(f"unknown implementation {impl!r}; expected one of "
+                              f"{', '.join(BUILTIN_IMPLEMENTATIONS)} or '{CUSTOM_PREFIX}<module>:<function>'",
+                              source=where, key="implementations")
         if impl.startswith(CUSTOM_PREFIX) and impl[len(CUSTOM_PREFIX):].count(":") != 1:
-            raise SuiteError(f"{_where(path, 'implementations')}: {impl!r} must be "
-                             f"'{CUSTOM_PREFIX}<module>:<function>'")
-    devices = _check_names(path, "devices", data.get("devices", ["cpu"]), DEVICES, "device")
+            raise ConfigError(f"{impl!r} must be '{CUSTOM_PREFIX}<module>:<function>'", source=where,
+                              key="implementations")
     if check_devices:
         from npu_ft.device import all_backends
 
-        for dev in devices:
+        for dev in top.devices:
             reason = all_backends()[dev].unavailable_reason()
             if reason is not None:
-                raise SuiteError(f"{_where(path, 'devices')}: device {dev!r} is unavailable here: {reason}")
+                raise ConfigError(f"device {dev!r} is unavailable here: {reason}", source=where, key="devices")
 
-    repeats = int(data.get("repeats", 1))
-    if repeats < 1:
-        raise SuiteError(f"{_where(path, 'repeats')} must be >= 1, got {repeats}")
-
-    base = {k: (copy.deepcopy(default) if default is not None else None) for k, (_, default) in CASE_SETTINGS.items()}
-    base["lora"] = dict(LORA_DEFAULTS)
-    base["model_overrides"] = {}
-    base.update(_check_settings(path, "", {k: v for k, v in data.items() if k in CASE_SETTINGS}))
-
-    variants_raw = data.get("variants") or [{}]
+    base = _settings({name: getattr(top, name) for name in field_infos(CaseSettings)})
     variants = []
-    for i, var in enumerate(variants_raw):
-        if not isinstance(var, dict):
-            raise SuiteError(f"{_where(path, f'variants[{i}]')} must be a mapping, got {var!r}")
-        for key in var:
-            if key not in CASE_SETTINGS:
-                raise SuiteError(
-                    f"{_where(path, f'variants[{i}].{key}')}: unknown key; expected one of {', '.join(CASE_SETTINGS)}"
-                )
+    for i, var in enumerate(top.variants or [{}]):
+        changed = parse_fields(CaseSettings, var, where, strict=True, prefix=f"variants[{i}].",
+                               unknown="; expected one of " + ", ".join(field_infos(CaseSettings)))
         settings = copy.deepcopy(base)
-        settings.update(_check_settings(path, f"variants[{i}].", var))
+        settings.update({k: dataclasses.asdict(v) if isinstance(v, LoraSettings) else copy.deepcopy(v)
+                         for k, v in changed.items()})
         variants.append(settings)
 
     tolerances = copy.deepcopy(DEFAULT_TOLERANCES)
-    for method, tol in (data.get("tolerances") or {}).items():
-        if method not in METHODS:
-            raise SuiteError(
-                f"{_where(path, f'tolerances.{method}')}: unknown method; expected one of {', '.join(METHODS)}"
-            )
-        _check_type(path, f"tolerances.{method}", tol, (int, float))
+    for method, tol in (top.tolerances or {}).items():
         for dt in DTYPES:
             tolerances[dt][method] = float(tol)
     cross = dict(DEFAULT_CROSS_DEVICE_TOLERANCES)
-    if "cross_device_tolerance" in data:
-        cross = {dt: float(data["cross_device_tolerance"]) for dt in DTYPES}
+    if top.cross_device_tolerance is not None:
+        cross = {dt: float(top.cross_device_tolerance) for dt in DTYPES}
 
+    name = str(top.name or (Path(path).stem if path else "suite"))
     cases = []
     for vi, settings in enumerate(variants):
-        for model, method, device, impl in itertools.product(models, methods, devices, impls):
+        for model, method, device, impl in itertools.product(top.models, top.methods, top.devices,
+                                                             top.implementations):
             case_settings = dict(settings, checkpoint_policy=_case_policy(settings["checkpoint_policy"], method, impl))
-            cases.append(
-                BenchCase(
-                    suite=name,
-                    model=model,
-                    method=method,
-                    implementation=impl,
-                    device=device,
-                    variant=vi,
-                    **case_settings,
-                )
-            )
-    return Suite(
-        name=name,
-        description=str(data.get("description", "")),
-        path=path,
-        cases=cases,
-        repeats=repeats,
-        tolerances=tolerances,
-        cross_device_tolerance=cross,
-    )
+            cases.append(BenchCase(suite=name, model=model, method=method, implementation=impl, device=device,
+                                   variant=vi, **case_settings))
+    return Suite(name=name, description=str(top.description), path=path, cases=cases, repeats=top.repeats,
+                 tolerances=tolerances, cross_device_tolerance=cross)
 
 
 def load_suite(path: str | Path, check_devices: bool = True) -> Suite:
-    """Read and validate a suite YAML file (``yaml.safe_load``)."""
+    """Read and validate a suite YAML file (safe YAML, a duplicated key is an error)."""
+    from npu_ft.config.yaml_io import YamlError, load_yaml_file
+
     p = Path(path)
     try:
-        text = p.read_text()
-    except OSError as exc:
-        raise SuiteError(f"{p}: cannot read suite file ({exc.strerror or exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SuiteError(f"{p}: not valid YAML: {exc}") from None
+        data = load_yaml_file(p)
+    except YamlError as exc:
+        message = str(exc)
+        if "invalid YAML" in message:
+            message = message.replace("invalid YAML", "not valid YAML", 1)
+        elif "file not found" in message or "cannot read" in message or "directory" in message:
+            message = f"{p}: cannot read suite file ({message.split(': ', 1)[1]})"
+        raise SuiteError(message) from None
     return parse_suite(data, str(p), check_devices=check_devices)

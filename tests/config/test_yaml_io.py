@@ -6,9 +6,8 @@ import doctest
 
 import pytest
 
-from npu_ft.config import yaml_io
+from npu_ft.config import ConfigError, load_config, yaml_io
 from npu_ft.config.yaml_io import YamlError, load_yaml_mapping
-from npu_ft.train.config import ConfigError, load_config
 
 
 def test_doctests():

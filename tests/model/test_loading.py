@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from npu_ft.config import build_config
 from npu_ft.model import (
     QWEN_VOCAB_SIZE,
     ModelLoadError,
@@ -16,7 +17,6 @@ from npu_ft.model import (
     preset_config,
     tiny_config,
 )
-from npu_ft.train.config import build_config
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,7 @@ def test_suite_checkpoint_policy_errors(value, message):
 
 def test_run_sft_trains_the_same_under_each_policy(tmp_path):
     """The config key reaches the model: ``selective`` skips the reruns and keeps every step's loss."""
-    from npu_ft.train.config import load_config
+    from npu_ft.config import load_config
     from npu_ft.train.run import run_sft
 
     from ._sft_helpers import base_recipe, step_losses, tiny_model_dir, write_dataset, write_recipe
@@ -154,7 +154,7 @@ def test_run_sft_trains_the_same_under_each_policy(tmp_path):
 
 
 def test_config_rejects_an_unknown_policy(tmp_path):
-    from npu_ft.train.config import ConfigError, build_config, option
+    from npu_ft.config import ConfigError, build_config, option
 
     assert option("gradient_checkpointing_policy").choices == POLICIES  # the config offers every policy
     with pytest.raises(ConfigError, match="gradient_checkpointing_policy"):

@@ -245,7 +245,7 @@ def test_run_sft_uses_it_by_default_and_the_key_turns_it_off(tmp_path):
     the loss really goes through it; false -> transformers' loss. Same per-step losses (gradient
     accumulation 2: the num_items_in_batch path) within 1e-5."""
     import npu_ft.ops.linear_cross_entropy as lce
-    from npu_ft.train.config import load_config
+    from npu_ft.config import load_config
     from npu_ft.train.run import run_sft
 
     from ._sft_helpers import base_recipe, step_losses, tiny_model_dir, write_dataset, write_recipe

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from npu_ft.config import build_config
 from npu_ft.model import model_from_config, tiny_config
 from npu_ft.modules import LoraLinear, Nf4Linear
 from npu_ft.modules.inject import (
@@ -20,7 +21,6 @@ from npu_ft.modules.inject import (
     merge_adapter,
 )
 from npu_ft.train.adapter_io import adapter_state_dict, load_adapter, save_adapter
-from npu_ft.train.config import build_config
 
 peft = pytest.importorskip("peft")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from npu_ft.train.config import load_config, to_training_arguments
+from npu_ft.config import load_config, to_training_arguments
 from npu_ft.train.run import build_data_arguments, run_sft
 
 from ._sft_helpers import base_recipe, step_losses, tiny_model_dir, write_dataset, write_recipe
