@@ -29,8 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args(argv)
     from npu_ft.bench import impls, load_suite
+    from npu_ft.bench.measure import make_batches
     from npu_ft.bench.shapes import build_model, model_config
-    from npu_ft.bench.worker import make_batches
 
     suite = load_suite(args.suite)
     (case,) = [c for c in suite.cases if args.case in c.case_id][:1]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,8 +31,6 @@ from pathlib import Path
 #: implementation names this module runs
 LF_IMPLEMENTATIONS = ("llamafactory", "llamafactory+npu-ft")
 ENV_PYTHON = "NPU_FT_LF_PYTHON"
-_ROOT = Path(__file__).resolve().parents[2]
-_PLUGIN_DIR = _ROOT / "plugins" / "llamafactory"
 
 
 def lf_python() -> str:
@@ -46,6 +43,19 @@ def lf_python() -> str:
             "or build one with scripts/ci_llamafactory.sh --setup-only (~/.cache/npu_ft/venv-llamafactory)"
         )
     return exe
+
+
+def _check_same_npu_ft(child_location: str | None) -> None:
+    """The LLaMA-Factory Python must run this npu-ft, not another checkout's (its venv installs
+    npu-ft and the plugin editable from the checkout that built it)."""
+    import npu_ft
+
+    here = str(Path(npu_ft.__file__).resolve().parent)
+    if child_location != here:
+        raise RuntimeError(f"the LLaMA-Factory Python ({lf_python()}) imports npu_ft from {child_location}, this "
+                           f"process from {here}: rebuild it from this checkout with "
+                           "scripts/ci_llamafactory.sh --setup-only (or pip install -e . -e plugins/llamafactory "
+                           "into it)")
 
 
 def _lf_args(case, model_dir: Path, data_dir: Path, out_dir: Path) -> dict:
@@ -108,8 +118,8 @@ def _lf_args(case, model_dir: Path, data_dir: Path, out_dir: Path) -> dict:
 def run_case(case) -> dict:
     """Run ``case`` with LLaMA-Factory in its own Python; the result dict of :mod:`npu_ft.bench.worker`."""
     from . import impls
+    from .measure import make_batches, timing_fields, versions
     from .shapes import build_model
-    from .worker import _versions, make_batches
 
     if case.implementation not in LF_IMPLEMENTATIONS:
         raise ValueError(f"impl_llamafactory: unknown implementation {case.implementation!r}")
@@ -139,9 +149,6 @@ def run_case(case) -> dict:
         }
         (tmp / "job.json").write_text(json.dumps(job))
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(_ROOT), str(_PLUGIN_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-        )
         env.pop("NPU_FT_LLAMAFACTORY", None)  # the child patches (or not) explicitly
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -165,15 +172,11 @@ def run_case(case) -> dict:
             raise RuntimeError(
                 f"llamafactory logged {len(losses)} losses / {len(step_s)} steps, expected {case.warmup + case.steps}"
             )
-        timed = step_s[case.warmup :]
-        tokens = case.batch_size * case.seq_len
-        med = statistics.median(timed)
+        _check_same_npu_ft(child.get("npu_ft_location"))
         result = {
             "case": case.to_dict(),
             "device_name": child["device_name"],
-            **_versions(),
-            "status": "ok",
-            "error": "",
+            **versions(),
             "features": child["features"],
             "trainable_params": child["trainable_params"],
             "total_params": child["total_params"],
@@ -182,20 +185,11 @@ def run_case(case) -> dict:
             "peak_mem_bytes": child["peak_mem_bytes"],
             "mem_kind": child["mem_kind"],
             "baseline_mem_bytes": child["baseline_mem_bytes"],
-            "s_per_step_median": med,
-            "s_per_step_min": min(timed),
-            "s_per_step_max": max(timed),
-            "tokens_per_s": tokens / med,
-            "tokens_per_s_min": tokens / max(timed),
-            "tokens_per_s_max": tokens / min(timed),
-            "losses": losses,
-            "step_s": step_s,
             "wall_s": time.perf_counter() - t0,
             "llamafactory_versions": child["versions"],
             "kernel_calls": child.get("kernel_calls"),
+            **timing_fields(case, losses, step_s),
         }
-        if any(not (v == v) or v in (float("inf"), float("-inf")) for v in losses):
-            result.update(status="failed", error=f"non-finite loss: {losses}")
         return result
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -214,8 +208,8 @@ def _child(job_path: str, out_path: str) -> int:
     from npu_ft.device import get_backend
 
     from . import impls
+    from .measure import trim_heap
     from .suite import BenchCase
-    from .worker import _trim_heap
 
     job = json.loads(Path(job_path).read_text())
     case = BenchCase.from_dict(job["case"])
@@ -260,7 +254,7 @@ def _child(job_path: str, out_path: str) -> int:
     class Meter(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             info["build_s"] = time.perf_counter() - t_build
-            _trim_heap()
+            trim_heap()
             backend.synchronize()
             backend.reset_peak_memory()
             info["baseline_mem_bytes"] = int(backend.memory().current_bytes)
@@ -287,6 +281,9 @@ def _child(job_path: str, out_path: str) -> int:
     info["versions"] = package_versions(("llamafactory", "transformers", "peft", "bitsandbytes"))
     info["kernel_calls"] = {op: kernel_calls(op) for op in ("lora_linear", "nf4_linear")}
     info["features"] = features
+    import npu_ft
+
+    info["npu_ft_location"] = str(Path(npu_ft.__file__).resolve().parent)
     Path(out_path).write_text(json.dumps(info))
     return 0
 

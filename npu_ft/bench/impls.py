@@ -18,7 +18,6 @@ LoRA weights (:func:`align_lora_init`), so their loss curves must agree to the p
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import math
 import re
@@ -242,18 +241,6 @@ def build_npu_ft(case, base_model_factory, device: torch.device) -> Prepared:
 
 
 # --------------------------------------------------------------------------------------------------
-
-
-def resolve(name: str) -> Callable[..., Prepared]:
-    """The builder for an implementation name."""
-    if name == "npu-ft":
-        return build_npu_ft
-    if name == "reference":
-        return build_reference
-    if name.startswith("custom:"):
-        module, _, attr = name[len("custom:") :].partition(":")
-        return getattr(importlib.import_module(module), attr)
-    raise ValueError(f"unknown implementation {name!r}")
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

@@ -42,8 +42,11 @@ def run_case_subprocess(case: BenchCase, repeat: int = 0, env: dict | None = Non
         with open(case_path, "w") as f:
             json.dump(case.to_dict(), f)
         child_env = dict(os.environ if env is None else env)
-        root = str(Path(__file__).resolve().parents[2])
-        child_env["PYTHONPATH"] = root + (os.pathsep + child_env["PYTHONPATH"] if child_env.get("PYTHONPATH") else "")
+        # the worker (the same Python) sees the modules this process sees, custom implementations too
+        paths = [p for p in sys.path if p and os.path.isdir(p)]
+        if child_env.get("PYTHONPATH"):
+            paths.append(child_env["PYTHONPATH"])
+        child_env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         child_env.setdefault("TOKENIZERS_PARALLELISM", "false")
         child_env.setdefault("TRANSFORMERS_VERBOSITY", "error")
         child_env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -43,10 +43,11 @@ from typing import Any, Literal
 
 from npu_ft.config.schema import ConfigError, config_field, field_infos, parse_fields
 
+from .registry import CUSTOM_PREFIX, IMPLEMENTATIONS
+
 METHODS = ("lora", "qlora", "full")
-BUILTIN_IMPLEMENTATIONS = ("npu-ft", "reference", "llamafactory", "llamafactory+npu-ft")  # LF: impl_llamafactory.py
-#: a custom implementation is named "custom:<module>:<function>" (see npu_ft.bench.impls)
-CUSTOM_PREFIX = "custom:"
+#: implementations a suite can name (npu_ft.bench.registry), and "custom:<module>:<function>"
+BUILTIN_IMPLEMENTATIONS = tuple(IMPLEMENTATIONS)
 DEVICES = ("cpu", "cuda", "npu")
 DTYPES = ("float32", "bfloat16", "float16")
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float": "float32", "half": "float16"}

@@ -10,59 +10,27 @@ parameters, one optimizer step per batch, the same batches from the same seed.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
-import math
 import os
-import statistics
 import sys
 import time
 import traceback
 
 import torch
 
-
-def _trim_heap() -> None:
-    """Give freed heap pages back to the OS so the training-phase peak starts from live memory
-    (glibc keeps freed blocks otherwise, e.g. the fp32 weights QLoRA quantized away)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        pass
-
-
-def make_batches(case, vocab_size: int) -> list[torch.Tensor]:
-    """Deterministic token batches: a small pool of random sequences, cycled (so the loss falls)."""
-    g = torch.Generator().manual_seed(1_000_003 + case.seed)
-    hi = min(vocab_size, 32000)
-    pool = torch.randint(0, hi, (case.data_pool, case.seq_len), generator=g)
-    batches = []
-    for step in range(case.warmup + case.steps):
-        idx = [(step * case.batch_size + i) % case.data_pool for i in range(case.batch_size)]
-        batches.append(pool[idx].clone())
-    return batches
-
-
-def _versions() -> dict:
-    from npu_ft.env_info import git_commit, package_versions
-
-    v = package_versions(("torch", "torch_npu", "transformers", "peft", "bitsandbytes", "npu-ft"))
-    return {"versions": {k: (val or "not installed") for k, val in v.items()}, "git_commit": git_commit() or "unknown"}
+from .measure import make_batches, timing_fields, trim_heap, versions
 
 
 def run_case(case) -> dict:
     """Run ``case`` (a :class:`~npu_ft.bench.suite.BenchCase`) here; returns the result dict."""
     from npu_ft.device import get_backend
 
-    from . import impls
+    from . import impls, registry
     from .shapes import build_model, model_config
 
-    if case.implementation.startswith("llamafactory"):  # LLaMA-Factory's own trainer, in its own Python
-        from .impl_llamafactory import run_case as run_llamafactory_case
-
-        return run_llamafactory_case(case)
+    runner = registry.case_runner(case.implementation)
+    if runner is not None:  # an implementation that runs the whole case itself (e.g. LLaMA-Factory)
+        return runner(case)
     t_start = time.perf_counter()
     backend = get_backend(case.device)
     device = backend.torch_device(0) if case.device != "cpu" else torch.device("cpu")
@@ -70,12 +38,13 @@ def run_case(case) -> dict:
         backend.set_device(device)
     dtype = impls.torch_dtype(case.dtype)
     cfg = model_config(case.model, case.model_overrides)
-    result: dict = {"case": case.to_dict(), "device_name": backend.device_name(), **_versions()}
+    result: dict = {"case": case.to_dict(), "device_name": backend.device_name(), **versions()}
 
     def factory():
         return build_model(case.model, case.seed, dtype, case.model_overrides)
 
-    build = impls.resolve(case.implementation)
+    build = registry.builder(case.implementation)
+    assert build is not None
     t0 = time.perf_counter()
     prepared = build(case, factory, device)
     model = prepared.model
@@ -94,7 +63,7 @@ def run_case(case) -> dict:
             return prepared.loss_fn(model, ids, ids)
         return model(input_ids=ids, labels=ids).loss
 
-    _trim_heap()
+    trim_heap()
     backend.synchronize()
     backend.reset_peak_memory()
     baseline = backend.memory().current_bytes
@@ -115,18 +84,8 @@ def run_case(case) -> dict:
     if prepared.cleanup:
         prepared.cleanup()
 
-    timed = step_s[case.warmup:]
-    tokens = case.batch_size * case.seq_len
-    med = statistics.median(timed)
-    result.update(
-        status="ok", error="",
-        peak_mem_bytes=int(mem.peak_bytes), mem_kind=mem.kind, baseline_mem_bytes=int(baseline),
-        s_per_step_median=med, s_per_step_min=min(timed), s_per_step_max=max(timed),
-        tokens_per_s=tokens / med, tokens_per_s_min=tokens / max(timed), tokens_per_s_max=tokens / min(timed),
-        losses=losses, step_s=step_s, wall_s=time.perf_counter() - t_start,
-    )
-    if not all(math.isfinite(loss) for loss in losses):
-        result.update(status="failed", error=f"non-finite loss: {losses}")
+    result.update(peak_mem_bytes=int(mem.peak_bytes), mem_kind=mem.kind, baseline_mem_bytes=int(baseline),
+                  wall_s=time.perf_counter() - t_start, **timing_fields(case, losses, step_s))
     return result
 
 
@@ -149,7 +108,7 @@ def main(argv=None) -> int:
         result = {"case": case.to_dict(), "status": "failed",
                   "error": f"{kind}: {type(exc).__name__}: {exc}".strip(), "traceback": tb[-8000:]}
         try:
-            result.update(_versions())
+            result.update(versions())
         except Exception:  # pragma: no cover
             pass
         print(tb, file=sys.stderr)
