@@ -25,7 +25,6 @@ _PREFERENCE = 'Preference/RL setting (not used by stage sft).'
 _OPTIMIZER_SETTING = 'Setting of an optimizer/tracker that is not supported (see its use_ key).'
 _TF4 = 'transformers 4 key.'
 _RAY = 'Ray setting (npu-ft launches with torchrun).'
-_GENERATION = 'Generation setting (chat/eval only).'
 
 
 def _ignored(default: Any, doc: str, group: str) -> Any:
@@ -211,7 +210,6 @@ class LlamaFactoryCompat:
     jit_mode_eval: Any = _ignored(False, _TF4, 'training')
     fp16_opt_level: Any = _ignored('O1', _TF4, 'training')
     past_index: Any = _ignored(-1, _TF4, 'training')
-    predict_with_generate: Any = _unsupported(False, 'Generate at prediction time.', 'training')
     sortish_sampler: Any = _ignored(False, 'Seq2seq sampler.', 'training')
     generation_max_length: Any = _ignored(None, 'Generation length at evaluation.', 'training')
     generation_num_beams: Any = _ignored(None, 'Beams at evaluation.', 'training')
@@ -224,14 +222,3 @@ class LlamaFactoryCompat:
     placement_strategy: Any = _ignored('PACK', _RAY, 'training')
     ray_init_kwargs: Any = _ignored(None, _RAY, 'training')
 
-    # -- generation -------------------------------------------------------------------------------------
-    do_sample: Any = _ignored(True, _GENERATION, 'generation')
-    temperature: Any = _ignored(0.95, _GENERATION, 'generation')
-    top_p: Any = _ignored(0.7, _GENERATION, 'generation')
-    top_k: Any = _ignored(50, _GENERATION, 'generation')
-    num_beams: Any = _ignored(1, _GENERATION, 'generation')
-    max_length: Any = _ignored(1024, _GENERATION, 'generation')
-    max_new_tokens: Any = _ignored(1024, _GENERATION, 'generation')
-    repetition_penalty: Any = _ignored(1.0, _GENERATION, 'generation')
-    length_penalty: Any = _ignored(1.0, _GENERATION, 'generation')
-    skip_special_tokens: Any = _ignored(True, _GENERATION, 'generation')

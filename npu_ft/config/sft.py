@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .data_args import DataArguments
+from .generation_args import GeneratingArguments
 from .hf_fields import OPTIMIZER_NAMES, REPORT_TO_NAMES, SCHEDULER_TYPES, TransformersTrainingArguments
 from .lf_compat import LlamaFactoryCompat
 from .method_args import MethodArguments
@@ -42,8 +43,8 @@ GROUPS = ("model", "method", "data", "training", "npu_ft", "generation", "other"
 
 
 @dataclass(repr=False)
-class SftConfig(NpuFtArguments, TransformersTrainingArguments, TrainingKeys, DataArguments, MethodArguments,
-                ModelArguments, LlamaFactoryCompat):
+class SftConfig(NpuFtArguments, GeneratingArguments, TransformersTrainingArguments, TrainingKeys, DataArguments,
+                MethodArguments, ModelArguments, LlamaFactoryCompat):
     """A validated recipe: every known key is a typed attribute (defaults filled in).
 
     ``source`` is the file it came from; ``explicit`` the keys the recipe or overrides set;

@@ -56,6 +56,9 @@ class TrainingKeys:
     eval_steps: float | None = config_field(None, "Evaluate every N steps.", minimum=0.0, exclusive_minimum=True)
     gradient_checkpointing: bool | None = config_field(
         None, "Ignored in favour of disable_gradient_checkpointing (LLaMA-Factory semantics).")
+    predict_with_generate: bool = config_field(
+        False, "With do_predict: generate an answer per eval prompt, write generated_predictions.jsonl and "
+               "BLEU-4 / ROUGE to predict_results.json (needs the metrics extra).")
     save_safetensors: bool = config_field(
         True, "Checkpoints are always safetensors.",
         unsupported_values={False: f"save_safetensors: false (pickle checkpoints) is {NOT_YET}"})
