@@ -42,6 +42,8 @@ def to_training_arguments(cfg: SftConfig, **changes: Any):
     kwargs["remove_unused_columns"] = False
     if cfg.finetuning_type == "lora":
         kwargs["label_names"] = ["labels"]
+        if cfg.ddp_find_unused_parameters is None:  # LLaMA-Factory: every LoRA parameter gets a gradient
+            kwargs["ddp_find_unused_parameters"] = False
     if cfg.device == "cpu":
         kwargs["use_cpu"] = True
     if kwargs.get("output_dir") is None:

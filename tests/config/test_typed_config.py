@@ -120,3 +120,14 @@ def test_missing_tracker_package_is_one_line(monkeypatch):
     assert str(info.value) == ("r.yaml: key 'report_to': tracker 'wandb' needs the wandb package, which is not "
                                "installed (pip install wandb, or remove it from report_to)")
     check_trackers_installed(["none"])
+
+
+def test_ddp_find_unused_parameters_off_for_lora_as_llamafactory(tmp_path):
+    from npu_ft.config import to_training_arguments
+
+    lora = build_config({"model_name_or_path": "m"})
+    assert to_training_arguments(lora, output_dir=str(tmp_path)).ddp_find_unused_parameters is False
+    full = build_config({"model_name_or_path": "m", "finetuning_type": "full"})
+    assert to_training_arguments(full, output_dir=str(tmp_path)).ddp_find_unused_parameters is None
+    chosen = build_config({"model_name_or_path": "m", "ddp_find_unused_parameters": True})
+    assert to_training_arguments(chosen, output_dir=str(tmp_path)).ddp_find_unused_parameters is True
