@@ -20,7 +20,9 @@ from typing import Any
 from .options import JobOptions
 from .pod_recipe import CONFIG_DIR
 
-__all__ = ["ASCEND_HOST_PATHS", "ASCEND_RESOURCE", "DEFAULT_HCCL_ENV", "launch_script", "object_metadata", "pod_labels"]
+__all__ = ["ASCEND_HOST_PATHS", "ASCEND_RESOURCE", "DEFAULT_HCCL_ENV", "container_security_context", "env_list",
+           "launch_script", "object_metadata", "pod_labels", "pod_security_context", "resources", "volume_mounts",
+           "volumes"]
 
 ASCEND_RESOURCE = "huawei.com/Ascend910"
 RING_CONTROLLER_LABEL = "ring-controller.atlas"

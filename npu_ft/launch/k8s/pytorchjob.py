@@ -7,18 +7,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from . import pod
 from .options import JobOptions
-from .pod import (
-    container_security_context,
-    env_list,
-    launch_script,
-    object_metadata,
-    pod_labels,
-    pod_security_context,
-    resources,
-    volume_mounts,
-    volumes,
-)
 
 __all__ = ["MASTER_PORT", "build_pytorchjob"]
 
@@ -30,16 +20,16 @@ def _pod_template(name: str, opts: JobOptions) -> dict[str, Any]:
         "name": "pytorch",  # the Training Operator looks for this container name
         "image": opts.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["/bin/bash", "-c", launch_script(opts)],
+        "command": ["/bin/bash", "-c", pod.launch_script(opts)],
         "workingDir": opts.mount,
-        "env": env_list(opts),
+        "env": pod.env_list(opts),
         "ports": [{"name": "pytorchjob-port", "containerPort": MASTER_PORT, "protocol": "TCP"}],
-        "resources": resources(opts),
-        "volumeMounts": volume_mounts(opts),
-        "securityContext": container_security_context(opts),
+        "resources": pod.resources(opts),
+        "volumeMounts": pod.volume_mounts(opts),
+        "securityContext": pod.container_security_context(opts),
     }
-    spec: dict[str, Any] = {"containers": [container], "volumes": volumes(name, opts),
-                            "securityContext": pod_security_context(opts)}
+    spec: dict[str, Any] = {"containers": [container], "volumes": pod.volumes(name, opts),
+                            "securityContext": pod.pod_security_context(opts)}
     if opts.node_labels:
         spec["nodeSelector"] = opts.node_labels
     if opts.scheduler:
@@ -47,7 +37,7 @@ def _pod_template(name: str, opts: JobOptions) -> dict[str, Any]:
     if opts.host_network:
         spec["hostNetwork"] = True
         spec["dnsPolicy"] = "ClusterFirstWithHostNet"  # pods still resolve the master's Service name
-    return {"metadata": {"labels": pod_labels(name, opts)}, "spec": spec}
+    return {"metadata": {"labels": pod.pod_labels(name, opts)}, "spec": spec}
 
 
 def build_pytorchjob(name: str, opts: JobOptions) -> dict[str, Any]:
@@ -59,7 +49,7 @@ def build_pytorchjob(name: str, opts: JobOptions) -> dict[str, Any]:
     run_policy: dict[str, Any] = {"cleanPodPolicy": "None", "backoffLimit": 3}
     if opts.scheduler:  # gang scheduling: all pods or none (Volcano / scheduler-plugins)
         run_policy["schedulingPolicy"] = {"minAvailable": opts.nodes}
-    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": object_metadata(name, name, opts),
+    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": pod.object_metadata(name, name, opts),
             "spec": {"nprocPerNode": str(opts.npus_per_node), "runPolicy": run_policy,
                      "pytorchReplicaSpecs": replica_specs}}
 

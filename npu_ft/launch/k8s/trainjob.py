@@ -15,18 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import pod
 from .options import JobOptions
-from .pod import (
-    container_security_context,
-    env_list,
-    launch_script,
-    object_metadata,
-    pod_labels,
-    pod_security_context,
-    resources,
-    volume_mounts,
-    volumes,
-)
 
 __all__ = ["PATCH_MANAGER", "TRAINER_CONTAINER", "TRAINER_JOB", "build_trainjob"]
 
@@ -38,14 +28,14 @@ PATCH_MANAGER = "npu-ft.k8s"
 
 def _runtime_patch(name: str, opts: JobOptions) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {
-        "securityContext": pod_security_context(opts),
-        "volumes": volumes(name, opts),
-        "containers": [{"name": TRAINER_CONTAINER, "volumeMounts": volume_mounts(opts),
-                        "securityContext": container_security_context(opts)}],
+        "securityContext": pod.pod_security_context(opts),
+        "volumes": pod.volumes(name, opts),
+        "containers": [{"name": TRAINER_CONTAINER, "volumeMounts": pod.volume_mounts(opts),
+                        "securityContext": pod.container_security_context(opts)}],
     }
     if opts.node_labels:
         pod_spec["nodeSelector"] = opts.node_labels
-    pod_template = {"metadata": {"labels": pod_labels(name, opts)}, "spec": pod_spec}
+    pod_template = {"metadata": {"labels": pod.pod_labels(name, opts)}, "spec": pod_spec}
     return {"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [
         {"name": TRAINER_JOB, "template": {"spec": {"template": pod_template}}}]}}}}
 
@@ -53,14 +43,14 @@ def _runtime_patch(name: str, opts: JobOptions) -> dict[str, Any]:
 def build_trainjob(name: str, opts: JobOptions) -> dict[str, Any]:
     trainer = {
         "image": opts.image,
-        "command": ["/bin/bash", "-c", launch_script(opts)],
-        "env": env_list(opts),
+        "command": ["/bin/bash", "-c", pod.launch_script(opts)],
+        "env": pod.env_list(opts),
         "numNodes": opts.nodes,
         "numProcPerNode": opts.npus_per_node,
-        "resourcesPerNode": resources(opts),
+        "resourcesPerNode": pod.resources(opts),
     }
     return {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
-            "metadata": object_metadata(name, name, opts),
+            "metadata": pod.object_metadata(name, name, opts),
             "spec": {"runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
                                     "name": opts.runtime},
                      "trainer": trainer,
