@@ -464,6 +464,16 @@ def test_cli_module_imports_nothing_heavy():
     assert out == "[]"
 
 
+def test_kubernetes_names():
+    opts = JobOptions(image="i", api="trainer-v2", runtime="torchtune-qwen2.5-1.5b", pvc="team.models",
+                      hub_token_secret="hf.token")
+    assert opts.runtime == "torchtune-qwen2.5-1.5b" and opts.pvc_name == "team.models"
+    for kw in (dict(name="a.b"), dict(namespace="a.b"), dict(pvc="a..b"), dict(pvc="-a"), dict(name="x" * 64),
+               dict(runtime="Torch")):
+        with pytest.raises(LaunchError, match="not a valid Kubernetes name"):
+            JobOptions(image="i", **kw)
+
+
 def test_job_names():
     assert job_name_for("recipes/qwen2.5-7b/lora.yaml") == "npu-ft-qwen2-5-7b-lora"
     assert job_name_for("my.yaml") == "npu-ft-my"

@@ -36,11 +36,14 @@ _ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
 _CAPABILITY = re.compile(r"[A-Z][A-Z0-9_]*")
 
 
-def check_name(name: str, what: str) -> str:
-    """A DNS-1123 label (job, namespace, PVC, Secret names): lower-case, digits, '-', <= 63."""
-    if not _NAME.fullmatch(name) or len(name) > 63:
-        raise LaunchError(f"{what} {name!r} is not a valid Kubernetes name (lower-case letters, digits "
-                          "and '-', at most 63 characters)")
+def check_name(name: str, what: str, *, dots: bool = False) -> str:
+    """A DNS-1123 label (job and namespace names: lower-case, digits, '-', <= 63 characters) or, with
+    ``dots``, a DNS-1123 subdomain (PVC, Secret, runtime names: labels joined by '.', <= 253)."""
+    parts = name.split(".") if dots else [name]
+    if not all(_NAME.fullmatch(p) and len(p) <= 63 for p in parts) or len(name) > 253:
+        allowed = "lower-case letters, digits, '-' and '.'" if dots else "lower-case letters, digits and '-'"
+        raise LaunchError(f"{what} {name!r} is not a valid Kubernetes name ({allowed}, at most "
+                          f"{253 if dots else 63} characters)")
     return name
 
 
@@ -119,19 +122,19 @@ class JobOptions:
             raise LaunchError(f"--image {self.image!r} must not contain spaces")
         if self.api not in APIS:
             raise LaunchError(f"--api must be one of {', '.join(APIS)}, got {self.api!r}")
-        check_name(self.runtime, "--runtime")
+        check_name(self.runtime, "--runtime", dots=True)
         if self.name is not None:
             check_name(self.name, "job name")
         if self.namespace is not None:
             check_name(self.namespace, "namespace")
-        check_name(self.pvc_name, "PVC name")
+        check_name(self.pvc_name, "PVC name", dots=True)
         if self.hub_token_secret is not None:
-            check_name(self.hub_token_secret, "secret name")
+            check_name(self.hub_token_secret, "secret name", dots=True)
         if not self.mount.startswith("/") or self.mount.rstrip("/") in ("", "/etc/npu-ft", "/dev/shm"):
             raise LaunchError(f"--mount {self.mount!r} must be an absolute path in the container "
                               "(not /, /etc/npu-ft or /dev/shm)")
         if self.scheduler is not None:
-            check_name(self.scheduler, "--scheduler")
+            check_name(self.scheduler, "--scheduler", dots=True)
         if not _LABEL_VALUE.fullmatch(self.ring_controller) or len(self.ring_controller) > 63:
             raise LaunchError(f"--ring-controller {self.ring_controller!r} is not a valid label value")
         for flag, value, memory in (("--cpu", self.cpu, False), ("--memory", self.memory, True),
