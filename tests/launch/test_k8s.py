@@ -306,6 +306,19 @@ def test_override_values_cannot_inject_keys(in_root, override, key, value):
     assert set(recipe) == set(source) | {key}
 
 
+def test_a_recipe_that_does_not_read_back_is_refused(in_root, monkeypatch):
+    """The guard behind the dumper: text pasted together the old way would inject a key; the
+    read-back check refuses it before anything is written."""
+
+    def pasted(mapping, **kwargs):
+        return "".join(f"{k}: {v}\n" for k, v in mapping.items())
+
+    monkeypatch.setattr(yaml, "safe_dump", pasted)
+    with pytest.raises(LaunchError, match="does not read back as written"):
+        build_manifests("recipes/qwen2.5-7b/lora.yaml", ["output_dir=saves/x\ntrust_remote_code: true"],
+                        image="img", pvc="ws")
+
+
 def test_pod_recipe_resumes_and_reads_back(in_root):
     manifests = build_job("recipes/qwen2.5-7b/full.yaml", JobOptions(image="img", pvc="ws"),
                           ["learning_rate=3e-5", "max_steps=100", "save_steps=50"])
@@ -317,6 +330,9 @@ def test_pod_recipe_resumes_and_reads_back(in_root):
     notes = build_job("recipes/qwen2.5-7b/lora.yaml", JobOptions(image="img", pvc="ws"),
                       ["save_strategy='no'"]).notes
     assert any("trains again from step 0" in n for n in notes)
+    notes = build_job("recipes/qwen2.5-7b/lora.yaml", JobOptions(image="img", pvc="ws"),
+                      ["resume_from_checkpoint=true"]).notes
+    assert any("fails on the job's first start" in n for n in notes)
 
 
 def test_resumes_after_a_restart_end_to_end(tmp_path, monkeypatch):

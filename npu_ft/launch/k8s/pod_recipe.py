@@ -65,14 +65,18 @@ def build_pod_recipe(recipe: Path, overrides: Sequence[str], cfg: Any, *, ds_fil
                      "restarted pod resumes from its last checkpoint; give each job its own output_dir")
     mapping["overwrite_output_dir"] = False
     expected.overwrite_output_dir = False
+    if cfg.resume_from_checkpoint in (True, "true", "True"):
+        notes.append("resume_from_checkpoint: true fails on the job's first start (no checkpoint yet); the pod "
+                     "resumes from the last checkpoint without it")
     if cfg.save_strategy == "no" or cfg.save_only_model:
         notes.append("the recipe saves no resumable checkpoints (save_strategy: no or save_only_model: true): "
                      "a pod restarted after a failure trains again from step 0")
 
     text = _HEADER + yaml.safe_dump(mapping, sort_keys=False, allow_unicode=True, default_flow_style=False,
                                     width=120)
-    if load_yaml_text(text, "pod recipe") != mapping:  # pragma: no cover - safe_dump round-trips
-        raise LaunchError(f"{recipe}: the pod's recipe does not read back as written")
+    if load_yaml_text(text, "pod recipe") != mapping:
+        raise LaunchError(f"{recipe}: the pod's recipe does not read back as written (an override value "
+                          "would change its structure)")
     _check_reads_back(text, expected, recipe)
     return PodRecipe(text=text, config=expected, notes=tuple(notes))
 
