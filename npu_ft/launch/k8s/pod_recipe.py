@@ -50,21 +50,19 @@ class PodRecipe:
 def build_pod_recipe(recipe: Path, overrides: Sequence[str], cfg: Any, *, ds_file: bool) -> PodRecipe:
     """The pod's recipe for ``recipe`` + ``overrides`` (``cfg`` is ``load_config(recipe, overrides)``)."""
     from npu_ft.config.yaml_io import load_yaml_mapping, load_yaml_text
-    from npu_ft.train.config import SftConfig, parse_overrides
+    from npu_ft.train.config import parse_overrides
 
     mapping: dict[str, Any] = dict(load_yaml_mapping(recipe))
     for key, value, _ in parse_overrides(overrides):
         mapping[key] = value
-    expected = SftConfig(cfg.to_dict(), source=cfg.source, explicit=cfg.explicit)
+    changed: dict[str, Any] = {"overwrite_output_dir": False}
     if ds_file:  # the JSON travels in the ConfigMap
-        mapping["deepspeed"] = f"{CONFIG_DIR}/ds_config.json"
-        expected.deepspeed = mapping["deepspeed"]
+        changed["deepspeed"] = f"{CONFIG_DIR}/ds_config.json"
+    mapping.update(changed)
     notes = []
     if cfg.overwrite_output_dir:
         notes.append("the pod's recipe sets overwrite_output_dir: false (the recipe says true) so that a "
                      "restarted pod resumes from its last checkpoint; give each job its own output_dir")
-    mapping["overwrite_output_dir"] = False
-    expected.overwrite_output_dir = False
     if cfg.resume_from_checkpoint in (True, "true", "True"):
         notes.append("resume_from_checkpoint: true fails on the job's first start (no checkpoint yet); the pod "
                      "resumes from the last checkpoint without it")
@@ -77,12 +75,13 @@ def build_pod_recipe(recipe: Path, overrides: Sequence[str], cfg: Any, *, ds_fil
     if load_yaml_text(text, "pod recipe") != mapping:
         raise LaunchError(f"{recipe}: the pod's recipe does not read back as written (an override value "
                           "would change its structure)")
-    _check_reads_back(text, expected, recipe)
-    return PodRecipe(text=text, config=expected, notes=tuple(notes))
+    config = _read_back(text, {**cfg.to_dict(), **changed}, recipe)
+    return PodRecipe(text=text, config=config, notes=tuple(notes))
 
 
-def _check_reads_back(text: str, expected: Any, recipe: Path) -> None:
-    """``load_config`` the dumped text from a file, as ``npu-ft train`` will; it must equal ``expected``."""
+def _read_back(text: str, expected: dict[str, Any], recipe: Path) -> Any:
+    """``load_config`` the dumped text from a file, as ``npu-ft train`` will; every key must have the
+    ``expected`` value. Returns the loaded config."""
     from npu_ft.train.config import ConfigError, load_config
 
     with tempfile.TemporaryDirectory(prefix="npu-ft-k8s-") as folder:
@@ -92,7 +91,7 @@ def _check_reads_back(text: str, expected: Any, recipe: Path) -> None:
             got = load_config(path)
         except ConfigError as exc:
             raise LaunchError(f"{recipe}: the pod's recipe would not load: {exc}") from None
-    want = expected.to_dict()
-    differ = sorted(k for k, v in got.to_dict().items() if want.get(k) != v)
+    differ = sorted(k for k, v in got.to_dict().items() if expected.get(k) != v)
     if differ:
         raise LaunchError(f"{recipe}: the pod's recipe reads back differently for {', '.join(differ)}")
+    return got
