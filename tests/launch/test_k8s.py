@@ -490,6 +490,18 @@ def test_kubernetes_names():
             JobOptions(image="i", **kw)
 
 
+def test_long_job_names_are_refused_for_the_pods_they_make():
+    JobOptions(image="i", name="x" * 54)  # <name>-master-0 has 63 characters
+    with pytest.raises(LaunchError, match="at most 54"):
+        JobOptions(image="i", name="x" * 55)
+    JobOptions(image="i", name="x" * 53, nodes=12)
+    with pytest.raises(LaunchError, match="pods " + "x" * 54 + "-worker-10"):
+        JobOptions(image="i", name="x" * 54, nodes=12)
+    JobOptions(image="i", name="x" * 53, nodes=12, api="trainer-v2")
+    with pytest.raises(LaunchError, match="-node-0-11"):
+        JobOptions(image="i", name="x" * 54, nodes=12, api="trainer-v2")
+
+
 def test_job_names():
     assert job_name_for("recipes/qwen2.5-7b/lora.yaml") == "npu-ft-qwen2-5-7b-lora"
     assert job_name_for("my.yaml") == "npu-ft-my"

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from .options import JobOptions
+from .options import JobOptions, check_job_name
 from .pod import object_metadata
 from .pod_recipe import build_pod_recipe
 from .pytorchjob import MASTER_PORT, build_pytorchjob
@@ -56,7 +56,7 @@ def build_job(recipe: str | Path, opts: JobOptions, overrides: Sequence[str] = (
     ds = check_launch(cfg, plan)
     ds_file = ds is not None and isinstance(cfg.deepspeed, str)
     pod_recipe = build_pod_recipe(recipe, overrides, cfg, ds_file=ds_file)
-    name = opts.name or job_name_for(recipe)
+    name = check_job_name(opts.name or job_name_for(recipe), opts)
 
     data = {"recipe.yaml": pod_recipe.text}
     if ds_file:

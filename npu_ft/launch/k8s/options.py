@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from ..torchrun import LaunchError
 
-__all__ = ["APIS", "DEFAULT_PVC", "JobOptions", "check_name", "check_quantity"]
+__all__ = ["APIS", "DEFAULT_PVC", "JobOptions", "check_job_name", "check_name", "check_quantity"]
 
 APIS = ("pytorchjob", "trainer-v2")
 DEFAULT_PVC = "npu-ft-workspace"
@@ -44,6 +44,18 @@ def check_name(name: str, what: str, *, dots: bool = False) -> str:
         allowed = "lower-case letters, digits, '-' and '.'" if dots else "lower-case letters, digits and '-'"
         raise LaunchError(f"{what} {name!r} is not a valid Kubernetes name ({allowed}, at most "
                           f"{253 if dots else 63} characters)")
+    return name
+
+
+def check_job_name(name: str, opts: JobOptions) -> str:
+    """The job name, if the names the operator derives from it stay DNS labels (<= 63 characters):
+    PyTorchJob pods/Services ``<job>-worker-<i>``, TrainJob pods ``<job>-node-0-<i>``."""
+    check_name(name, "job name")
+    longest = (f"-node-0-{opts.nodes - 1}" if opts.api == "trainer-v2"
+               else f"-worker-{opts.nodes - 2}" if opts.nodes > 1 else "-master-0")
+    if len(name) + len(longest) > 63:
+        raise LaunchError(f"job name {name!r} is too long: the operator names pods {name}{longest}, which must "
+                          f"have at most 63 characters (give --name with at most {63 - len(longest)})")
     return name
 
 
@@ -124,7 +136,7 @@ class JobOptions:
             raise LaunchError(f"--api must be one of {', '.join(APIS)}, got {self.api!r}")
         check_name(self.runtime, "--runtime", dots=True)
         if self.name is not None:
-            check_name(self.name, "job name")
+            check_job_name(self.name, self)
         if self.namespace is not None:
             check_name(self.namespace, "namespace")
         check_name(self.pvc_name, "PVC name", dots=True)
