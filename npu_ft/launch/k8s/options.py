@@ -124,6 +124,12 @@ class JobOptions:
     cap_add: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self._check_shape()
+        self._check_names()
+        self._check_pod_settings()
+
+    def _check_shape(self) -> None:
+        """Nodes, NPUs, image, API, resource quantities."""
         if self.nodes < 1:
             raise LaunchError(f"--nodes must be >= 1, got {self.nodes}")
         if not 1 <= self.npus_per_node <= 16:
@@ -134,6 +140,13 @@ class JobOptions:
             raise LaunchError(f"--image {self.image!r} must not contain spaces")
         if self.api not in APIS:
             raise LaunchError(f"--api must be one of {', '.join(APIS)}, got {self.api!r}")
+        for flag, value, memory in (("--cpu", self.cpu, False), ("--memory", self.memory, True),
+                                    ("--shm", self.shm, True)):
+            if value is not None:
+                check_quantity(flag, value, memory=memory)
+
+    def _check_names(self) -> None:
+        """Kubernetes names and label values."""
         check_name(self.runtime, "--runtime", dots=True)
         if self.name is not None:
             check_job_name(self.name, self)
@@ -142,17 +155,16 @@ class JobOptions:
         check_name(self.pvc_name, "PVC name", dots=True)
         if self.hub_token_secret is not None:
             check_name(self.hub_token_secret, "secret name", dots=True)
-        if not self.mount.startswith("/") or self.mount.rstrip("/") in ("", "/etc/npu-ft", "/dev/shm"):
-            raise LaunchError(f"--mount {self.mount!r} must be an absolute path in the container "
-                              "(not /, /etc/npu-ft or /dev/shm)")
         if self.scheduler is not None:
             check_name(self.scheduler, "--scheduler", dots=True)
         if not _LABEL_VALUE.fullmatch(self.ring_controller) or len(self.ring_controller) > 63:
             raise LaunchError(f"--ring-controller {self.ring_controller!r} is not a valid label value")
-        for flag, value, memory in (("--cpu", self.cpu, False), ("--memory", self.memory, True),
-                                    ("--shm", self.shm, True)):
-            if value is not None:
-                check_quantity(flag, value, memory=memory)
+
+    def _check_pod_settings(self) -> None:
+        """Mount path, environment, network, user and capabilities."""
+        if not self.mount.startswith("/") or self.mount.rstrip("/") in ("", "/etc/npu-ft", "/dev/shm"):
+            raise LaunchError(f"--mount {self.mount!r} must be an absolute path in the container "
+                              "(not /, /etc/npu-ft or /dev/shm)")
         _check_env(self.env)
         if self.hccl_socket_ifname is not None and not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}",
                                                                     self.hccl_socket_ifname):
