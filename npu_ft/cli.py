@@ -20,7 +20,7 @@ COMMANDS = {
     "demo": ("npu_ft.demo", "demo_main", "fine-tune a tiny Qwen2 on CPU and show it learned"),
     "chat": ("npu_ft.chat", "chat_main", "chat with a fine-tuned model, or answer one --prompt"),
     "env": ("npu_ft.cli", "env_main", "print versions and what each device backend can do"),
-    "k8s": ("npu_ft.launch.k8s", "k8s_main", "write a Kubeflow PyTorchJob manifest for a recipe (Ascend 910B)"),
+    "k8s": ("npu_ft.launch.k8s", "k8s_main", "write a Kubeflow PyTorchJob or TrainJob for a recipe (Ascend 910B)"),
     "lf-train": ("npu_ft.plugins_cli", "lf_train_main", "run LLaMA-Factory's own training on npu-ft's ops (plugin)"),
 }
 

@@ -5,8 +5,9 @@
   device layer -> a :class:`LaunchPlan`; :class:`LaunchError` for impossible requests.
 * :mod:`npu_ft.launch.checks` -- DeepSpeed config and method combinations, before launch.
 * :mod:`npu_ft.launch.estimate` -- memory per card and 910B cards per recipe.
-* :mod:`npu_ft.launch.recipes` -- the Qwen recipe table and generator.
-* :mod:`npu_ft.launch.k8s` -- ``npu-ft k8s``: Kubeflow PyTorchJob manifests.
+* :mod:`npu_ft.launch.k8s` -- ``npu-ft k8s``: Kubeflow PyTorchJob / TrainJob manifests.
+
+The Qwen recipe generator is a development script, ``scripts/generate_recipes.py``.
 
 ``python -m npu_ft.launch [--nproc-per-node N] RECIPE [key=value ...]`` is ``npu-ft train`` with
 the launch step in front (torchrun workers run this module too).

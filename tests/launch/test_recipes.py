@@ -1,24 +1,63 @@
-"""The generated Qwen recipes: up to date with the table, loadable, sensible; DeepSpeed configs."""
+"""The shipped recipes: the generated Qwen ones up to date with the table of
+scripts/generate_recipes.py, every recipe loadable and without trust_remote_code; DeepSpeed configs."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 
 import pytest
+import yaml
 
 from npu_ft.launch.checks import check_launch, zero_offload, zero_stage
 from npu_ft.launch.estimate import MODELS
-from npu_ft.launch.recipes import all_recipes, write_all
 from npu_ft.train.config import load_config
 
 from ._helpers import ROOT
 
-RECIPES = all_recipes()
+
+def _load_generator():
+    """scripts/generate_recipes.py is a development script, not a package module: load it by path."""
+    spec = importlib.util.spec_from_file_location("generate_recipes", ROOT / "scripts" / "generate_recipes.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+GENERATOR = _load_generator()
+RECIPES = GENERATOR.all_recipes()
+SHIPPED = sorted((ROOT / "recipes").rglob("*.yaml"))
 
 
 def test_generated_files_are_up_to_date():
-    stale = write_all(ROOT, check=True)
-    assert not stale, f"run `python -m npu_ft.launch.recipes`; stale: {stale}"
+    stale = GENERATOR.write_all(ROOT, check=True)
+    assert not stale, f"run `python scripts/generate_recipes.py`; stale: {stale}"
+
+
+def test_the_generator_detects_a_stale_recipe(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "recipes.md").write_text((ROOT / "docs" / "recipes.md").read_text())
+    assert GENERATOR.write_all(tmp_path) and not GENERATOR.write_all(tmp_path, check=True)
+    one = tmp_path / RECIPES[0].path
+    one.write_text(one.read_text().replace("lora_rank: 16", "lora_rank: 8"))
+    assert GENERATOR.write_all(tmp_path, check=True) == [RECIPES[0].path]
+
+
+def test_the_package_does_not_ship_the_generator():
+    assert not (ROOT / "npu_ft" / "launch" / "recipes.py").exists()
+    assert GENERATOR.ROOT == ROOT
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_shipped_recipe_trusts_remote_code(path, monkeypatch):
+    """Qwen2.5/Qwen3 need no code from the model folder: no recipe may turn trust_remote_code on."""
+    monkeypatch.chdir(ROOT)
+    assert "trust_remote_code" not in yaml.safe_load(path.read_text())
+    assert "trust_remote_code" not in path.read_text()
+    if "export_dir" not in yaml.safe_load(path.read_text()):  # `npu-ft export` recipes are not training configs
+        assert load_config(path).trust_remote_code is False
 
 
 def test_every_size_and_method_is_there():
