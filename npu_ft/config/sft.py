@@ -211,8 +211,9 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SftCo
 
 
 def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any, str]]:
-    """``["lora_rank=16", "bf16=true"]`` -> ``[("lora_rank", 16, ...), ("bf16", True, ...)]``."""
-    import yaml
+    """``["lora_rank=16", "bf16=true"]`` -> ``[("lora_rank", 16, ...), ("bf16", True, ...)]`` (each value
+    read as a YAML scalar, with the recipe's YAML rules)."""
+    from .yaml_io import YamlError, load_yaml_text
 
     out = []
     for text in overrides:
@@ -223,8 +224,8 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any, str]]:
         if not key:
             raise ConfigError(f"override {text!r} has an empty key", source="command line")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+            value = load_yaml_text(raw) if raw.strip() else None
+        except YamlError:
             value = raw
         if isinstance(value, (dict, list)) and not raw.strip().startswith(("[", "{")):
             value = raw  # "a: b" style strings stay strings

@@ -1,6 +1,9 @@
 """Reading YAML recipes and suites safely: ``yaml.safe_load`` semantics, plus errors that name the
 file and line, and a duplicated key rejected (PyYAML silently keeps the last value).
 
+Only ``true``/``false`` are booleans (YAML 1.2, as LLaMA-Factory's OmegaConf reads recipes):
+``save_strategy: no`` is the string "no", not ``False`` as YAML 1.1's yes/no/on/off words would make it.
+
 >>> load_yaml_text("a: 1\\nb: 2\\n", "r.yaml")
 {'a': 1, 'b': 2}
 >>> load_yaml_text("a: 1\\na: 2\\n", "r.yaml")
@@ -12,6 +15,7 @@ npu_ft.config.yaml_io.YamlError: r.yaml:2: key 'a' is given twice (lines 1 and 2
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +58,13 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_UniqueKeyLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                       list("tTfF"))
 
 
 def load_yaml_text(text: str, source: str = "<yaml>") -> Any:

@@ -64,3 +64,15 @@ def test_empty_file_is_empty_mapping(tmp_path):
     path = tmp_path / "e.yaml"
     path.write_text("")
     assert load_yaml_mapping(path) == {}
+
+
+def test_only_true_and_false_are_booleans(tmp_path):
+    """YAML 1.2 booleans, as LLaMA-Factory (OmegaConf) reads recipes: 'no' is a word, not False."""
+    from npu_ft.config import build_config, parse_overrides
+
+    path = tmp_path / "r.yaml"
+    path.write_text("a: no\nb: on\nc: true\nd: False\ne: yes\n")
+    assert load_yaml_mapping(path) == {"a": "no", "b": "on", "c": True, "d": False, "e": "yes"}
+    assert [v for _, v, _ in parse_overrides(["save_strategy=no", "bf16=true", "x=off"])] == ["no", True, "off"]
+    cfg = build_config({"model_name_or_path": "m", "save_strategy": "no", "bf16": "yes"})
+    assert cfg.save_strategy == "no" and cfg.bf16 is True
