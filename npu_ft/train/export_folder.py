@@ -7,7 +7,8 @@
   ``npu_ft_export.json`` (the manifest that marks a folder as npu-ft's), then swaps it in with
   renames; the previous export is moved aside and only the files its manifest lists are removed.
   An interrupted export leaves the previous one in place (plus, at worst, a ``.<name>.npu-ft-*``
-  sibling). Folders and files get the process umask, like any file the user creates.
+  sibling). Folders and files get the modes the process umask gives a new file (some writers leave
+private 0600 files behind).
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ def publish(export_dir: Path, write: Callable[[Path], None], where: str,
     staging.mkdir()  # the process umask applies (tempfile.mkdtemp would make it private: 0700)
     try:
         write(staging)
+        _apply_umask(staging)
         files, _, _ = _files_and_dirs(staging)
         manifest = {"written_by": _WRITTEN_BY, **info, "files": sorted(files - {MANIFEST_NAME})}
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -160,6 +162,18 @@ def publish(export_dir: Path, write: Callable[[Path], None], where: str,
         _remove_owned(staging, _files_and_dirs(staging)[0])  # a fresh folder: everything in it is ours
         raise
     return export_dir
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give what ``write`` produced the modes of files a user creates (0666 / 0777 minus the umask):
+    some writers stage through ``tempfile`` and leave private 0600 files behind."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    files, dirs, _ = _files_and_dirs(folder)
+    for name in files:
+        os.chmod(folder / name, 0o666 & ~umask)
+    for name in dirs:
+        os.chmod(folder / name, 0o777 & ~umask)
 
 
 def _swap_in(staging: Path, export_dir: Path) -> None:
