@@ -63,9 +63,13 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_usage(), file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else EXIT_USAGE
+    if not argv:
+        print("usage: npu-ft COMMAND [ARGS]\nnpu-ft: error: a command is required (npu-ft --help lists them)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
     if argv[0] in ("-V", "--version"):
         from npu_ft import __version__
 

@@ -174,7 +174,6 @@ def split_recipe_argv(argv: Sequence[str]) -> tuple[str, list[str]]:
 
 def _check_before_launch(recipe: str, overrides: Sequence[str], env: Mapping[str, str]) -> LaunchPlan:
     """Config, inputs, device and plan, DeepSpeed combination; the tokenizer when launching workers."""
-    from npu_ft.device import DeviceUnavailableError
     from npu_ft.train.config import load_config
     from npu_ft.train.preflight import check_inputs, check_tokenizer
 
@@ -182,16 +181,23 @@ def _check_before_launch(recipe: str, overrides: Sequence[str], env: Mapping[str
 
     cfg = load_config(recipe, overrides)
     check_inputs(cfg)
-    try:
-        plan = plan_launch(cfg.device, env)
-    except DeviceUnavailableError as exc:  # say where the device came from
-        origin = f"{cfg.source}: key 'device'" if cfg.device not in (None, "auto") else \
-            f"NPU_FT_DEVICE={os.environ.get('NPU_FT_DEVICE')!r}"
-        raise DeviceUnavailableError(f"{origin}: {exc}") from None
+    plan = _plan_for(cfg, env)
     check_launch(cfg, plan)
     if plan.distributed:
         check_tokenizer(cfg)  # each worker would find a broken tokenizer itself, after a slow start
     return plan
+
+
+def _plan_for(cfg, env: Mapping[str, str]) -> LaunchPlan:
+    """:func:`plan_launch` for the recipe; an unusable device names where it was asked for."""
+    from npu_ft.device import DeviceUnavailableError
+
+    try:
+        return plan_launch(cfg.device, env)
+    except DeviceUnavailableError as exc:
+        origin = f"{cfg.source}: key 'device'" if cfg.device not in (None, "auto") else \
+            f"NPU_FT_DEVICE={os.environ.get('NPU_FT_DEVICE')!r}"
+        raise DeviceUnavailableError(f"{origin}: {exc}") from None
 
 
 def launch_or_init(argv: MutableSequence[str], env: Mapping[str, str] | None = None,

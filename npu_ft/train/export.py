@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from npu_ft.cli_common import is_input_error, one_line, report, wants_help
+from npu_ft.cli_common import EXIT_USAGE, is_input_error, one_line, report, wants_help
 
 from .export_folder import ExportError, check_export_dir, publish
 
@@ -254,10 +254,13 @@ def export_model(opts: dict[str, Any]) -> Path:
 
 def export_main(argv: Sequence[str]) -> int:
     argv = list(argv)
-    if wants_help(argv) or not argv:
+    if wants_help(argv):
         print(f"usage: {_USAGE}\n\nMerge LoRA adapter(s) into the base model and write a Hugging Face "
-              "folder.\nkeys: " + ", ".join(EXPORT_KEYS), file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
+              "folder.\nkeys: " + ", ".join(EXPORT_KEYS))
+        return 0
+    if not argv:
+        print(f"usage: {_USAGE}\nnpu-ft export: error: give an export recipe or key=value pairs", file=sys.stderr)
+        return EXIT_USAGE
     try:
         out = export_model(load_export_options(argv))
     except Exception as exc:
