@@ -24,7 +24,8 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["TOKENIZER_FILES", "TRACKER_PACKAGES", "PreflightError", "check_inputs", "check_tokenizer", "check_trackers"]
+__all__ = ["TOKENIZER_FILES", "TRACKER_PACKAGES", "PreflightError", "check_inputs", "check_run_keys", "check_tokenizer",
+           "check_trackers"]
 
 #: ``report_to`` value -> packages of which one must be importable (transformers' integrations;
 #: pinned to the installed transformers by a test). kubeflow needs no package.
@@ -54,13 +55,14 @@ def check_inputs(cfg: Any) -> None:
     """Raise a one-line error (:class:`PreflightError`, or the data/model error naming the file
     and line) for the first input of ``cfg`` (an :class:`~npu_ft.train.config.SftConfig`) that
     cannot work. See the module docstring for what is and is not checked."""
-    _check_run_keys(cfg)
+    check_run_keys(cfg)
     _check_model_folder(cfg)
     _check_data(cfg)
     check_trackers(cfg.source, cfg.report_to)
 
 
-def _check_run_keys(cfg: Any) -> None:
+def check_run_keys(cfg: Any) -> None:
+    """``do_train`` is set, ``output_dir`` given, ``stage`` is sft."""
     if not cfg.do_train:
         raise PreflightError(f"{cfg.source}: key 'do_train': nothing to do (set do_train: true to train)")
     if not cfg.output_dir:

@@ -42,9 +42,10 @@ def _tree(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _export(capsys, env, export_dir, *extra: str) -> tuple[int, str]:
-    code = export_main([f"model_name_or_path={env['model']}", f"adapter_name_or_path={env['adapter']}",
-                        f"export_dir={export_dir}", *extra])
+def _export(capsys, env, export_dir, *extra: str, model=None, adapter=None) -> tuple[int, str]:
+    """``npu-ft export`` of ``adapter`` (default: the fixture's) onto ``model`` -> (exit code, stderr)."""
+    code = export_main([f"model_name_or_path={model or env['model']}",
+                        f"adapter_name_or_path={adapter or env['adapter']}", f"export_dir={export_dir}", *extra])
     return code, capsys.readouterr().err
 
 
@@ -69,18 +70,16 @@ def test_export_dir_holding_the_base_model_is_refused(env, tmp_path, capsys):
     model = _copy_tree(env["model"], parent / "base")
     (parent / "notes.txt").write_text("mine")
     before = _tree(parent)
-    code = export_main([f"model_name_or_path={model}", f"adapter_name_or_path={env['adapter']}",
-                        f"export_dir={parent}"])
-    _refused(code, capsys.readouterr().err, "key 'export_dir'", "contains the model_name_or_path folder")
+    code, err = _export(capsys, env, parent, model=model)
+    _refused(code, err, "key 'export_dir'", "contains the model_name_or_path folder")
     assert _tree(parent) == before
 
 
 def test_export_dir_equal_to_the_adapter_is_refused(env, tmp_path, capsys):
     adapter = _copy_tree(env["adapter"], tmp_path / "adapter")
     before = _tree(adapter)
-    code = export_main([f"model_name_or_path={env['model']}", f"adapter_name_or_path={adapter}",
-                        f"export_dir={adapter}"])
-    _refused(code, capsys.readouterr().err, "is the adapter_name_or_path folder")
+    code, err = _export(capsys, env, adapter, adapter=adapter)
+    _refused(code, err, "is the adapter_name_or_path folder")
     assert _tree(adapter) == before
 
 
@@ -96,9 +95,8 @@ def test_export_dir_given_through_a_link_to_the_model_is_refused(env, tmp_path, 
 def test_export_dir_inside_the_model_folder_is_refused(env, tmp_path, capsys):
     model = _copy_tree(env["model"], tmp_path / "base")
     before = _tree(model)
-    code = export_main([f"model_name_or_path={model}", f"adapter_name_or_path={env['adapter']}",
-                        f"export_dir={model / 'merged'}"])
-    _refused(code, capsys.readouterr().err, "lies inside the model_name_or_path folder")
+    code, err = _export(capsys, env, model / "merged", model=model)
+    _refused(code, err, "lies inside the model_name_or_path folder")
     assert _tree(model) == before and not (model / "merged").exists()
 
 
@@ -158,9 +156,8 @@ def test_garbage_adapter_file_is_one_line(env, tmp_path, capsys, name, content, 
     adapter = _copy_tree(env["adapter"], tmp_path / "adapter")
     (adapter / name).write_bytes(content)
     target = tmp_path / "merged"
-    code = export_main([f"model_name_or_path={env['model']}", f"adapter_name_or_path={adapter}",
-                        f"export_dir={target}"])
-    _refused(code, capsys.readouterr().err, fragment)
+    code, err = _export(capsys, env, target, adapter=adapter)
+    _refused(code, err, fragment)
     assert not target.exists()
 
 
