@@ -44,9 +44,8 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 #: values of ``--device`` flags and ``$NPU_FT_DEVICE`` (pinned to the device layer by a test)
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "npu")
 
-#: (module, class) of every bad-input error of npu-ft. Looked up in ``sys.modules`` when an error
-#: is caught, so naming one here imports nothing: an error whose module is not loaded cannot
-#: have been raised.
+#: (defining module, class name) of every bad-input error of npu-ft. Matched against the classes of
+#: a caught error by name, so naming one here imports nothing.
 INPUT_ERRORS: tuple[tuple[str, str], ...] = (
     ("npu_ft.config.yaml_io", "YamlError"),
     ("npu_ft.train.config", "ConfigError"),
@@ -65,6 +64,9 @@ INPUT_ERRORS: tuple[tuple[str, str], ...] = (
 )
 
 
+_INPUT_ERROR_NAMES = frozenset(INPUT_ERRORS)
+
+
 class UsageError(ValueError):
     """A malformed command line (exit code 2)."""
 
@@ -73,11 +75,7 @@ def is_input_error(exc: BaseException) -> bool:
     """True when ``exc`` is one of npu-ft's bad-input errors (:data:`INPUT_ERRORS`) or a :class:`UsageError`."""
     if isinstance(exc, UsageError):
         return True
-    for module_name, class_name in INPUT_ERRORS:
-        cls = getattr(sys.modules.get(module_name), class_name, None)
-        if isinstance(cls, type) and isinstance(exc, cls):
-            return True
-    return False
+    return any((cls.__module__, cls.__qualname__) in _INPUT_ERROR_NAMES for cls in type(exc).__mro__)
 
 
 def one_line(text: object) -> str:

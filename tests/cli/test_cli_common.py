@@ -31,7 +31,17 @@ def test_device_choices_are_the_device_layer_names():
 def test_every_listed_input_error_exists(module, name):
     cls = getattr(importlib.import_module(module), name)
     assert isinstance(cls, type) and issubclass(cls, Exception)
+    assert cls.__module__ == module, f"{name} is defined in {cls.__module__}: list that module"
     assert is_input_error(cls.__new__(cls))
+
+
+def test_subclasses_of_input_errors_are_input_errors():
+    from npu_ft.data import DataFileError
+
+    class Sub(DataFileError):
+        pass
+
+    assert is_input_error(Sub("x"))
 
 
 def test_other_errors_are_not_input_errors():
