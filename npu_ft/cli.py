@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from npu_ft.cli_common import DEVICE_CHOICES, EXIT_USAGE, is_input_error, report, wants_help
+from npu_ft.cli_common import DEVICE_CHOICES, EXIT_INTERRUPTED, EXIT_USAGE, is_input_error, report, wants_help
 
 #: sub-command -> (module, function, help). The function takes (argv: list[str]) -> int.
 COMMANDS = {
@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             _check_device_env()
         func = getattr(importlib.import_module(module_name), func_name)
         return int(func(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"npu-ft {name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:
         if not is_input_error(exc):
             raise
