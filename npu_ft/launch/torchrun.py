@@ -64,7 +64,8 @@ LAUNCH_FLAGS = {
 
 def torchrun_command(plan: LaunchPlan, train_argv: Sequence[str], python: str | None = None) -> list[str]:
     """The ``python -m torch.distributed.run ... -m npu_ft.launch RECIPE ...`` command for ``plan``
-    (each worker runs :mod:`npu_ft.launch`, i.e. this hook, then ``npu-ft train``)."""
+    (each worker runs :mod:`npu_ft.launch`, i.e. ``npu-ft train``, whose hook then only creates the
+    process group)."""
     return [
         python or sys.executable, "-m", "torch.distributed.run",
         "--nnodes", str(plan.nnodes),
