@@ -1,7 +1,9 @@
-"""`npu-ft` command line: train | export | bench | doctor | env | demo.
+"""`npu-ft` command line: train | export | bench | doctor | demo | env | k8s | lf-train.
 
 Each sub-command lives in its own module and is imported only when it runs, so `npu-ft env`
-works even where the training stack is broken.
+works even where the training stack is broken, and `--help` or a bad argument costs no more than
+starting Python. Exit codes are the same in every sub-command (:mod:`npu_ft.cli_common`): 0 success,
+1 bad input or a device that cannot be used (one line naming the file, key or variable), 2 usage.
 """
 
 from __future__ import annotations
@@ -9,12 +11,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
+
+from npu_ft.cli_common import DEVICE_CHOICES, EXIT_INTERRUPTED, EXIT_USAGE, is_input_error, report, wants_help
 
 #: sub-command -> (module, function, help). The function takes (argv: list[str]) -> int.
 COMMANDS = {
     "train": ("npu_ft.train.cli", "train_main", "fine-tune from a LLaMA-Factory style YAML"),
-    "export": ("npu_ft.train.cli", "export_main", "merge an adapter into its base model"),
+    "export": ("npu_ft.train.export", "export_main", "merge an adapter into its base model"),
     "bench": ("npu_ft.bench.cli", "bench_main", "run a benchmark suite or compare results"),
     "doctor": ("npu_ft.doctor", "doctor_main", "check every op against its reference on a device"),
     "demo": ("npu_ft.demo", "demo_main", "fine-tune a tiny Qwen2 on CPU and show it learned"),
@@ -24,10 +29,14 @@ COMMANDS = {
     "lf-train": ("npu_ft.plugins_cli", "lf_train_main", "run LLaMA-Factory's own training on npu-ft's ops (plugin)"),
 }
 
+#: sub-commands that pick a device through the device layer, so $NPU_FT_DEVICE must name one
+DEVICE_COMMANDS = frozenset({"train", "export", "bench", "doctor", "demo", "env", "lf-train"})
+
 
 def env_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="npu-ft env", description=COMMANDS["env"][2])
-    parser.add_argument("--device", default=None, help="cpu | cuda | npu | auto (default: $NPU_FT_DEVICE or auto)")
+    parser.add_argument("--device", default=None, choices=DEVICE_CHOICES,
+                        help="device to report as chosen (default: $NPU_FT_DEVICE or auto)")
     args = parser.parse_args(argv)
     from npu_ft.env_info import environment_report
 
@@ -35,13 +44,33 @@ def env_main(argv: list[str]) -> int:
     return 0
 
 
+def _check_device_env() -> None:
+    """``$NPU_FT_DEVICE`` names a device kind (checked by the device layer only when it does not
+    obviously do, so a valid value costs no torch import)."""
+    value = os.environ.get("NPU_FT_DEVICE") or "auto"
+    if value.strip().lower().split(":", 1)[0] not in DEVICE_CHOICES:
+        from npu_ft.device import device_name_from_env
+
+        device_name_from_env()
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name.ljust(width)}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return ("usage: npu-ft COMMAND [ARGS]   (npu-ft COMMAND --help for a command's arguments)\n\ncommands:\n"
+            + "\n".join(lines)
+            + "\n\nexit codes: 0 success, 1 bad input or unavailable device, 2 usage error")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        width = max(map(len, COMMANDS))
-        lines = [f"  {name.ljust(width)}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
-        print("usage: npu-ft COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines))
-        return 0 if argv else 2
+    if not argv:
+        print("usage: npu-ft COMMAND [ARGS]\nnpu-ft: error: a command is required (npu-ft --help lists them)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
     if argv[0] in ("-V", "--version"):
         from npu_ft import __version__
 
@@ -49,17 +78,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"npu-ft: unknown command {name!r} (expected one of: {', '.join(COMMANDS)})", file=sys.stderr)
-        return 2
+        print(f"npu-ft: error: unknown command {name!r} (expected one of: {', '.join(COMMANDS)})", file=sys.stderr)
+        return EXIT_USAGE
     module_name, func_name, _ = COMMANDS[name]
-    func = getattr(importlib.import_module(module_name), func_name)
-    from npu_ft.device import DeviceUnavailableError
-
     try:
+        if name in DEVICE_COMMANDS and not wants_help(rest):
+            _check_device_env()
+        func = getattr(importlib.import_module(module_name), func_name)
         return int(func(rest) or 0)
-    except DeviceUnavailableError as exc:
-        print(f"npu-ft {name}: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"npu-ft {name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if not is_input_error(exc):
+            raise
+        return report(f"npu-ft {name}", exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -146,17 +146,21 @@ def _table(before: dict[str, Any], after: dict[str, Any]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from npu_ft.cli_common import DEVICE_CHOICES, non_negative_int, positive_float, positive_int
+
     parser = argparse.ArgumentParser(prog="npu-ft demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="saves/npu-ft-demo", help="where the model and run go")
-    parser.add_argument("--steps", type=int, default=STEPS, help=f"optimizer steps (default {STEPS})")
-    parser.add_argument("--batch-size", type=int, default=16, help="examples per step (default 16)")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | npu | auto (default cpu)")
+    parser.add_argument("--steps", type=positive_int, default=STEPS, help=f"optimizer steps (default {STEPS})")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="examples per step (default 16)")
+    parser.add_argument("--device", default="cpu", choices=DEVICE_CHOICES,
+                        help="default cpu; auto = $NPU_FT_DEVICE or npu > cuda > cpu")
     parser.add_argument("--method", default="full", choices=("full", "lora"), help="default: full")
-    parser.add_argument("--lora-rank", type=int, default=64)
-    parser.add_argument("--learning-rate", type=float, default=None)
-    parser.add_argument("--hidden-size", type=int, default=HIDDEN, help=f"tiny model width (default {HIDDEN})")
-    parser.add_argument("--layers", type=int, default=LAYERS, help=f"tiny model depth (default {LAYERS})")
-    parser.add_argument("--threads", type=int, default=2,
+    parser.add_argument("--lora-rank", type=positive_int, default=64)
+    parser.add_argument("--learning-rate", type=positive_float, default=None)
+    parser.add_argument("--hidden-size", type=positive_int, default=HIDDEN,
+                        help=f"tiny model width (default {HIDDEN})")
+    parser.add_argument("--layers", type=positive_int, default=LAYERS, help=f"tiny model depth (default {LAYERS})")
+    parser.add_argument("--threads", type=non_negative_int, default=2,
                         help="torch CPU threads (default 2, what the demo is sized for; 0 = torch's default)")
     return parser
 
@@ -169,20 +173,21 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
+    from npu_ft.device import select_device
+
+    _, device = select_device(None if args.device == "auto" else args.device)  # before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from npu_ft.device import select_device
     from npu_ft.model.loading import load_model
     from npu_ft.model.tiny import build_tiny_model
     from npu_ft.train.config import build_config
     from npu_ft.train.run import run_sft
 
     out = Path(args.output_dir)
-    _, device = select_device(None if args.device == "auto" else args.device)
     heads = max(1, args.hidden_size // 16)
     print(f"[1/4] building a tiny random-init Qwen2 (hidden {args.hidden_size}, {args.layers} layers, "
           f"151,936-token vocabulary) + the Qwen2 tokenizer in {out / 'model'}")
@@ -212,13 +217,14 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 def demo_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from npu_ft.device import DeviceUnavailableError
+    from npu_ft.cli_common import is_input_error, report
 
     try:
         res = run_demo(args)
-    except DeviceUnavailableError as exc:
-        print(f"npu-ft demo: error: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        if not is_input_error(exc):
+            raise
+        return report("npu-ft demo", exc)
     print()
     print(_table(res["before"], res["after"]))
     print()

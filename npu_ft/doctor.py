@@ -309,8 +309,11 @@ def format_table(results: list[CheckResult]) -> str:
 
 
 def doctor_main(argv: list[str]) -> int:
+    from npu_ft.cli_common import DEVICE_CHOICES
+
     parser = argparse.ArgumentParser(prog="npu-ft doctor", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default=None, help="cpu | cuda | npu | auto (default: $NPU_FT_DEVICE or auto)")
+    parser.add_argument("--device", default=None, choices=DEVICE_CHOICES,
+                        help="default: $NPU_FT_DEVICE or auto (npu > cuda > cpu)")
     parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable; default fp32 and bf16")
     parser.add_argument("--json", metavar="FILE", help="also write the results and environment as JSON")
     args = parser.parse_args(argv)

@@ -6,16 +6,21 @@ CPU): with the defaults it goes from 0% to ~97% exact match on the held-out sent
 100%, colour 90%, verb 100%). Another CPU / BLAS rounds differently and takes another trajectory;
 the colour question is the one that is learned last (35% at 800 steps, 90% at 1000 here), so the
 thresholds leave room there without letting a demo that does not learn pass. The 3-minute budget is
-checked by hand and in docs/training.md, not here (timing on shared CI machines is noise).
+checked by hand and in docs/training.md, not here (timing on shared CI machines is noise): the run is
+bounded by its step count, and the subprocess timeout only catches a hang.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 
 import pytest
+
+#: the default run takes ~2.5 minutes on 2 idle cores; only a hung demo takes this long
+HANG_S = 4 * 3600
 
 
 def _row(out: str, name: str) -> tuple[str, str]:
@@ -42,7 +47,7 @@ def test_demo_learns_from_zero(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=1500,
+        timeout=HANG_S,
     )
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -53,5 +58,7 @@ def test_demo_learns_from_zero(tmp_path):
     assert em_after >= 0.75, out
     for task in ("Which animal is it?", "What does it do?"):
         assert _share(_row(out, f"  {task}")[1]) >= 0.9, out
-    assert (tmp_path / "demo" / "run" / "trainer_log.jsonl").is_file()
+    log = [json.loads(line) for line in (tmp_path / "demo" / "run" / "trainer_log.jsonl").read_text().splitlines()]
+    assert max(rec["current_steps"] for rec in log) == 1000  # bounded by steps
+    assert {rec["total_steps"] for rec in log} == {1000}
     assert "training:" in out and "whole demo:" in out

@@ -55,5 +55,5 @@ def test_doctor_catches_a_wrong_fused_loss(monkeypatch, capsys):
 def test_doctor_unavailable_device_is_a_clear_error(capsys):
     from npu_ft.cli import main
 
-    assert main(["doctor", "--device", "cuda"]) == 2
+    assert main(["doctor", "--device", "cuda"]) == 1  # an unavailable device is bad input, not usage
     assert "cuda unavailable:" in capsys.readouterr().err

@@ -14,13 +14,15 @@ from pathlib import Path
 
 
 def _run_main(argv: list[str]) -> int:
+    from npu_ft.cli_common import positive_int
+
     from .runner import run_suite
     from .suite import SuiteError, load_suite
 
     p = argparse.ArgumentParser(prog="npu-ft bench", description="run a benchmark suite (each case in a fresh process)")
     p.add_argument("suite", help="suite YAML file (see bench/suites/)")
     p.add_argument("--out", default=None, help="output folder (default: bench/runs/<suite>-<time>)")
-    p.add_argument("--repeats", type=int, default=None, help="override the suite's repeats")
+    p.add_argument("--repeats", type=positive_int, default=None, help="override the suite's repeats (>= 1)")
     p.add_argument("--only", default=None, help="run only cases whose id contains this text")
     p.add_argument("--skip", action="append", default=[],
                    help="skip cases whose id contains this text (repeatable)")

@@ -3,7 +3,8 @@
 Selection order: an explicit name (argument, config ``device:``), else the ``NPU_FT_DEVICE`` env
 var, else auto = npu > cuda > cpu. Asking explicitly for a device that cannot be used raises
 :class:`DeviceUnavailableError` with the reason, e.g. "npu unavailable: torch_npu could not be
-imported (...)".
+imported (...)"; a name that is no device at all (``NPU_FT_DEVICE=gpu``) raises
+:class:`DeviceNameError` naming where it came from and the allowed values.
 
 >>> from npu_ft.device import get_backend
 >>> dev = get_backend("cpu")
@@ -14,8 +15,9 @@ imported (...)".
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
-from .base import DeviceBackend, DeviceUnavailableError, MemoryReading
+from .base import DeviceBackend, DeviceNameError, DeviceUnavailableError, MemoryReading
 from .cpu import CpuBackend
 from .cuda import CudaBackend
 from .npu import NpuBackend
@@ -28,11 +30,13 @@ _BACKENDS: dict[str, DeviceBackend] = {"cpu": CpuBackend(), "cuda": CudaBackend(
 __all__ = [
     "AUTO_ORDER",
     "DeviceBackend",
+    "DeviceNameError",
     "DeviceUnavailableError",
     "ENV_VAR",
     "MemoryReading",
     "all_backends",
     "backend_for_tensor",
+    "device_name_from_env",
     "get_backend",
     "select_device",
 ]
@@ -43,15 +47,34 @@ def all_backends() -> dict[str, DeviceBackend]:
     return dict(_BACKENDS)
 
 
+def _kind(name: str) -> str:
+    """``"NPU:1"`` -> ``"npu"``."""
+    return name.strip().lower().split(":", 1)[0]
+
+
+def _names() -> str:
+    return ", ".join(["auto", *_BACKENDS])
+
+
 def _lookup(name: str) -> DeviceBackend:
-    key = name.strip().lower().split(":", 1)[0]
+    key = _kind(name)
     if key == "auto":
         raise KeyError(key)
     try:
         return _BACKENDS[key]
     except KeyError:
-        known = ", ".join(["auto", *_BACKENDS])
-        raise ValueError(f"unknown device {name!r}: expected one of {known}") from None
+        raise DeviceNameError(f"unknown device {name!r}: expected one of {_names()}") from None
+
+
+def device_name_from_env(env: Mapping[str, str] | None = None) -> str:
+    """``$NPU_FT_DEVICE`` (``"auto"`` when unset or empty), checked to name a device kind.
+
+    Raises :class:`DeviceNameError` naming the variable and the allowed values.
+    """
+    value = (os.environ if env is None else env).get(ENV_VAR) or "auto"
+    if _kind(value) != "auto" and _kind(value) not in _BACKENDS:
+        raise DeviceNameError(f"{ENV_VAR}={value!r} is not a device: expected one of {_names()}")
+    return value
 
 
 def get_backend(name: str | None = None) -> DeviceBackend:
@@ -60,7 +83,7 @@ def get_backend(name: str | None = None) -> DeviceBackend:
     None means: the ``NPU_FT_DEVICE`` env var if set, else auto.
     """
     if name is None:
-        name = os.environ.get(ENV_VAR) or "auto"
+        name = device_name_from_env()
     if name.strip().lower() == "auto":
         for candidate in AUTO_ORDER:
             backend = _BACKENDS[candidate]

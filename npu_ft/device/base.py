@@ -18,6 +18,10 @@ class DeviceUnavailableError(RuntimeError):
     """Raised when a device is asked for by name but cannot be used here."""
 
 
+class DeviceNameError(ValueError):
+    """A device name that is not one of auto / cpu / cuda / npu (from an argument or ``$NPU_FT_DEVICE``)."""
+
+
 @dataclass(frozen=True)
 class MemoryReading:
     """Peak memory of one phase, in bytes.

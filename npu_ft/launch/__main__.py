@@ -1,7 +1,7 @@
-"""``python -m npu_ft.launch [--nproc-per-node N] RECIPE [key=value ...]``: launch, then train.
+"""``python -m npu_ft.launch [--nproc-per-node N] RECIPE [key=value ...]``: ``npu-ft train``.
 
-torchrun's workers run this module as well: in a worker :func:`launch_or_init` only creates the
-process group (device layer backend) and training goes on in ``npu_ft.train.cli.train_main``.
+torchrun's workers run this module: in a worker the launch hook (:func:`npu_ft.launch.launch_or_init`,
+called first by ``train_main``) only creates the process group, and training goes on.
 """
 
 from __future__ import annotations
@@ -10,15 +10,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    from .torchrun import launch_or_init
-
-    rc = launch_or_init(argv)
-    if rc is not None:
-        return rc
     from npu_ft.train.cli import train_main
 
-    return int(train_main(argv) or 0)
+    return int(train_main(list(sys.argv[1:] if argv is None else argv)) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .torchrun import LaunchError, LaunchPlan
+from .plan import LaunchError, LaunchPlan
 
 __all__ = ["check_launch", "load_deepspeed_config", "zero_stage", "zero_offload"]
 

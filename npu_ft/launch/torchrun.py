@@ -4,54 +4,53 @@
 
 * **launcher** -- more than one process is wanted (several visible devices, ``NPROC_PER_NODE``/
   ``--nproc-per-node`` > 1, or ``NNODES`` > 1) and this process was not started by torchrun: the
-  recipe is checked (:func:`npu_ft.launch.checks.check_launch`), then ``python -m
-  torch.distributed.run ... -m npu_ft.cli train RECIPE k=v`` runs and its exit code is returned.
-  Nothing is launched when a check fails: a :class:`LaunchError` says what to fix.
+  recipe and its inputs are checked here, once (:mod:`npu_ft.train.preflight`: config, model
+  folder and tokenizer, data files, template, trackers; the device and process count; DeepSpeed
+  combinations in :mod:`npu_ft.launch.checks`), then ``python -m torch.distributed.run ... -m
+  npu_ft.launch RECIPE k=v`` runs and its exit code is returned. Nothing is launched when a check
+  fails: one line says what to fix.
+* **single process** -- the same checks except the tokenizer (the trainer loads it next, before
+  writing anything), then None: training goes on in this process.
 * **worker** -- started by torchrun (``LOCAL_RANK``/``WORLD_SIZE`` set): the process group is
   created with the device layer's backend (gloo / nccl / hccl) on this rank's device, and None is
   returned so training goes on (transformers/accelerate/DeepSpeed find the group already there).
-* **single process** -- nothing to do, None.
 
-Environment (same names as ``llamafactory-cli``):
-
-=================  ======================================================================
-``NNODES``          number of nodes (default 1)
-``NODE_RANK``       this node's index, 0..NNODES-1 (default 0)
-``MASTER_ADDR``     rendezvous host; required when NNODES > 1 (default 127.0.0.1 on one node)
-``MASTER_PORT``     rendezvous port (default: a free port on one node, 29500 on several)
-``NPROC_PER_NODE``  processes per node (default: visible devices of the device layer; CPU: 1)
-=================  ======================================================================
-
-Visible devices follow ``ASCEND_RT_VISIBLE_DEVICES`` (npu) or ``CUDA_VISIBLE_DEVICES`` (cuda):
-each worker gets ``LOCAL_RANK``-th visible device (the device layer's ``device_for_local_rank``).
+The environment that shapes the launch (``NNODES``, ``NODE_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT``, ``NPROC_PER_NODE``, visible devices) is read by :mod:`npu_ft.launch.plan`;
+each worker gets the ``LOCAL_RANK``-th visible device (the device layer's ``device_for_local_rank``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Mapping, MutableSequence, Sequence
 
+from .plan import (
+    VISIBLE_DEVICES_ENV,
+    LaunchError,
+    LaunchPlan,
+    in_torchrun_worker,
+    plan_launch,
+    visible_device_ids,
+)
+
 __all__ = [
     "LAUNCH_FLAGS",
+    "VISIBLE_DEVICES_ENV",
     "LaunchError",
     "LaunchPlan",
-    "VISIBLE_DEVICES_ENV",
     "distributed_training_kwargs",
     "in_torchrun_worker",
     "init_worker_process_group",
     "launch_or_init",
     "plan_launch",
     "pop_launch_flags",
+    "split_recipe_argv",
     "torchrun_command",
     "visible_device_ids",
 ]
-
-#: env var that restricts the devices a process sees, per device kind
-VISIBLE_DEVICES_ENV = {"npu": "ASCEND_RT_VISIBLE_DEVICES", "cuda": "CUDA_VISIBLE_DEVICES"}
 
 #: command-line flags of ``npu-ft train`` that belong to the launcher -> env var they set
 LAUNCH_FLAGS = {
@@ -63,124 +62,10 @@ LAUNCH_FLAGS = {
 }
 
 
-class LaunchError(ValueError):
-    """A launch that cannot work (bad env, too many processes, unsupported combination)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LaunchPlan:
-    """How many processes run where, on which device kind, with which process-group backend."""
-
-    device: str
-    dist_backend: str
-    nproc_per_node: int
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    visible_devices: tuple[str, ...] | None = None
-
-    @property
-    def world_size(self) -> int:
-        return self.nproc_per_node * self.nnodes
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-# ---------------------------------------------------------------------------------------------
-# environment
-# ---------------------------------------------------------------------------------------------
-def in_torchrun_worker(env: Mapping[str, str] | None = None) -> bool:
-    """True inside a process started by torchrun / torch.distributed / deepspeed launchers."""
-    env = os.environ if env is None else env
-    return "LOCAL_RANK" in env and "WORLD_SIZE" in env
-
-
-def visible_device_ids(device: str, env: Mapping[str, str] | None = None) -> list[str] | None:
-    """Device ids listed in ``ASCEND_RT_VISIBLE_DEVICES`` / ``CUDA_VISIBLE_DEVICES``, or None if unset."""
-    env = os.environ if env is None else env
-    name = VISIBLE_DEVICES_ENV.get(device)
-    if name is None or name not in env:
-        return None
-    ids = [part.strip() for part in env[name].split(",") if part.strip()]
-    if len(set(ids)) != len(ids):
-        raise LaunchError(f"{name}={env[name]!r} lists a device twice")
-    return ids
-
-
-def _int_env(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
-    raw = env.get(name)
-    if raw is None or str(raw).strip() == "":
-        return default
-    try:
-        value = int(str(raw).strip())
-    except ValueError:
-        raise LaunchError(f"{name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise LaunchError(f"{name}={value} must be >= {minimum}")
-    return value
-
-
-def free_port() -> int:
-    """A TCP port that is free on this host right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def plan_launch(device: str | None = None, env: Mapping[str, str] | None = None) -> LaunchPlan:
-    """Read NNODES / NODE_RANK / MASTER_* / NPROC_PER_NODE and the device layer into a plan.
-
-    ``device`` is the recipe's ``device:`` (``auto``/None: ``$NPU_FT_DEVICE`` or npu > cuda > cpu).
-    Raises :class:`LaunchError` for impossible requests and ``DeviceUnavailableError`` when the
-    device asked for cannot be used here.
-    """
-    from npu_ft.device import get_backend
-
-    env = os.environ if env is None else env
-    backend = get_backend(None if device in (None, "auto") else device)
-    visible = visible_device_ids(backend.name, env)
-    if backend.name == "cpu":
-        available = os.cpu_count() or 1
-        default_nproc = 1
-    else:
-        available = backend.device_count()
-        if visible is not None and len(visible) < available:  # pragma: no cover - runtime honours it
-            available = len(visible)
-        default_nproc = max(available, 1)
-    nproc = _int_env(env, "NPROC_PER_NODE", default_nproc, 1)
-    if nproc > available:
-        if backend.name == "cpu":
-            raise LaunchError(f"NPROC_PER_NODE={nproc} asks for more processes than this host has CPU cores "
-                              f"({available}); use at most {available}")
-        where = f" ({VISIBLE_DEVICES_ENV[backend.name]}={env[VISIBLE_DEVICES_ENV[backend.name]]})" \
-            if visible is not None else ""
-        raise LaunchError(f"NPROC_PER_NODE={nproc} asks for more processes than visible {backend.name} "
-                          f"devices: {available}{where}; one process per device, so use at most {available}")
-    nnodes = _int_env(env, "NNODES", 1, 1)
-    node_rank = _int_env(env, "NODE_RANK", 0, 0)
-    if node_rank >= nnodes:
-        raise LaunchError(f"NODE_RANK={node_rank} must be smaller than NNODES={nnodes}")
-    master_addr = (env.get("MASTER_ADDR") or "").strip()
-    if nnodes > 1 and not master_addr:
-        raise LaunchError(f"NNODES={nnodes} needs MASTER_ADDR: set it to the address of the node with "
-                          "NODE_RANK=0 (and the same MASTER_PORT on every node)")
-    if nnodes > 1 and "MASTER_PORT" not in env:
-        port = 29500
-    else:
-        port = _int_env(env, "MASTER_PORT", 0, 1) or free_port()
-    if not 0 < port < 65536:
-        raise LaunchError(f"MASTER_PORT={port} is not a TCP port (1..65535)")
-    return LaunchPlan(device=backend.name, dist_backend=backend.dist_backend, nproc_per_node=nproc,
-                      nnodes=nnodes, node_rank=node_rank, master_addr=master_addr or "127.0.0.1",
-                      master_port=port, visible_devices=tuple(visible) if visible is not None else None)
-
-
 def torchrun_command(plan: LaunchPlan, train_argv: Sequence[str], python: str | None = None) -> list[str]:
     """The ``python -m torch.distributed.run ... -m npu_ft.launch RECIPE ...`` command for ``plan``
-    (each worker runs :mod:`npu_ft.launch`, i.e. this hook, then ``npu-ft train``)."""
+    (each worker runs :mod:`npu_ft.launch`, i.e. ``npu-ft train``, whose hook then only creates the
+    process group)."""
     return [
         python or sys.executable, "-m", "torch.distributed.run",
         "--nnodes", str(plan.nnodes),
@@ -192,25 +77,40 @@ def torchrun_command(plan: LaunchPlan, train_argv: Sequence[str], python: str | 
     ]
 
 
+#: launcher flags whose value is an integer -> smallest allowed value
+_INT_FLAGS = {"--nproc-per-node": 1, "--nnodes": 1, "--node-rank": 0, "--master-port": 1}
+
+
 def pop_launch_flags(argv: MutableSequence[str]) -> dict[str, str]:
-    """Remove ``--nproc-per-node N`` & co. from ``argv`` (in place); return them as env settings."""
+    """Remove ``--nproc-per-node N`` & co. from ``argv`` (in place); return them as env settings.
+
+    A flag without a value, or a number flag whose value is not a number in range, is a
+    :class:`~npu_ft.cli_common.UsageError` (exit code 2).
+    """
+    from npu_ft.cli_common import UsageError
+
     found: dict[str, str] = {}
     i = 0
     while i < len(argv):
-        arg = argv[i]
-        name, sep, value = arg.partition("=")
+        name, sep, value = argv[i].partition("=")
         key = name.replace("_", "-")
-        if key in LAUNCH_FLAGS:
-            if not sep:
-                if i + 1 >= len(argv):
-                    raise LaunchError(f"{name} needs a value")
-                value = argv[i + 1]
-                del argv[i:i + 2]
-            else:
-                del argv[i]
-            found[LAUNCH_FLAGS[key]] = value
+        if key not in LAUNCH_FLAGS:
+            i += 1
             continue
-        i += 1
+        if not sep:
+            if i + 1 >= len(argv):
+                raise UsageError(f"{name} needs a value")
+            value = argv[i + 1]
+            del argv[i:i + 2]
+        else:
+            del argv[i]
+        if key in _INT_FLAGS:
+            top = 65535 if key == "--master-port" else None
+            number = int(value) if value.strip().isdigit() else -1
+            if number < _INT_FLAGS[key] or (top is not None and number > top):
+                bounds = f">= {_INT_FLAGS[key]}" + (f" and <= {top}" if top else "")
+                raise UsageError(f"{name} {value!r}: expected an integer {bounds}")
+        found[LAUNCH_FLAGS[key]] = value
     return found
 
 
@@ -251,10 +151,54 @@ def distributed_training_kwargs(cfg=None) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the hook ``npu-ft train`` calls
 # ---------------------------------------------------------------------------------------------
-def _split_recipe_argv(argv: Sequence[str]) -> tuple[str | None, list[str]]:
-    recipe = next((a for a in argv if not a.startswith("-") and "=" not in a), None)
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+def split_recipe_argv(argv: Sequence[str]) -> tuple[str, list[str]]:
+    """``RECIPE.yaml [key=value ...]`` (launcher flags already removed) -> ``(recipe, overrides)``.
+
+    Raises :class:`~npu_ft.cli_common.UsageError` for a missing recipe, an unknown ``--flag`` or an
+    argument after the recipe that is not ``key=value``.
+    """
+    from npu_ft.cli_common import UsageError
+
+    if not argv:
+        raise UsageError("the YAML recipe is missing")
+    recipe, overrides = argv[0], list(argv[1:])
+    if recipe.startswith("-"):
+        raise UsageError(f"unknown option {recipe!r}")
+    if "=" in recipe and not os.path.exists(recipe):
+        raise UsageError(f"the first argument must be the YAML recipe, got {recipe!r}")
+    for item in overrides:
+        if "=" not in item:
+            what = "unknown option" if item.startswith("-") else "expected key=value after the recipe, got"
+            raise UsageError(f"{what} {item!r}")
     return recipe, overrides
+
+
+def _check_before_launch(recipe: str, overrides: Sequence[str], env: Mapping[str, str]) -> LaunchPlan:
+    """Config, inputs, device and plan, DeepSpeed combination; the tokenizer when launching workers."""
+    from npu_ft.train.config import load_config
+    from npu_ft.train.preflight import check_inputs, check_tokenizer
+
+    from .checks import check_launch
+
+    cfg = load_config(recipe, overrides)
+    check_inputs(cfg)
+    plan = _plan_for(cfg, env)
+    check_launch(cfg, plan)
+    if plan.distributed:
+        check_tokenizer(cfg)  # each worker would find a broken tokenizer itself, after a slow start
+    return plan
+
+
+def _plan_for(cfg, env: Mapping[str, str]) -> LaunchPlan:
+    """:func:`plan_launch` for the recipe; an unusable device names where it was asked for."""
+    from npu_ft.device import DeviceUnavailableError
+
+    try:
+        return plan_launch(cfg.device, env)
+    except DeviceUnavailableError as exc:
+        origin = f"{cfg.source}: key 'device'" if cfg.device not in (None, "auto") else \
+            f"NPU_FT_DEVICE={os.environ.get('NPU_FT_DEVICE')!r}"
+        raise DeviceUnavailableError(f"{origin}: {exc}") from None
 
 
 def launch_or_init(argv: MutableSequence[str], env: Mapping[str, str] | None = None,
@@ -263,38 +207,29 @@ def launch_or_init(argv: MutableSequence[str], env: Mapping[str, str] | None = N
 
     Removes the launcher flags (``--nproc-per-node``, ``--nnodes``, ``--node-rank``,
     ``--master-addr``, ``--master-port``) from ``argv`` in place. Returns torchrun's exit code when
-    this process launched the workers, 1 (after printing the reason) when the launch request or
-    the recipe's combination cannot work, and None when training should go on in this process (a
-    single process, or a torchrun worker whose process group is now initialised). A recipe that
-    does not load is left to the trainer, which reports it.
+    this process launched the workers; 2 for a malformed command line and 1 for bad input (a
+    recipe, model folder, data file, device, launch environment or combination that cannot work),
+    after printing one line and starting nothing; None when training should go on in this process
+    (a single process whose inputs passed the checks, or a torchrun worker whose process group is
+    now initialised).
     """
-    from npu_ft.device import DeviceUnavailableError
-    from npu_ft.train.config import ConfigError, load_config
-
-    from .checks import check_launch
+    from npu_ft.cli_common import is_input_error, report
 
     env = dict(os.environ if env is None else env)
     try:
         env.update(pop_launch_flags(argv))
-    except LaunchError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    recipe, overrides = _split_recipe_argv(argv)
-    if recipe is None:
-        return None  # the trainer CLI prints its own usage error
-    try:
-        cfg = load_config(recipe, overrides)
-    except ConfigError:
-        return None  # the trainer reports it, with its own wording
-    try:
+        recipe, overrides = split_recipe_argv(argv)
         if in_torchrun_worker(env):
+            from npu_ft.train.config import load_config
+
+            cfg = load_config(recipe, overrides)
             init_worker_process_group(cfg.device, timeout_s=cfg.ddp_timeout)
             return None
-        plan = plan_launch(cfg.device, env)
-        check_launch(cfg, plan)
-    except (LaunchError, DeviceUnavailableError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
+        plan = _check_before_launch(recipe, overrides, env)
+    except Exception as exc:
+        if not is_input_error(exc):
+            raise
+        return report(prog, exc)
     if not plan.distributed:
         return None
     cmd = torchrun_command(plan, list(argv))

@@ -1,5 +1,6 @@
 """torchrun planning, launcher flags and the pre-launch checks: everything that must fail (or
-succeed) before a single process is started. No process is launched here."""
+succeed) before a single process is started. No process is launched here: the hook's ``run`` is a
+recorder."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from pathlib import Path
 import pytest
 
 import npu_ft.device
+from npu_ft.cli_common import UsageError
 from npu_ft.launch import LaunchError, LaunchPlan, launch_or_init, plan_launch, pop_launch_flags, torchrun_command
 from npu_ft.launch.checks import check_launch, zero_offload, zero_stage
 from npu_ft.train.config import build_config
 
-from ._helpers import ROOT, write_yaml
+from ._helpers import ROOT, toy_dataset, write_yaml
 
 DS = ROOT / "recipes" / "deepspeed"
 
@@ -140,8 +142,21 @@ def test_pop_launch_flags():
     argv = ["--nproc-per-node", "2", "r.yaml", "--nnodes=1", "lora_rank=4", "--master_port", "29400"]
     assert pop_launch_flags(argv) == {"NPROC_PER_NODE": "2", "NNODES": "1", "MASTER_PORT": "29400"}
     assert argv == ["r.yaml", "lora_rank=4"]
-    with pytest.raises(LaunchError, match="needs a value"):
-        pop_launch_flags(["r.yaml", "--node-rank"])
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["r.yaml", "--node-rank"], "--node-rank needs a value"),
+        (["--nproc-per-node", "0", "r.yaml"], "--nproc-per-node '0': expected an integer >= 1"),
+        (["--nproc-per-node=two", "r.yaml"], "--nproc-per-node 'two': expected an integer >= 1"),
+        (["--master-port", "70000", "r.yaml"], "expected an integer >= 1 and <= 65535"),
+        (["--node-rank", "-1", "r.yaml"], "--node-rank '-1': expected an integer >= 0"),
+    ],
+)
+def test_bad_launch_flags_are_usage_errors(argv, match):
+    with pytest.raises(UsageError, match=match):
+        pop_launch_flags(argv)
 
 
 def _cfg(**kw):
@@ -195,12 +210,23 @@ def test_deepspeed_missing_package(monkeypatch):
 
 
 # -- the hook: what it launches, and that nothing launches on bad input -----------------------
-def _recipe(tmp_path: Path, **kw) -> Path:
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A real tiny model folder (the launcher loads its tokenizer) and a toy dataset."""
+    from npu_ft.model.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("hook")
+    return {"model": build_tiny_model(root / "tiny", arch="qwen2", seed=0), "data": toy_dataset(root / "data")}
+
+
+def _recipe(tmp_path: Path, inputs, **kw) -> Path:
     return write_yaml(
         tmp_path / "r.yaml",
         {
-            "model_name_or_path": "m",
-            "dataset": "d",
+            "model_name_or_path": str(inputs["model"]),
+            "dataset": "toy",
+            "dataset_dir": str(inputs["data"]),
+            "template": "qwen",
             "do_train": True,
             "output_dir": str(tmp_path / "out"),
             "device": "cpu",
@@ -218,8 +244,8 @@ class Recorder:
         return 0
 
 
-def test_hook_launches_torchrun_with_the_env(tmp_path, capsys):
-    recipe = _recipe(tmp_path)
+def test_hook_launches_torchrun_with_the_env(tmp_path, capsys, inputs):
+    recipe = _recipe(tmp_path, inputs)
     rec = Recorder()
     argv = ["--nproc-per-node", "2", str(recipe), "lora_rank=4"]
     assert launch_or_init(argv, env={"MASTER_PORT": "29512"}, run=rec) == 0
@@ -230,14 +256,24 @@ def test_hook_launches_torchrun_with_the_env(tmp_path, capsys):
     assert env["NPU_FT_DEVICE"] == "cpu" and env["NPROC_PER_NODE"] == "2"
     assert argv == [str(recipe), "lora_rank=4"]
     assert "launching 2 processes (1 node(s) x 2) on cpu with gloo" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
-def test_hook_single_process_goes_on(tmp_path):
+def test_hook_single_process_goes_on(tmp_path, inputs):
     rec = Recorder()
-    assert launch_or_init([str(_recipe(tmp_path))], env={}, run=rec) is None
+    assert launch_or_init([str(_recipe(tmp_path, inputs))], env={}, run=rec) is None
     assert rec.calls == []
 
 
+def _bad_data(tmp_path: Path, text: str) -> Path:
+    folder = tmp_path / "bad_data"
+    folder.mkdir()
+    (folder / "dataset_info.json").write_text(json.dumps({"toy": {"file_name": "toy.jsonl"}}))
+    (folder / "toy.jsonl").write_text(text)
+    return folder
+
+
+# every input the launcher checks before starting a worker: one line, exit 1, nothing launched
 @pytest.mark.parametrize(
     "kw, env, match",
     [
@@ -248,16 +284,69 @@ def test_hook_single_process_goes_on(tmp_path):
             {"NPROC_PER_NODE": "2"},
             "ZeRO-3 is not supported",
         ),
+        ({"lora_rnak": 4}, {"NPROC_PER_NODE": "2"}, "r.yaml: key 'lora_rnak': unknown key"),
+        ({"model_name_or_path": "/nonexistent/model"}, {"NPROC_PER_NODE": "2"}, "r.yaml: model_name_or_path"),
+        ({"dataset": "nope"}, {"NPROC_PER_NODE": "2"}, "Undefined dataset 'nope'"),
+        ({"template": "llama9"}, {"NPROC_PER_NODE": "2"}, "r.yaml: key 'template': Template 'llama9'"),
+        ({"report_to": "no_such_tracker"}, {"NPROC_PER_NODE": "2"}, "key 'report_to': unknown tracker"),
+        ({"device": "cuda"}, {"NPROC_PER_NODE": "2"}, "cuda unavailable"),
+        ({"do_train": False}, {"NPROC_PER_NODE": "2"}, "key 'do_train'"),
     ],
 )
-def test_hook_refuses_before_launch(tmp_path, capsys, kw, env, match):
+def test_hook_refuses_before_launch(tmp_path, capsys, inputs, kw, env, match):
+    import torch
+
+    if kw.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is usable here")
     rec = Recorder()
-    assert launch_or_init([str(_recipe(tmp_path, **kw))], env=env, run=rec) == 1
+    assert launch_or_init([str(_recipe(tmp_path, inputs, **kw))], env=env, run=rec) == 1
     assert rec.calls == []
     err = capsys.readouterr().err
-    assert err.startswith("npu-ft train: error: ") and match in err
+    assert err.startswith("npu-ft train: error: ") and match in err and err.count("\n") == 1, err
 
 
-def test_hook_leaves_bad_recipes_to_the_trainer(tmp_path):
-    bad = write_yaml(tmp_path / "bad.yaml", {"model_name_or_path": "m", "lora_rnak": 4})
-    assert launch_or_init([str(bad)], env={"NPROC_PER_NODE": "2"}, run=Recorder()) is None
+def test_hook_reads_every_data_file_before_launch(tmp_path, capsys, inputs):
+    good = json.dumps({"instruction": "a", "input": "", "output": "b"})
+    data = _bad_data(tmp_path, f"{good}\n{good}\n{{oops\n")
+    rec = Recorder()
+    recipe = _recipe(tmp_path, inputs, dataset_dir=str(data))
+    assert launch_or_init([str(recipe)], env={"NPROC_PER_NODE": "2"}, run=rec) == 1
+    assert rec.calls == []
+    assert "toy.jsonl:3" in capsys.readouterr().err
+
+
+def test_hook_refuses_a_model_folder_without_tokenizer(tmp_path, capsys, inputs):
+    """Without tokenizer files transformers builds an empty tokenizer and training runs on nothing:
+    refused in the launcher and in a single process."""
+    import shutil
+
+    model = tmp_path / "no-tokenizer"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(inputs["model"] / name, model / name)
+    recipe = _recipe(tmp_path, inputs, model_name_or_path=str(model))
+    rec = Recorder()
+    for env in ({"NPROC_PER_NODE": "2"}, {}):
+        assert launch_or_init([str(recipe)], env=env, run=rec) == 1
+        assert rec.calls == [] and "has no tokenizer files" in capsys.readouterr().err
+
+
+def test_launcher_loads_the_tokenizer(tmp_path, capsys, inputs):
+    """A tokenizer file that does not load: the launcher says so once, before starting workers."""
+    import shutil
+
+    model = tmp_path / "bad-tokenizer"
+    shutil.copytree(inputs["model"], model)
+    (model / "tokenizer.json").write_text("{not json")
+    recipe = _recipe(tmp_path, inputs, model_name_or_path=str(model))
+    rec = Recorder()
+    assert launch_or_init([str(recipe)], env={"NPROC_PER_NODE": "2"}, run=rec) == 1
+    err = capsys.readouterr().err
+    assert rec.calls == [] and "cannot load a tokenizer" in err and err.count("\n") == 1, err
+
+
+def test_hook_usage_errors_exit_2(tmp_path, capsys, inputs):
+    recipe = str(_recipe(tmp_path, inputs))
+    for argv in (["--nproc-per-node"], [recipe, "--foo"], [recipe, "lora_rank"], ["lora_rank=4"]):
+        assert launch_or_init(list(argv), env={}, run=Recorder()) == 2, argv
+        assert capsys.readouterr().err.startswith("npu-ft train: error: ")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from npu_ft.config import load_config
-from npu_ft.train.cli import export_main, train_main
+from npu_ft.train.cli import train_main
+from npu_ft.train.export import export_main
 from npu_ft.train.run import run_sft
 
 from ._sft_helpers import base_recipe, read_log, tiny_model_dir, write_dataset, write_recipe
