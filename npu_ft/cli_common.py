@@ -48,7 +48,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda", "npu")
 #: a caught error by name, so naming one here imports nothing.
 INPUT_ERRORS: tuple[tuple[str, str], ...] = (
     ("npu_ft.config.yaml_io", "YamlError"),
-    ("npu_ft.train.config", "ConfigError"),
+    ("npu_ft.config.schema", "ConfigError"),
     ("npu_ft.train.preflight", "PreflightError"),
     ("npu_ft.train.run", "TrainingError"),
     ("npu_ft.train.checkpoint", "CheckpointError"),

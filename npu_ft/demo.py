@@ -182,9 +182,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    from npu_ft.config import build_config
     from npu_ft.model.loading import load_model
     from npu_ft.model.tiny import build_tiny_model
-    from npu_ft.train.config import build_config
     from npu_ft.train.run import run_sft
 
     out = Path(args.output_dir)

@@ -10,10 +10,11 @@ from .schema import ConfigError
 
 __all__ = ["TRACKER_MODULES", "check_trackers_installed", "missing_trackers"]
 
-#: report_to name -> the Python module(s) whose presence transformers checks for it (any one will do)
+#: report_to name -> the Python module(s) whose presence transformers checks for it (any one will do;
+#: kubeflow needs none)
 TRACKER_MODULES: dict[str, tuple[str, ...]] = {
     "azure_ml": ("azureml",), "clearml": ("clearml",), "codecarbon": ("codecarbon",), "comet_ml": ("comet_ml",),
-    "dagshub": ("dagshub",), "dvclive": ("dvclive",), "flyte": ("flytekit",), "kubeflow": ("kubeflow",),
+    "dagshub": ("dagshub",), "dvclive": ("dvclive",), "flyte": ("flytekit",), "kubeflow": (),
     "mlflow": ("mlflow",), "neptune": ("neptune",), "swanlab": ("swanlab",),
     "tensorboard": ("tensorboard", "tensorboardX"), "trackio": ("trackio",), "wandb": ("wandb",),
 }

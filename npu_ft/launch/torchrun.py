@@ -175,7 +175,7 @@ def split_recipe_argv(argv: Sequence[str]) -> tuple[str, list[str]]:
 
 def _check_before_launch(recipe: str, overrides: Sequence[str], env: Mapping[str, str]) -> LaunchPlan:
     """Config, inputs, device and plan, DeepSpeed combination; the tokenizer when launching workers."""
-    from npu_ft.train.config import load_config
+    from npu_ft.config import load_config
     from npu_ft.train.preflight import check_inputs, check_tokenizer
 
     from .checks import check_launch
@@ -220,7 +220,7 @@ def launch_or_init(argv: MutableSequence[str], env: Mapping[str, str] | None = N
         env.update(pop_launch_flags(argv))
         recipe, overrides = split_recipe_argv(argv)
         if in_torchrun_worker(env):
-            from npu_ft.train.config import load_config
+            from npu_ft.config import load_config
 
             cfg = load_config(recipe, overrides)
             init_worker_process_group(cfg.device, timeout_s=cfg.ddp_timeout)

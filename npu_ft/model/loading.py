@@ -100,7 +100,7 @@ def load_model(cfg_or_args: Any, device: Any = None, dtype: torch.dtype | str | 
     """Load ``AutoModelForCausalLM`` from a local folder, safetensors only, no network.
 
     Args:
-        cfg_or_args: an :class:`~npu_ft.train.config.SftConfig`, a mapping with the same keys, or
+        cfg_or_args: an :class:`~npu_ft.config.SftConfig`, a mapping with the same keys, or
             the model folder path itself.
         device: where to put the model: a name ("cpu", "cuda:0", "npu"), a ``torch.device``, a
             :class:`~npu_ft.device.DeviceBackend`, or None to leave it on CPU (e.g. to quantize

@@ -40,7 +40,8 @@ def train_main(argv: Sequence[str]) -> int:
         return rc
     config_path, overrides = argv[0], argv[1:]
     try:
-        from .config import load_config
+        from npu_ft.config import load_config
+
         from .run import run_sft
 
         result = run_sft(load_config(config_path, overrides))

@@ -52,9 +52,8 @@ _EXPORT_UNSUPPORTED = {"export_quantization_bit", "export_quantization_dataset",
 
 def _read_argv(argv: list[str]) -> tuple[dict[str, Any], dict[str, str], str]:
     """``[CONFIG.yaml] [key=value | --key value ...]`` -> (values, where each came from, recipe source)."""
+    from npu_ft.config import parse_overrides
     from npu_ft.config.yaml_io import load_yaml_mapping
-
-    from .config import parse_overrides
 
     raw: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -83,7 +82,7 @@ def _read_argv(argv: list[str]) -> tuple[dict[str, Any], dict[str, str], str]:
 def load_export_options(argv: Sequence[str]) -> dict[str, Any]:
     """Read ``[CONFIG.yaml] [key=value ...]`` into a checked dict of export options (everything
     that can be checked without loading the model, the export folder included)."""
-    from .config import OPTIONS
+    from npu_ft.config import OPTIONS
 
     raw, sources, source = _read_argv(list(argv))
 

@@ -19,33 +19,13 @@ docs/training.md.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["TOKENIZER_FILES", "TRACKER_PACKAGES", "PreflightError", "check_inputs", "check_run_keys", "check_tokenizer",
-           "check_trackers"]
+from npu_ft.config.trackers import check_trackers_installed
 
-#: ``report_to`` value -> packages of which one must be importable (transformers' integrations;
-#: pinned to the installed transformers by a test). kubeflow needs no package.
-TRACKER_PACKAGES: dict[str, tuple[str, ...]] = {
-    "azure_ml": ("azureml",),
-    "clearml": ("clearml",),
-    "codecarbon": ("codecarbon",),
-    "comet_ml": ("comet_ml",),
-    "dagshub": ("dagshub",),
-    "dvclive": ("dvclive",),
-    "flyte": ("flytekit",),
-    "kubeflow": (),
-    "mlflow": ("mlflow",),
-    "neptune": ("neptune",),
-    "swanlab": ("swanlab",),
-    "tensorboard": ("tensorboard", "tensorboardX"),
-    "trackio": ("trackio",),
-    "wandb": ("wandb",),
-}
-
+__all__ = ["TOKENIZER_FILES", "PreflightError", "check_inputs", "check_run_keys", "check_tokenizer"]
 
 class PreflightError(ValueError):
     """A recipe input that cannot work; the message names the recipe file and the key."""
@@ -53,12 +33,12 @@ class PreflightError(ValueError):
 
 def check_inputs(cfg: Any) -> None:
     """Raise a one-line error (:class:`PreflightError`, or the data/model error naming the file
-    and line) for the first input of ``cfg`` (an :class:`~npu_ft.train.config.SftConfig`) that
+    and line) for the first input of ``cfg`` (an :class:`~npu_ft.config.SftConfig`) that
     cannot work. See the module docstring for what is and is not checked."""
     check_run_keys(cfg)
     _check_model_folder(cfg)
     _check_data(cfg)
-    check_trackers(cfg.source, cfg.report_to)
+    check_trackers_installed(cfg.report_to, cfg.where("report_to"))
 
 
 def check_run_keys(cfg: Any) -> None:
@@ -104,10 +84,9 @@ def _check_data(cfg: Any) -> None:
     from npu_ft.data.dataset import load_converted
     from npu_ft.data.templates import get_template
 
-    from .config import to_data_arguments
-
+    
     try:
-        args = to_data_arguments(cfg)
+        args = cfg.data_arguments()
     except (ValueError, NotImplementedError) as exc:
         raise PreflightError(f"{cfg.source}: {exc}") from None
     try:
@@ -125,21 +104,6 @@ def _check_data(cfg: Any) -> None:
         if not examples:
             raise PreflightError(f"{cfg.source}: key '{key}': {','.join(names)} in {args.dataset_dir} "
                                  "has no example")
-
-
-def check_trackers(source: str, report_to: Any) -> None:
-    """Every ``report_to`` tracker is one transformers knows and its package is installed."""
-    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    for name in names:
-        if name in ("none", "all", None):
-            continue
-        if name not in TRACKER_PACKAGES:
-            raise PreflightError(f"{source}: key 'report_to': unknown tracker {name!r}; expected none, all or one "
-                                 f"of {', '.join(TRACKER_PACKAGES)}")
-        packages = TRACKER_PACKAGES[name]
-        if packages and not any(importlib.util.find_spec(pkg) is not None for pkg in packages):
-            raise PreflightError(f"{source}: key 'report_to': {name} is not installed (pip install "
-                                 f"{packages[0]}, or remove it from report_to)")
 
 
 def check_tokenizer(cfg: Any) -> None:

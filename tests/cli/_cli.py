@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import sys
@@ -37,12 +36,3 @@ def foreign_lines(text: str) -> list[str]:
             if line.strip() and not line.startswith(("npu-ft", "usage:", "  ", "\t"))]
 
 
-@functools.cache
-def config_imports_transformers() -> bool:
-    """Whether importing the recipe module pulls in transformers (and with it bitsandbytes' and
-    DeepSpeed's import-time notices): the known cause, owned by ``npu_ft/train/config.py``, of
-    foreign lines and slow config errors. Measured in a fresh interpreter."""
-    code = "import sys, npu_ft.train.config; print('transformers' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True,
-                         timeout=HANG_S, cwd=str(ROOT))
-    return out.stdout.strip().endswith("True")

@@ -88,14 +88,6 @@ def test_device_env_is_checked_by_name(monkeypatch):
         get_backend("tpu")
 
 
-def test_tracker_table_matches_transformers():
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-
-    from npu_ft.train.preflight import TRACKER_PACKAGES
-
-    assert set(TRACKER_PACKAGES) == set(INTEGRATION_TO_CALLBACK)
-
-
 def test_main_maps_an_unusable_device_to_exit_1(monkeypatch, capsys):
     from npu_ft import cli
     from npu_ft.device import DeviceUnavailableError

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from ._cli import HANG_S, ROOT, cli_env, config_imports_transformers, foreign_lines
+from ._cli import HANG_S, ROOT, cli_env, foreign_lines
 
 pytestmark = pytest.mark.slow
 
@@ -41,19 +41,19 @@ def recipes(tmp_path_factory):
     }
 
 
-def _cases(recipes) -> dict[str, tuple[list[str], bool]]:
-    """name -> (npu-ft arguments, whether it reads a recipe through npu_ft.train.config)."""
+def _cases(recipes) -> dict[str, list[str]]:
+    """name -> npu-ft arguments."""
     missing = str(recipes["root"] / "missing.yaml")
     cases = {
-        "train missing.yaml": (["train", missing], True),
-        "train bad-key.yaml": (["train", str(recipes["bad_key"])], True),
-        "train (missing data file)": (["train", str(recipes["bad_data"])], True),
-        "k8s missing.yaml --image x": (["k8s", missing, "--image", "x"], True),
-        "env": (["env"], False),
-        "bench --list": (["bench", "--list", str(ROOT / "bench" / "suites" / "smoke.yaml")], False),
-        "--help": (["--help"], False),
+        "train missing.yaml": ["train", missing],
+        "train bad-key.yaml": ["train", str(recipes["bad_key"])],
+        "train (missing data file)": ["train", str(recipes["bad_data"])],
+        "k8s missing.yaml --image x": ["k8s", missing, "--image", "x"],
+        "env": ["env"],
+        "bench --list": ["bench", "--list", str(ROOT / "bench" / "suites" / "smoke.yaml")],
+        "--help": ["--help"],
     }
-    cases.update({f"{name} --help": ([name, "--help"], False) for name in SUBCOMMANDS})
+    cases.update({f"{name} --help": [name, "--help"] for name in SUBCOMMANDS})
     return cases
 
 
@@ -71,12 +71,12 @@ def test_errors_and_help_cost_about_an_import_of_torch(recipes):
         seconds, proc = _timed([sys.executable, "-c", "import torch"])
         assert proc.returncode == 0, proc.stderr
         times["import torch"].append(seconds)
-        for name, (args, _) in cases.items():
+        for name, args in cases.items():
             seconds, outputs[name] = _timed([sys.executable, "-m", "npu_ft.cli", *args])
             times[name].append(seconds)
     torch_s = statistics.median(times["import torch"])
     lines, slow, noisy = [f"import torch: {torch_s:.2f} s (median of {ROUNDS})"], {}, {}
-    for name, (args, _) in cases.items():
+    for name, args in cases.items():
         proc, ratio = outputs[name], statistics.median(times[name]) / torch_s
         lines.append(f"{name}: {statistics.median(times[name]):.2f} s = {ratio:.2f}x (exit {proc.returncode})")
         assert "Traceback" not in proc.stderr, (name, proc.stderr)
@@ -92,10 +92,5 @@ def test_errors_and_help_cost_about_an_import_of_torch(recipes):
             noisy[name] = others[:2]
     report = "\n".join(lines)
     print(report)
-    known = config_imports_transformers()
-    unexplained = [name for name in {**slow, **noisy} if not (known and cases[name][1])]
-    assert not unexplained, f"slower than {RATIO}x import torch or printing foreign lines: {unexplained}\n" \
-                            f"{report}\nforeign: {noisy}"
-    if slow or noisy:
-        pytest.xfail(f"known: npu_ft.train.config imports transformers; slow {sorted(slow)}, noisy {sorted(noisy)}"
-                     f"\n{report}")
+    assert not slow and not noisy, f"slower than {RATIO}x import torch or printing foreign lines: " \
+                                   f"{sorted(slow)}\n{report}\nforeign: {noisy}"

@@ -13,7 +13,7 @@ argv = sys.argv[1:]
 rc = launch_or_init(argv)
 if rc is not None:
     sys.exit(rc)
-from npu_ft.train.config import load_config  # noqa: E402 - after the launch hook
+from npu_ft.config import load_config  # noqa: E402 - after the launch hook
 from npu_ft.train.run import run_sft  # noqa: E402
 
 

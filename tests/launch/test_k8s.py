@@ -341,8 +341,8 @@ def test_resumes_after_a_restart_end_to_end(tmp_path, monkeypatch):
     overwrite_output_dir: true, which would start again at step 0)."""
     from transformers import TrainerCallback
 
+    from npu_ft.config import load_config
     from npu_ft.model.tiny import build_tiny_model
-    from npu_ft.train.config import load_config
     from npu_ft.train.run import run_sft
 
     from ..train._sft_helpers import base_recipe, write_dataset, write_recipe
@@ -473,7 +473,7 @@ def test_output_file_is_replaced_only_when_npu_ft_wrote_it(in_root, tmp_path, ca
 
 def test_cli_module_imports_nothing_heavy():
     code = ("import sys, npu_ft.launch.k8s, npu_ft.cli; "
-            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'datasets', 'npu_ft.train.config') "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'datasets', 'npu_ft.config.sft') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300,
                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.strip()

@@ -13,9 +13,9 @@ import pytest
 
 import npu_ft.device
 from npu_ft.cli_common import UsageError
+from npu_ft.config import build_config
 from npu_ft.launch import LaunchError, LaunchPlan, launch_or_init, plan_launch, pop_launch_flags, torchrun_command
 from npu_ft.launch.checks import check_launch, zero_offload, zero_stage
-from npu_ft.train.config import build_config
 
 from ._helpers import ROOT, toy_dataset, write_yaml
 
@@ -287,8 +287,8 @@ def _bad_data(tmp_path: Path, text: str) -> Path:
         ({"lora_rnak": 4}, {"NPROC_PER_NODE": "2"}, "r.yaml: key 'lora_rnak': unknown key"),
         ({"model_name_or_path": "/nonexistent/model"}, {"NPROC_PER_NODE": "2"}, "r.yaml: model_name_or_path"),
         ({"dataset": "nope"}, {"NPROC_PER_NODE": "2"}, "Undefined dataset 'nope'"),
-        ({"template": "llama9"}, {"NPROC_PER_NODE": "2"}, "r.yaml: key 'template': Template 'llama9'"),
-        ({"report_to": "no_such_tracker"}, {"NPROC_PER_NODE": "2"}, "key 'report_to': unknown tracker"),
+        ({"template": "llama9"}, {"NPROC_PER_NODE": "2"}, "r.yaml: key 'template': unknown template 'llama9'"),
+        ({"report_to": "no_such_tracker"}, {"NPROC_PER_NODE": "2"}, "key 'report_to': unknown value 'no_such_tracker'"),
         ({"device": "cuda"}, {"NPROC_PER_NODE": "2"}, "cuda unavailable"),
         ({"do_train": False}, {"NPROC_PER_NODE": "2"}, "key 'do_train'"),
     ],

@@ -10,9 +10,9 @@ import sys
 import pytest
 import yaml
 
+from npu_ft.config import load_config
 from npu_ft.launch.checks import check_launch, zero_offload, zero_stage
 from npu_ft.launch.estimate import MODELS
-from npu_ft.train.config import load_config
 
 from ._helpers import ROOT
 

@@ -42,9 +42,9 @@ def build_job(recipe: str | Path, opts: JobOptions, overrides: Sequence[str] = (
     build the ConfigMap (the pod's recipe, its DeepSpeed JSON) and the job.
 
     Raises :class:`~npu_ft.launch.torchrun.LaunchError` or
-    :class:`~npu_ft.train.config.ConfigError` (both ``ValueError``) naming what to fix.
+    :class:`~npu_ft.config.ConfigError` (both ``ValueError``) naming what to fix.
     """
-    from npu_ft.train.config import load_config
+    from npu_ft.config import load_config
 
     from ..checks import check_launch
     from ..torchrun import LaunchPlan

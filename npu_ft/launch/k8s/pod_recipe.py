@@ -43,14 +43,14 @@ class PodRecipe:
     """``recipe.yaml`` for the ConfigMap, what ``npu-ft train`` reads from it, and notes for the user."""
 
     text: str
-    config: Any  # npu_ft.train.config.SftConfig
+    config: Any  # npu_ft.config.SftConfig
     notes: tuple[str, ...] = ()
 
 
 def build_pod_recipe(recipe: Path, overrides: Sequence[str], cfg: Any, *, ds_file: bool) -> PodRecipe:
     """The pod's recipe for ``recipe`` + ``overrides`` (``cfg`` is ``load_config(recipe, overrides)``)."""
+    from npu_ft.config import parse_overrides
     from npu_ft.config.yaml_io import load_yaml_mapping, load_yaml_text
-    from npu_ft.train.config import parse_overrides
 
     mapping: dict[str, Any] = dict(load_yaml_mapping(recipe))
     for key, value, _ in parse_overrides(overrides):
@@ -82,7 +82,7 @@ def build_pod_recipe(recipe: Path, overrides: Sequence[str], cfg: Any, *, ds_fil
 def _read_back(text: str, expected: dict[str, Any], recipe: Path) -> Any:
     """``load_config`` the dumped text from a file, as ``npu-ft train`` will; every key must have the
     ``expected`` value. Returns the loaded config."""
-    from npu_ft.train.config import ConfigError, load_config
+    from npu_ft.config import ConfigError, load_config
 
     with tempfile.TemporaryDirectory(prefix="npu-ft-k8s-") as folder:
         path = Path(folder) / "recipe.yaml"
