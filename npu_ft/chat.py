@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from npu_ft.cli_common import DEVICE_CHOICES, positive_float, positive_int, report
+
 __all__ = ["ChatModel", "chat_main", "load_chat_arguments"]
 
 
@@ -32,11 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter folder(s), comma separated (adapter_name_or_path)")
     p.add_argument("--template", help="chat template: qwen, qwen3, qwen3_nothink (default: from the model)")
     p.add_argument("--system", help="system prompt (default_system)")
-    p.add_argument("--device", help="cpu | cuda | npu | auto")
+    p.add_argument("--device", choices=DEVICE_CHOICES, help="where to run (default: $NPU_FT_DEVICE or auto)")
     p.add_argument("--quantization-bit", type=int, choices=(4,), help="load the base in NF4 (QLoRA adapters)")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
+    p.add_argument("--max-new-tokens", type=positive_int)
+    p.add_argument("--temperature", type=positive_float)
+    p.add_argument("--top-p", type=positive_float)
     p.add_argument("--greedy", action="store_true", help="greedy decoding (do_sample=false)")
     p.add_argument("--prompt", help="answer this one message and exit")
     return p
@@ -222,8 +224,7 @@ def chat_main(argv: list[str]) -> int:
         chat = load_chat_arguments(args)
         model = ChatModel(chat)
     except (ChatError, ModelLoadError, DeviceUnavailableError, FileNotFoundError, ValueError) as exc:
-        print(f"npu-ft chat: error: {exc}", file=sys.stderr)
-        return 1
+        return report("npu-ft chat", exc)
     if args.prompt is not None:
         for piece in model.stream([{"role": "user", "content": args.prompt}]):
             print(piece, end="", flush=True)

@@ -30,7 +30,7 @@ COMMANDS = {
 }
 
 #: sub-commands that pick a device through the device layer, so $NPU_FT_DEVICE must name one
-DEVICE_COMMANDS = frozenset({"train", "export", "bench", "doctor", "demo", "env", "lf-train"})
+DEVICE_COMMANDS = frozenset({"train", "export", "bench", "doctor", "demo", "env", "lf-train", "chat"})
 
 
 def env_main(argv: list[str]) -> int:
