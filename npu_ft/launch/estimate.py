@@ -118,6 +118,15 @@ class ModelShape:
     def layer_params(self) -> int:
         return self.params // max(self.layers, 1)
 
+    @classmethod
+    def from_config(cls, cfg, name: str = "model") -> ModelShape:
+        """The shape of a transformers Qwen2/Qwen3 config (or any object with its attributes)."""
+        qwen3 = getattr(cfg, "model_type", "") == "qwen3"
+        return cls(name, int(cfg.hidden_size), int(cfg.intermediate_size), int(cfg.num_hidden_layers),
+                   int(cfg.num_attention_heads), int(cfg.num_key_value_heads), int(cfg.vocab_size),
+                   bool(getattr(cfg, "tie_word_embeddings", True)), head_dim=getattr(cfg, "head_dim", None),
+                   qkv_bias=not qwen3, qk_norm=qwen3)
+
 
 def _qwen2(name, h, i, layers, heads, kv, vocab, tied):
     return ModelShape(name, h, i, layers, heads, kv, vocab, tied)
