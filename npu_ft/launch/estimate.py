@@ -159,6 +159,10 @@ class Estimate:
     optimizer: float
     activations: float
     overhead: float
+    #: of ``weights``: the trainable LoRA adapters (fp32)
+    adapters: float = 0.0
+    #: of ``activations``: what the loss keeps (fused chunk, or the whole logits)
+    loss: float = 0.0
 
     @property
     def train_bytes(self) -> float:
@@ -199,15 +203,20 @@ def activation_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpo
         body = shape.layers * elem * tokens * kept + layer
     else:
         body = shape.layers * layer
+    return body + loss_bytes(shape, tokens, elem, fused_cross_entropy, loss_chunk_rows)
+
+
+def loss_bytes(shape: ModelShape, tokens: int, elem: int, fused_cross_entropy: bool = True,
+               loss_chunk_rows: int | None = None) -> float:
+    """What the loss keeps (part of :func:`activation_bytes`): one fp32 logits chunk plus the saved
+    input gradient with the fused linear cross-entropy, the whole logits and their copies without."""
     if fused_cross_entropy:
         if loss_chunk_rows is None:
             from npu_ft.ops.linear_cross_entropy import default_chunk_rows
 
             loss_chunk_rows = default_chunk_rows(shape.vocab)
-        logits = min(tokens, loss_chunk_rows) * shape.vocab * (4 + (elem if elem < 4 else 0)) + 4 * tokens * h
-    else:
-        logits = tokens * shape.vocab * (16 + (2 * elem if elem < 4 else 0))
-    return body + logits
+        return min(tokens, loss_chunk_rows) * shape.vocab * (4 + (elem if elem < 4 else 0)) + 4 * tokens * shape.hidden
+    return tokens * shape.vocab * (16 + (2 * elem if elem < 4 else 0))
 
 
 def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_optimizer: bool = False,
@@ -281,8 +290,12 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
     overhead = overhead_gib * GIB
     if zero == 2 and not fp32:
         overhead += 2 * 5e8 * 2
-    del trainable
-    return Estimate(weights=weights, gradients=grads, optimizer=opt, activations=acts, overhead=overhead)
+    adapters = 0.0 if method == "full" else 4.0 * trainable
+    if zero == 3:
+        adapters /= n
+    loss = loss_bytes(shape, batch * seq, elem, fused_cross_entropy, loss_chunk_rows)
+    return Estimate(weights=weights, gradients=grads, optimizer=opt, activations=acts, overhead=overhead,
+                    adapters=adapters, loss=loss)
 
 
 def cards_needed(shape: ModelShape | str, method: str, *, zero: int = 0, card_gib: float = CARD_GIB,
