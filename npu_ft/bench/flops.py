@@ -85,10 +85,11 @@ def step_flops(shape: Any, method: str, positions: int, row_len: int, head_posit
 
 
 def gemm_peak_flops(shape: Any, positions: int, dtype: Any, device: Any, synchronize=lambda: None,
-                    repeats: int = 3) -> float:
+                    repeats: int = 3, min_seconds: float = 0.05, max_repeats: int = 200) -> float:
     """FLOP/s of this device's GEMMs at the model's linear shapes: ``[positions, in] @ [in, out]`` for
-    every distinct (in, out) of a decoder layer, each the best of ``repeats`` timed runs after one
-    untimed; total FLOPs over the total of the best times."""
+    every distinct (in, out) of a decoder layer, each the best of at least ``repeats`` timed runs
+    (more, up to ``max_repeats``, until they took ``min_seconds``: small shapes) after one untimed;
+    total FLOPs over the total of the best times."""
     import torch
 
     total_flops = total_s = 0.0
@@ -96,14 +97,16 @@ def gemm_peak_flops(shape: Any, positions: int, dtype: Any, device: Any, synchro
     for k, n in sorted(set(shape.linear_shapes())):
         a = torch.randn(positions, k, generator=g).to(device=device, dtype=dtype)
         b = torch.randn(k, n, generator=g).to(device=device, dtype=dtype)
-        best = float("inf")
-        for i in range(repeats + 1):
+        best, spent, i = float("inf"), 0.0, 0
+        while i <= repeats or (spent < min_seconds and i <= max_repeats):
             synchronize()
             t0 = time.perf_counter()
             torch.mm(a, b)
             synchronize()
+            took = time.perf_counter() - t0
             if i:
-                best = min(best, time.perf_counter() - t0)
+                best, spent = min(best, took), spent + took
+            i += 1
         total_flops += 2.0 * positions * k * n
         total_s += best
         del a, b

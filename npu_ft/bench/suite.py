@@ -32,8 +32,8 @@ every case runs in a fresh process (see :mod:`npu_ft.bench.runner`).
     sweep:                            # optional: every combination, one set of cases each
       checkpoint_policy: [off, full, selective]
       batch_size: [1, 2]
-    sweep_per_implementation:         # optional: another sweep for one implementation
-      llamafactory: {checkpoint_policy: [off, full], batch_size: [1, 2]}
+    sweep_per_implementation:         # optional: another sweep for one implementation; a list = these points
+      llamafactory: [{checkpoint_policy: off}, {checkpoint_policy: full}, {checkpoint_policy: full, batch_size: 2}]
 
 A policy an implementation cannot run (``selective`` outside npu-ft) runs as ``full`` there, and a
 case that then repeats another one exactly is run once.
@@ -206,9 +206,10 @@ class SuiteFile(CaseSettings):
         None, "Loss-parity tolerance per method (relative), for every dtype.")
     cross_device_tolerance: float | None = config_field(None, "Tolerance between devices, every dtype.")
     variants: list[dict[str, Any]] | None = config_field(None, "Extra settings, one set of cases each.")
-    sweep: dict[str, list[Any]] | None = config_field(
-        None, "Case settings -> values: every combination is one set of cases (inside every variant).")
-    sweep_per_implementation: dict[str, dict[str, list[Any]]] | None = config_field(
+    sweep: dict[str, list[Any]] | list[dict[str, Any]] | None = config_field(
+        None, "Case settings -> values: every combination is one set of cases (inside every variant); or a list "
+              "of settings mappings: exactly those points.")
+    sweep_per_implementation: dict[str, dict[str, list[Any]] | list[dict[str, Any]]] | None = config_field(
         None, "Implementation -> its own sweep (instead of sweep).")
 
 
@@ -333,26 +334,29 @@ def _apply(settings: dict[str, Any], changed: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _sweep_points(sweep: dict[str, list[Any]] | None, where: str, key: str) -> list[dict[str, Any]]:
-    """Every combination of a sweep mapping, each value checked like the case setting it sets."""
+def _sweep_points(sweep: dict[str, list[Any]] | list[dict[str, Any]] | None, where: str,
+                  key: str) -> list[dict[str, Any]]:
+    """The settings of every sweep point, each value checked like the case setting it sets: a
+    mapping of setting -> values gives every combination, a list of mappings exactly those points."""
     if not sweep:
         return [{}]
     infos = field_infos(CaseSettings)
+    unknown = "; expected one of " + ", ".join(infos)
+    if isinstance(sweep, list):
+        if not all(isinstance(point, dict) for point in sweep):
+            raise ConfigError("a list of sweep points must hold mappings of case settings", source=where, key=key)
+        return [parse_fields(CaseSettings, point, where, strict=True, prefix=f"{key}[{i}].", unknown=unknown)
+                for i, point in enumerate(sweep)]
     names = list(sweep)
     for name in names:
         if name not in infos:
-            raise ConfigError(f"unknown case setting {name!r}; expected one of {', '.join(infos)}", source=where,
-                              key=f"{key}.{name}")
+            raise ConfigError(f"unknown case setting {name!r}{unknown}", source=where, key=f"{key}.{name}")
         if not isinstance(sweep[name], list) or not sweep[name]:
             raise ConfigError("must be a non-empty list of values", source=where, key=f"{key}.{name}")
     points = []
     for combo in itertools.product(*(range(len(sweep[n])) for n in names)):
-        raw = {n: sweep[n][i] for n, i in zip(names, combo, strict=True)}
-        parsed = {}
-        for n, i in zip(names, combo, strict=True):
-            value = parse_fields(CaseSettings, {n: raw[n]}, where, strict=True, prefix=f"{key}.{n}[{i}].")[n]
-            parsed[n] = value
-        points.append(parsed)
+        points.append({n: parse_fields(CaseSettings, {n: sweep[n][i]}, where, strict=True, prefix=f"{key}.{n}[{i}].")[n]
+                       for n, i in zip(names, combo, strict=True)})
     return points
 
 

@@ -12,7 +12,9 @@ weights                   full: 4P (LLaMA-Factory casts trainable weights to fp3
                           ZeRO-3 divides the bf16 weights by N; ZeRO-3 parameter offload keeps
                           only the layers being gathered (2 decoder layers + the embeddings).
 gradients                 one per trainable weight: 4 bytes (fp32 trainable weights), 2 bytes
-                          (DeepSpeed bf16); ZeRO-2/3 divide them by N.
+                          (DeepSpeed bf16); ZeRO-2/3 divide them by N. Full fine-tuning: two
+                          [vocab, hidden] buffers more (the head's and the embedding's gradient
+                          are built apart before autograd adds them to .grad).
 optimizer states          AdamW: 8 bytes (two fp32 moments) per trainable weight, + 4 (fp32
                           master copy) under DeepSpeed bf16; ZeRO-1/2/3 divide by N; optimizer
                           offload moves them to the host (0 on the card).
@@ -20,7 +22,8 @@ activations               per micro-batch of T = batch x cutoff tokens, e bytes 
                           (2 for bf16 autocast, 4 for fp32): each decoder layer saves about
                           e T (12 h + 2 kv + 4 i) (RMSNorm in/out x2, q/k/v after RoPE, attention
                           output, MLP gate/up/silu/product); with gradient checkpointing only
-                          its input e T h is kept, plus one layer recomputed. The loss: with
+                          its input e T h is kept, plus one layer recomputed; and one layer's worth
+                          more for the gradients of the layer being back-propagated. The loss: with
                           npu-ft's fused linear cross-entropy (``fused_cross_entropy``, the
                           default) one chunk of fp32 logits, min(T, c) V (4 + e for e < 4) bytes
                           (c = rows per chunk), plus the saved fp32 [T, h] input gradient;
@@ -200,9 +203,11 @@ def activation_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpo
         kept = h
         if checkpoint_policy == "selective":
             kept += 2 * shape.q_dim + 2 * kv + 2 * h + 2 * i
-        body = shape.layers * elem * tokens * kept + layer
+        body = shape.layers * elem * tokens * kept + layer  # + the layer being recomputed
     else:
         body = shape.layers * layer
+    # the layer being back-propagated: the gradients of its activations, about one layer's worth
+    body += layer
     return body + loss_bytes(shape, tokens, elem, fused_cross_entropy, loss_chunk_rows)
 
 
@@ -280,6 +285,10 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
             weights += 2 * half * shape.layer_params()
     if offload_optimizer:
         opt = 0.0
+    if method == "full":
+        # the head / embedding gradient is built in a buffer of its own (the fused loss's grad_W,
+        # the embedding's dense backward) before autograd adds it to .grad: two [vocab, hidden] more
+        grads += 2 * (2 if ds and not fp32 else 4) * shape.vocab * shape.hidden / (n if zero >= 2 else 1)
     acts = activation_bytes(shape, batch * seq, elem, gradient_checkpointing,
                             lora_rank if method != "full" else None, fused_cross_entropy, loss_chunk_rows,
                             checkpoint_policy)
