@@ -6,7 +6,8 @@
   method, DeepSpeed stage, micro-batch, cutoff, checkpointing policy, dtype, fused loss) and the
   assumptions behind it;
 * :func:`choose_checkpoint_policy` -- what ``gradient_checkpointing_policy: auto`` runs;
-* :func:`memory_warning` -- the line ``npu-ft train`` prints before loading a model that will not fit.
+* :func:`memory_warning` -- the line ``npu-ft train`` prints before loading a model that will not fit;
+* :func:`check_before_loading` -- both, as ``npu-ft train`` runs them (one call in ``run_sft``).
 
 Reading a recipe and estimating imports neither torch nor transformers (only the device's total
 memory does, in :func:`device_total_bytes`).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -24,8 +26,10 @@ from typing import Any
 
 from .estimate import GIB, MODELS, USABLE_FRACTION, Estimate, ModelShape, estimate
 
-__all__ = ["CARDS", "Card", "EstimateError", "card", "choose_checkpoint_policy", "device_total_bytes",
-           "memory_warning", "model_shape", "recipe_estimate"]
+__all__ = ["CARDS", "Card", "EstimateError", "card", "check_before_loading", "choose_checkpoint_policy",
+           "device_total_bytes", "memory_warning", "model_shape", "recipe_estimate"]
+
+logger = logging.getLogger("npu_ft.train")
 
 
 class EstimateError(ValueError):
@@ -217,3 +221,16 @@ def memory_warning(cfg: Any, backend: Any, world_size: int | None = None) -> str
             f"{kind} device ({total / GIB:.1f} GiB): lower per_device_train_batch_size "
             f"({kwargs['batch']}) or cutoff_len ({kwargs['seq']}), or use gradient checkpointing, QLoRA or "
             "DeepSpeed; `npu-ft estimate RECIPE` shows the breakdown")
+
+
+def check_before_loading(cfg: Any, backend: Any) -> None:
+    """Before ``npu-ft train`` loads the model: log a warning when the recipe's estimate exceeds the
+    device's usable memory, and resolve ``gradient_checkpointing_policy: auto`` in ``cfg`` (to
+    selective or full; an unknown device total gives full), logging the choice and why."""
+    warning = memory_warning(cfg, backend)
+    if warning is not None:
+        logger.warning("%s", warning)
+    if cfg.get("gradient_checkpointing_policy") == "auto":
+        policy, why = choose_checkpoint_policy(cfg, device_total_bytes(backend) or 0)
+        cfg.gradient_checkpointing_policy = "full" if policy == "off" else policy
+        logger.info("gradient_checkpointing_policy auto -> %s", why)

@@ -136,3 +136,29 @@ def test_registered_commands_answer_help():
         proc = subprocess.run([sys.executable, "-m", "npu_ft.cli", cmd, "--help"], capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0 and "usage" in proc.stdout, (cmd, proc.stderr)
+
+
+def test_check_before_loading_resolves_auto_and_warns(monkeypatch, caplog):
+    import logging
+
+    backend = SimpleNamespace(name="npu")
+    cfg = _cfg(gradient_checkpointing_policy="auto")
+    monkeypatch.setattr(budget, "device_total_bytes", lambda b: 64 * GIB)
+    with caplog.at_level(logging.INFO, logger="npu_ft.train"):
+        budget.check_before_loading(cfg, backend)
+    assert cfg.gradient_checkpointing_policy == "selective"
+    assert "auto -> selective" in caplog.text and "exceeds" not in caplog.text
+    caplog.clear()
+    cfg = _cfg(gradient_checkpointing_policy="auto", cutoff_len=4096, per_device_train_batch_size=8)
+    monkeypatch.setattr(budget, "device_total_bytes", lambda b: 16 * GIB)
+    with caplog.at_level(logging.INFO, logger="npu_ft.train"):
+        budget.check_before_loading(cfg, backend)
+    assert cfg.gradient_checkpointing_policy == "full"
+    assert "exceeds" in caplog.text and "auto -> full" in caplog.text
+    cfg = _cfg(gradient_checkpointing_policy="auto")
+    monkeypatch.setattr(budget, "device_total_bytes", lambda b: None)  # unknown device total: full, no warning
+    budget.check_before_loading(cfg, backend)
+    assert cfg.gradient_checkpointing_policy == "full"
+    explicit = _cfg(gradient_checkpointing_policy="selective")
+    budget.check_before_loading(explicit, backend)
+    assert explicit.gradient_checkpointing_policy == "selective"  # only auto is changed
