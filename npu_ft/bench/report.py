@@ -270,7 +270,7 @@ def ratios(rows: list[dict]) -> list[dict]:
         loras = [x for x in ok if x["implementation"] == "npu-ft" and x["method"] == "lora" and x["device"]
                  == r["device"] and all(x.get(k) == r.get(k) for k in ("model", "dtype", "seq_len", "batch_size",
                                                                       "data"))]
-        lora = next((x for x in loras if x.get("policy") == r.get("policy")), None)
+        lora = next((x for x in loras if x.get("policy") == r.get("policy")), loras[0] if loras else None)
         if lora is not None:
             out.append(_ratio(r, lora, f"npu-ft: qlora ({r.get('policy')}) / lora ({lora.get('policy')})"))
     return out
