@@ -32,6 +32,9 @@ ZERO_CHOICES = {
     "full": ((None, 0, False), ("z2", 2, False), ("z3", 3, False), ("z3_offload", 3, True)),
 }
 _HEADER = "# Planned by `npu-ft plan`"
+#: the DeepSpeed configs shipped in recipes/deepspeed/ (paths relative to the working directory)
+DS_CONFIGS = {"z2": "recipes/deepspeed/ds_z2_config.json", "z3": "recipes/deepspeed/ds_z3_config.json",
+              "z3_offload": "recipes/deepspeed/ds_z3_offload_config.json"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +101,6 @@ def plan(model: str, method: str, card_spec: str, seq_len: int, world_size: int 
 
 def render_plan(p: Plan, model_path: str, template: str) -> str:
     """The plan as a LLaMA-Factory style recipe (npu-ft keys for what LLaMA-Factory does not have)."""
-    from .recipes import DS_CONFIGS
-
     ds = DS_CONFIGS
     lines = [
         f"{_HEADER} for {p.card}: {p.method}, {p.world_size} card(s), seq {p.seq_len}.",
@@ -131,11 +132,8 @@ def render_plan(p: Plan, model_path: str, template: str) -> str:
 
 
 def _model_path_and_template(model: str) -> tuple[str, str]:
-    from .recipes import MODELS_TABLE
-
-    for row in MODELS_TABLE:
-        if model.lower() in (row.key, row.folder.lower()):
-            return f"models/{row.folder}", row.template
+    """``model_name_or_path`` is MODEL as given (the folder holding the weights), the chat template
+    follows the family."""
     return model, "qwen3" if "qwen3" in model.lower() else "qwen"
 
 
@@ -155,7 +153,8 @@ def plan_main(argv: list[str]) -> int:
     p = _parser("npu-ft plan", "the settings that fit a card with the most tokens per step, as a recipe")
     p.usage = ("npu-ft plan MODEL --method lora|qlora|full [--card CARD] --seq-len N [--nodes N "
                "--devices-per-node M] [--out FILE]")
-    p.add_argument("model", help="a Qwen name (qwen2.5-7b, Qwen3-8B) or a model folder with config.json")
+    p.add_argument("model", help="the model folder (its config.json gives the shape; written as model_name_or_path), "
+                                 "or a Qwen name the estimator knows (models/Qwen2.5-7B-Instruct, qwen3-8b)")
     p.add_argument("--method", required=True, choices=sorted(ZERO_CHOICES))
     p.add_argument("--seq-len", type=int, required=True, help="cutoff_len")
     p.add_argument("--sequences-per-step", type=int, default=16, help="per card per optimizer step (default 16)")
