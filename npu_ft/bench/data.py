@@ -153,7 +153,8 @@ def _sft_items(case: Any, data: dict[str, Any]) -> tuple[list[dict[str, list[int
 
 
 def case_rows(case: Any, vocab_size: int) -> list[dict[str, list[int]]]:
-    """Every row the case trains on, in order: ``(warmup + steps) * batch_size`` dicts of lists."""
+    """Every row the case trains on, in order: ``(warmup + steps) * batch_size`` dicts of lists (sft:
+    rows spread evenly over the processed dataset, so the steps see long and short examples)."""
     data = _settings(case)
     if data["mode"] == "random":
         return _random_rows(case, vocab_size)
@@ -161,7 +162,8 @@ def case_rows(case: Any, vocab_size: int) -> list[dict[str, list[int]]]:
     need = (case.warmup + case.steps) * case.batch_size
     rows = []
     for k in range(need):
-        item = items[k % len(items)]
+        # spread over the dataset: packing puts the longest examples first, an epoch sees them all
+        item = items[(k * len(items)) // need if need <= len(items) else k % len(items)]
         row = {key: list(item[key]) for key in ("input_ids", "labels", "attention_mask", "position_ids") if key in item}
         if vocab_size <= max(pad_id, max(row["input_ids"])):  # a shrunk model: fold the ids
             row["input_ids"] = [t % vocab_size for t in row["input_ids"]]
