@@ -28,8 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint-policy", choices=POLICIES, default=None)
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args(argv)
-    from npu_ft.bench import impls, load_suite
-    from npu_ft.bench.measure import make_batches
+    from npu_ft.bench import impls, load_suite, registry
+    from npu_ft.bench.data import make_batches
     from npu_ft.bench.shapes import build_model, model_config
 
     suite = load_suite(args.suite)
@@ -41,22 +41,25 @@ def main(argv=None) -> int:
     if args.checkpoint_policy:
         case.checkpoint_policy = args.checkpoint_policy
     dtype = impls.torch_dtype(case.dtype)
-    prepared = impls.resolve(case.implementation)(
+    build = registry.builder(case.implementation)
+    if build is None:
+        p.error(f"{case.implementation} runs whole cases itself (no in-process model to profile)")
+    prepared = build(
         case, lambda: build_model(case.model, case.seed, dtype, case.model_overrides), torch.device("cpu"))
     model = prepared.model.train()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=case.lr)
     batches = make_batches(case, model_config(case.model, case.model_overrides).vocab_size)
 
-    def step(ids):
-        model(input_ids=ids, labels=ids).loss.backward()
+    def step(batch):
+        model(**batch.model_inputs("cpu")).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for ids in batches[: case.warmup]:
-        step(ids)
+    for batch in batches[: case.warmup]:
+        step(batch)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        for ids in batches[case.warmup:]:
-            step(ids)
+        for batch in batches[case.warmup:]:
+            step(batch)
     print(f"# {case.case_id} layers={args.layers or 'all'}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=40))
     return 0

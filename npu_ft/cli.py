@@ -27,10 +27,13 @@ COMMANDS = {
     "env": ("npu_ft.cli", "env_main", "print versions and what each device backend can do"),
     "k8s": ("npu_ft.launch.k8s", "k8s_main", "write a Kubeflow PyTorchJob or TrainJob for a recipe (Ascend 910B)"),
     "lf-train": ("npu_ft.plugins_cli", "lf_train_main", "run LLaMA-Factory's own training on npu-ft's ops (plugin)"),
+    "estimate": ("npu_ft.launch.estimate_cli", "estimate_main", "memory per card of a recipe, part by part"),
+    "plan": ("npu_ft.launch.planner", "plan_main", "settings that fit a card with the most tokens per step"),
+    "verify": ("npu_ft.bench.verify", "verify_main", "verify a machine: doctor, device tests, micro-bench, smoke"),
 }
 
 #: sub-commands that pick a device through the device layer, so $NPU_FT_DEVICE must name one
-DEVICE_COMMANDS = frozenset({"train", "export", "bench", "doctor", "demo", "env", "lf-train", "chat"})
+DEVICE_COMMANDS = frozenset({"train", "export", "bench", "doctor", "demo", "env", "lf-train", "chat", "verify"})
 
 
 def env_main(argv: list[str]) -> int:

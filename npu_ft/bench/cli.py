@@ -50,7 +50,8 @@ def _run_main(argv: list[str]) -> int:
 
     rows = aggregate(results)
     print((out / "report.md").read_text())
-    print(f"results in {out}/ (results.csv, report.md, memory_vs_throughput.png, loss_curves.png)")
+    print(f"results in {out}/ (results.csv, ratios.csv, frontier.csv, report.md, memory_vs_throughput.png, "
+          "loss_curves.png)")
     failed = [r for r in rows if r["status"] == "failed"]
     par_fail = [x for x in parity(rows, suite.tolerances, suite.cross_device_tolerance) if not x["pass"]]
     return 1 if failed or par_fail else 0

@@ -8,12 +8,15 @@ that has ``llamafactory==0.9.5`` -- ``$NPU_FT_LF_PYTHON``, else ``~/.cache/npu_f
 
 What is the same as for ``npu-ft`` / ``reference`` (so the rows sit in the same tables and plots and
 the loss-parity check applies): the model (built here by the harness's own factory from the case
-seed and saved to a temporary folder with the Qwen tokenizer), the token batches
-(:func:`npu_ft.bench.worker.make_batches`, handed to LLaMA-Factory as a pre-tokenized dataset with
-shuffling off, one batch per optimizer step), AdamW at ``case.lr`` with no weight decay, constant
+seed and saved to a temporary folder with the Qwen tokenizer), the rows of every step
+(:func:`npu_ft.bench.data.case_rows`: input ids, labels, attention mask, position ids when packed,
+handed to LLaMA-Factory as a pre-tokenized dataset with shuffling off and collated by its own
+collator, one batch per optimizer step), AdamW at ``case.lr`` with no weight decay, constant
 LR, no gradient clipping, the LoRA init (:func:`npu_ft.bench.impls.align_lora_init` right after
-LLaMA-Factory builds the PEFT model), gradient checkpointing as the case says, and the peak-memory /
-step-time meters (the device backend's, read from a TrainerCallback around each optimizer step).
+LLaMA-Factory builds the PEFT model), gradient checkpointing as the case says (``selective`` for
+``llamafactory+npu-ft`` through the plugin's ``NPU_FT_LF_CHECKPOINT_POLICY``), the peak-memory /
+step-time meters (the device backend's, read from a TrainerCallback around each optimizer step),
+and the MFU fields (the GEMM peak timed in this process after LLaMA-Factory's has exited).
 Losses are those LLaMA-Factory writes to ``trainer_log.jsonl`` (``logging_steps: 1``).
 """
 
@@ -117,9 +120,13 @@ def _lf_args(case, model_dir: Path, data_dir: Path, out_dir: Path) -> dict:
 
 def run_case(case) -> dict:
     """Run ``case`` with LLaMA-Factory in its own Python; the result dict of :mod:`npu_ft.bench.worker`."""
+    from npu_ft.device import get_backend
+
     from . import impls
-    from .measure import make_batches, timing_fields, versions
-    from .shapes import build_model
+    from .data import case_rows, make_batches
+    from .measure import step_counts, timing_fields, versions
+    from .shapes import build_model, model_config
+    from .worker import mfu_fields
 
     if case.implementation not in LF_IMPLEMENTATIONS:
         raise ValueError(f"impl_llamafactory: unknown implementation {case.implementation!r}")
@@ -136,8 +143,7 @@ def run_case(case) -> dict:
         load_qwen_tokenizer(None, variant="qwen3" if "qwen3" in case.model else "qwen2.5").save_pretrained(
             str(tmp / "model")
         )
-        batches = make_batches(case, vocab)
-        rows = [row.tolist() for b in batches for row in b]
+        rows = case_rows(case, vocab)
         (tmp / "rows.json").write_text(json.dumps(rows))
         (tmp / "dataset_info.json").write_text(json.dumps({"npu_ft_bench": {"file_name": "rows.json"}}))
         job = {
@@ -149,7 +155,13 @@ def run_case(case) -> dict:
         }
         (tmp / "job.json").write_text(json.dumps(job))
         env = dict(os.environ)
+        # LLaMA-Factory's Python keeps its own packages: of this process's path (which the bench
+        # runner hands its workers) only the checkout that holds this npu_ft goes along
+        import npu_ft
+
+        env["PYTHONPATH"] = str(Path(npu_ft.__file__).resolve().parents[1])
         env.pop("NPU_FT_LLAMAFACTORY", None)  # the child patches (or not) explicitly
+        env["NPU_FT_LF_CHECKPOINT_POLICY"] = case.checkpoint_policy if case.gradient_checkpointing else "full"
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("HF_DATASETS_OFFLINE", "1")
         t0 = time.perf_counter()
@@ -173,6 +185,10 @@ def run_case(case) -> dict:
                 f"llamafactory logged {len(losses)} losses / {len(step_s)} steps, expected {case.warmup + case.steps}"
             )
         _check_same_npu_ft(child.get("npu_ft_location"))
+        # the token counts of the batches LLaMA-Factory's collator made (it pads to a multiple of 8)
+        batches = make_batches(case, vocab, pad_to_multiple_of=8)
+        backend = get_backend(case.device)
+        device = backend.torch_device(0) if case.device != "cpu" else "cpu"
         result = {
             "case": case.to_dict(),
             "device_name": child["device_name"],
@@ -188,7 +204,9 @@ def run_case(case) -> dict:
             "wall_s": time.perf_counter() - t0,
             "llamafactory_versions": child["versions"],
             "kernel_calls": child.get("kernel_calls"),
-            **timing_fields(case, losses, step_s),
+            **timing_fields(case, losses, step_s, step_counts(batches)),
+            **mfu_fields(case, model_config(case.model, case.model_overrides), batches, step_s,
+                         impls.torch_dtype(case.dtype), device, backend),
         }
         return result
     finally:
@@ -214,17 +232,11 @@ def _child(job_path: str, out_path: str) -> int:
     job = json.loads(Path(job_path).read_text())
     case = BenchCase.from_dict(job["case"])
     rows = json.loads(Path(job["rows"]).read_text())
-    # labels = input_ids with the first position -100: a causal LM never predicts position 0, so the
-    # loss terms are the worker's (labels=ids), and the Trainer's num_items_in_batch (it counts labels
-    # != -100 before the shift) is the number of predicted tokens, as the worker's mean uses
-    labels = [[-100] + r[1:] for r in rows]
-    DatasetDict(
-        {
-            "train": Dataset.from_dict(
-                {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows], "labels": labels}
-            )
-        }
-    ).save_to_disk(job["args"]["tokenized_path"])
+    # the rows as the worker trains on them (npu_ft.bench.data.case_rows): random rows have label -100
+    # at position 0 (never a target), so the Trainer's num_items_in_batch (labels != -100 before the
+    # shift) is the number of predicted tokens, as the worker's mean uses
+    columns = {key: [r[key] for r in rows] for key in rows[0]}
+    DatasetDict({"train": Dataset.from_dict(columns)}).save_to_disk(job["args"]["tokenized_path"])
     backend = get_backend(case.device)
     info: dict = {"device_name": backend.device_name(), "step_s": []}
     features = ["llamafactory", "transformers", "peft"]

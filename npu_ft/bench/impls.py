@@ -38,7 +38,8 @@ class Prepared:
     """A model ready for the training loop."""
 
     model: nn.Module
-    #: loss_fn(model, input_ids, labels) -> scalar loss; None = ``model(input_ids=..., labels=...).loss``
+    #: loss_fn(model, inputs) -> scalar loss (inputs: input_ids, labels, attention_mask, position_ids);
+    #: None = ``model(**inputs).loss``
     loss_fn: Callable | None = None
     #: what this implementation used, for the report (e.g. "npu_ft::lora_linear")
     features: list[str] = dataclasses.field(default_factory=list)

@@ -1,6 +1,7 @@
-"""What every bench implementation shares when it measures a case: the batches it trains on, the
-heap trim before the peak is reset, the versions it records, and the timing/throughput fields of
-its result. (One module, so the in-process worker and the LLaMA-Factory runner cannot drift apart.)"""
+"""What every bench implementation shares when it measures a case: the heap trim before the peak is
+reset, the versions it records, and the timing/throughput fields of its result (the batches are
+:mod:`npu_ft.bench.data`'s). One module, so the in-process worker and the LLaMA-Factory runner
+cannot drift apart."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import math
 import statistics
 from typing import Any
 
-__all__ = ["make_batches", "timing_fields", "trim_heap", "versions"]
+__all__ = ["step_counts", "timing_fields", "trim_heap", "versions"]
 
 
 def trim_heap() -> None:
@@ -23,21 +24,6 @@ def trim_heap() -> None:
         pass
 
 
-def make_batches(case: Any, vocab_size: int) -> list:
-    """Deterministic token batches ``[batch_size, seq_len]`` (int64): a small pool of random sequences,
-    cycled (so the loss falls), one batch per warmup + timed step."""
-    import torch
-
-    g = torch.Generator().manual_seed(1_000_003 + case.seed)
-    hi = min(vocab_size, 32000)
-    pool = torch.randint(0, hi, (case.data_pool, case.seq_len), generator=g)
-    batches = []
-    for step in range(case.warmup + case.steps):
-        idx = [(step * case.batch_size + i) % case.data_pool for i in range(case.batch_size)]
-        batches.append(pool[idx].clone())
-    return batches
-
-
 def versions() -> dict[str, Any]:
     """Package versions and the git commit, for the report."""
     from npu_ft.env_info import git_commit, package_versions
@@ -46,17 +32,32 @@ def versions() -> dict[str, Any]:
     return {"versions": {k: (val or "not installed") for k, val in v.items()}, "git_commit": git_commit() or "unknown"}
 
 
-def timing_fields(case: Any, losses: list[float], step_s: list[float]) -> dict[str, Any]:
-    """The result fields that follow from per-step losses and times (the warmup steps are not timed):
-    medians, min/max, tokens per second; ``status`` failed on a non-finite loss."""
-    timed = step_s[case.warmup:]
-    tokens = case.batch_size * case.seq_len
-    med = statistics.median(timed)
+def step_counts(batches: list) -> dict[str, list[int]]:
+    """Per step: example tokens (no padding), labelled tokens, and positions (padding included)."""
+    return {"step_tokens": [b.tokens for b in batches], "step_labelled": [b.labelled for b in batches],
+            "step_positions": [b.positions for b in batches]}
+
+
+def rates(counts: list[int], seconds: list[float]) -> list[float]:
+    """Per-step rates ``counts[i] / seconds[i]``."""
+    return [c / s for c, s in zip(counts, seconds, strict=True)]
+
+
+def timing_fields(case: Any, losses: list[float], step_s: list[float], counts: dict[str, list[int]]) -> dict[str, Any]:
+    """The result fields that follow from per-step losses, times and token counts (the warmup steps
+    are not timed): medians and min/max of the per-step rates (tokens/s counts example tokens, not
+    padding; labelled_tokens_per_s the loss targets; positions_per_s every position the model ran);
+    ``status`` failed on a non-finite loss."""
+    w = case.warmup
+    timed = step_s[w:]
+    tok = rates(counts["step_tokens"][w:], timed)
     out: dict[str, Any] = dict(
         status="ok", error="",
-        s_per_step_median=med, s_per_step_min=min(timed), s_per_step_max=max(timed),
-        tokens_per_s=tokens / med, tokens_per_s_min=tokens / max(timed), tokens_per_s_max=tokens / min(timed),
-        losses=losses, step_s=step_s,
+        s_per_step_median=statistics.median(timed), s_per_step_min=min(timed), s_per_step_max=max(timed),
+        tokens_per_s=statistics.median(tok), tokens_per_s_min=min(tok), tokens_per_s_max=max(tok),
+        labelled_tokens_per_s=statistics.median(rates(counts["step_labelled"][w:], timed)),
+        positions_per_s=statistics.median(rates(counts["step_positions"][w:], timed)),
+        losses=losses, step_s=step_s, **counts,
     )
     if not all(math.isfinite(loss) for loss in losses):
         out.update(status="failed", error=f"non-finite loss: {losses}")

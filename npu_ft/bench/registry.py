@@ -16,7 +16,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["CUSTOM_PREFIX", "IMPLEMENTATIONS", "Implementation", "builder", "case_runner", "register"]
+__all__ = ["CUSTOM_PREFIX", "IMPLEMENTATIONS", "Implementation", "builder", "case_runner", "register",
+           "supports_policy"]
 
 #: a custom implementation is named "custom:<module>:<function>" (a builder)
 CUSTOM_PREFIX = "custom:"
@@ -25,10 +26,13 @@ CUSTOM_PREFIX = "custom:"
 class Implementation:
     """Where an implementation's builder or case runner lives (``"module:function"``)."""
 
-    def __init__(self, name: str, *, builder: str | None = None, runner: str | None = None, doc: str = ""):
+    def __init__(self, name: str, *, builder: str | None = None, runner: str | None = None, doc: str = "",
+                 policies: tuple[str, ...] = ("off", "full")):
         if (builder is None) == (runner is None):
             raise ValueError(f"implementation {name!r}: give a builder or a case runner")
         self.name, self.builder, self.runner, self.doc = name, builder, runner, doc
+        #: the checkpointing policies it can run (off = no checkpointing)
+        self.policies = policies
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {}
@@ -54,6 +58,12 @@ def builder(name: str) -> Callable[..., Any] | None:
     return _load(impl.builder) if impl.builder else None
 
 
+def supports_policy(name: str, policy: str) -> bool:
+    """Whether implementation ``name`` can run checkpointing ``policy`` (custom ones: every policy)."""
+    impl = IMPLEMENTATIONS.get(name)
+    return impl is None or policy in impl.policies
+
+
 def case_runner(name: str) -> Callable[..., Any] | None:
     """The case runner of implementation ``name`` (None when it is a builder)."""
     impl = IMPLEMENTATIONS.get(name)
@@ -61,10 +71,12 @@ def case_runner(name: str) -> Callable[..., Any] | None:
 
 
 register(Implementation("npu-ft", builder="npu_ft.bench.impls:build_npu_ft",
-                        doc="npu-ft's modules and fused loss, as run_sft trains"))
+                        doc="npu-ft's modules and fused loss, as run_sft trains",
+                        policies=("off", "full", "selective")))
 register(Implementation("reference", builder="npu_ft.bench.impls:build_reference",
                         doc="transformers + PEFT (+ bitsandbytes 4-bit), what LLaMA-Factory runs"))
 register(Implementation("llamafactory", runner="npu_ft.bench.impl_llamafactory:run_case",
                         doc="LLaMA-Factory 0.9.5's own trainer, in its own Python"))
 register(Implementation("llamafactory+npu-ft", runner="npu_ft.bench.impl_llamafactory:run_case",
-                        doc="LLaMA-Factory 0.9.5 with the npu-ft plugin applied"))
+                        doc="LLaMA-Factory 0.9.5 with the npu-ft plugin applied",
+                        policies=("off", "full", "selective")))

@@ -1,15 +1,17 @@
-"""Reports from raw results: a CSV row per case, parity, ratios, a Markdown table and PNG plots.
+"""Reports from raw results: a CSV row per case, parity, ratios, frontiers, Markdown and PNG plots.
 
 Files written to the output folder::
 
     raw.jsonl                 one JSON result per case per repeat (written by the runner)
     suite.json                the suite's name, tolerances and cases (for `npu-ft bench report`)
     results.csv               one row per case (medians over repeats, see COLUMNS)
-    parity.csv                loss parity per method: npu-ft vs reference, and across devices
-    ratios.csv                npu-ft / reference (tokens/s, peak memory), QLoRA / LoRA peak memory
+    parity.csv                loss parity: every implementation vs reference, and across devices
+    ratios.csv                each implementation / the baselines (tokens/s, training and absolute
+                              peak memory), npu-ft QLoRA / LoRA; flagged when not significant
+    frontier.csv              per baseline point: npu-ft's best tokens/s at <= memory, least memory at >= tokens/s
     report.md                 all of the above as Markdown, with the environment
-    memory_vs_throughput.png  a point per method × implementation (× device)
-    loss_curves.png           overlaid loss curves, a panel per model × method
+    memory_vs_throughput.png  tokens/s against training memory, frontiers drawn (npu_ft.bench.plots)
+    loss_curves.png           overlaid loss curves and their relative difference to reference
 """
 
 from __future__ import annotations
@@ -19,23 +21,29 @@ import math
 import statistics
 from pathlib import Path
 
+from .frontier import BASELINES, statements
+
 #: results.csv columns, in order
 COLUMNS = [
     "suite", "case_id", "model", "method", "implementation", "device", "device_name", "dtype", "seq_len",
     "batch_size", "steps", "warmup", "repeats_ok", "repeats_failed", "gradient_checkpointing", "checkpoint_policy",
-    "lora_r",
+    "policy", "data", "lora_r",
     "status", "error",
-    "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "s_per_step_median", "s_per_step_min",
-    "s_per_step_max", "peak_mem_bytes", "peak_mem_mib", "peak_mem_max_bytes", "mem_kind", "baseline_mem_bytes",
+    "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "labelled_tokens_per_s", "positions_per_s",
+    "timed_steps", "s_per_step_median", "s_per_step_min", "s_per_step_max",
+    "train_mem_bytes", "train_mem_mib", "train_mem_min_bytes", "train_mem_max_bytes",
+    "peak_mem_bytes", "peak_mem_mib", "peak_mem_max_bytes", "mem_kind", "baseline_mem_bytes",
+    "model_flops_per_token", "achieved_flops", "gemm_peak_flops", "mfu", "spec_peak_flops",
     "trainable_params", "total_params", "weight_bytes", "weight_mib", "loss_first", "loss_last",
     "loss_repeat_spread", "losses", "features", "build_s",
     "torch", "torch_npu", "transformers", "peft", "bitsandbytes", "git_commit",
 ]
 #: columns that may be empty on an ok row
-MAY_BE_EMPTY = {"error"}
+MAY_BE_EMPTY = {"error", "spec_peak_flops"}
 _CASE_KEYS = ("suite", "case_id", "model", "method", "implementation", "device", "dtype", "seq_len",
               "batch_size", "steps", "warmup", "gradient_checkpointing", "checkpoint_policy")
-GROUP_KEYS = ("model", "method", "dtype", "seq_len", "batch_size", "gradient_checkpointing", "variant")
+#: fewer timed steps than this (over all repeats) make a ratio "not significant"
+MIN_TIMED_STEPS = 3
 
 
 def load_raw(path: str | Path) -> list[dict]:
@@ -43,17 +51,31 @@ def load_raw(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _case_view(case: dict):
+    from .suite import BenchCase
+
+    return BenchCase.from_dict(case)
+
+
+def _step_rates(run: dict, warmup: int, counts_key: str, fallback: int) -> list[float]:
+    times = run["step_s"][warmup:]
+    counts = run.get(counts_key, [fallback] * len(run["step_s"]))[warmup:]
+    return [c / t for c, t in zip(counts, times, strict=True)]
+
+
 def aggregate(results: list[dict]) -> list[dict]:
-    """One row per case: step times pooled over the ok repeats (median, min, max); peak memory is
-    the median over repeats; losses come from the first ok repeat."""
+    """One row per case: per-step rates pooled over the ok repeats (median, min, max); memory the
+    median over repeats (with min/max); losses from the first ok repeat."""
     by_case: dict[str, list[dict]] = {}
     for r in results:
         by_case.setdefault(r["case"]["case_id"], []).append(r)
     rows = []
     for _case_id, runs in by_case.items():
         case = runs[0]["case"]
+        view = _case_view(case)
         row = {k: case.get(k) for k in _CASE_KEYS}
-        row["variant"] = case.get("variant", 0)
+        row.update(variant=case.get("variant", 0), policy=view.policy, data=view.data_tag,
+                   parity_key=json.dumps(view.parity_group))
         row["lora_r"] = case.get("lora", {}).get("r") if case["method"] != "full" else 0
         ok = [r for r in runs if r.get("status") == "ok"]
         bad = [r for r in runs if r.get("status") != "ok"]
@@ -70,19 +92,33 @@ def aggregate(results: list[dict]) -> list[dict]:
             rows.append(row)
             continue
         row["status"] = "ok" if not bad else "partial"
-        timed = [t for r in ok for t in r["step_s"][case["warmup"]:]]
+        w = case["warmup"]
         tokens = case["batch_size"] * case["seq_len"]
-        med = statistics.median(timed)
+        timed = [t for r in ok for t in r["step_s"][w:]]
+        tok = [x for r in ok for x in _step_rates(r, w, "step_tokens", tokens)]
         row.update(
-            s_per_step_median=med, s_per_step_min=min(timed), s_per_step_max=max(timed),
-            tokens_per_s=tokens / med, tokens_per_s_min=tokens / max(timed), tokens_per_s_max=tokens / min(timed),
+            timed_steps=len(timed), s_per_step_median=statistics.median(timed), s_per_step_min=min(timed),
+            s_per_step_max=max(timed), tokens_per_s=statistics.median(tok), tokens_per_s_min=min(tok),
+            tokens_per_s_max=max(tok),
+            labelled_tokens_per_s=statistics.median(x for r in ok for x in _step_rates(r, w, "step_labelled", tokens)),
+            positions_per_s=statistics.median(x for r in ok for x in _step_rates(r, w, "step_positions", tokens)),
         )
         peaks = [r["peak_mem_bytes"] for r in ok]
-        row["peak_mem_bytes"] = int(statistics.median(peaks))
+        train = [r["peak_mem_bytes"] - r["baseline_mem_bytes"] for r in ok]
+        row.update(
+            peak_mem_bytes=int(statistics.median(peaks)), peak_mem_max_bytes=int(max(peaks)),
+            train_mem_bytes=int(statistics.median(train)), train_mem_min_bytes=int(min(train)),
+            train_mem_max_bytes=int(max(train)),
+            baseline_mem_bytes=int(statistics.median(r["baseline_mem_bytes"] for r in ok)), mem_kind=first["mem_kind"],
+        )
         row["peak_mem_mib"] = round(row["peak_mem_bytes"] / 2**20, 1)
-        row["peak_mem_max_bytes"] = int(max(peaks))
-        row["baseline_mem_bytes"] = int(statistics.median(r["baseline_mem_bytes"] for r in ok))
-        row["mem_kind"] = first["mem_kind"]
+        row["train_mem_mib"] = round(row["train_mem_bytes"] / 2**20, 1)
+        for k in ("model_flops_per_token", "gemm_peak_flops", "spec_peak_flops"):
+            row[k] = first.get(k)
+        if all(r.get("achieved_flops") for r in ok):
+            row["achieved_flops"] = statistics.median(r["achieved_flops"] for r in ok)
+            row["gemm_peak_flops"] = statistics.median(r["gemm_peak_flops"] for r in ok)
+            row["mfu"] = row["achieved_flops"] / row["gemm_peak_flops"]
         for k in ("trainable_params", "total_params", "weight_bytes"):
             row[k] = first[k]
         row["weight_mib"] = round(first["weight_bytes"] / 2**20, 1)
@@ -97,93 +133,147 @@ def aggregate(results: list[dict]) -> list[dict]:
     return rows
 
 
+def rel_diffs(a: list[float], b: list[float]) -> list[float]:
+    """Per step ``|a - b| / |b|`` over the common steps."""
+    return [abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=False)]
+
+
 def _rel_diff(a: list[float], b: list[float]) -> float:
-    n = min(len(a), len(b))
-    if n == 0:
-        return math.nan
-    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a[:n], b[:n], strict=False))
+    d = rel_diffs(a, b)
+    return max(d) if d else math.nan
+
+
+def _ok_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("status") in ("ok", "partial")]
+
+
+def _partner(candidates: list[dict], row: dict) -> dict | None:
+    """The baseline row to compare ``row`` with: its default checkpointing ("full"), else the same
+    policy as ``row``, else any."""
+    for want in ("full", row.get("policy")):
+        for c in candidates:
+            if c.get("policy") == want:
+                return c
+    return candidates[0] if candidates else None
 
 
 def parity(rows: list[dict], tolerances: dict, cross_device: dict) -> list[dict]:
-    """Loss parity: every implementation against ``reference`` on the same device; and each
-    implementation on each device against the same implementation on the first device listed."""
+    """Loss parity: every implementation (each checkpointing policy) against ``reference`` with the
+    same numerics on the same device; and each implementation on each device against the same
+    implementation on the first device listed."""
     out = []
-    ok = [r for r in rows if r.get("status") in ("ok", "partial")]
-    groups: dict[tuple, list[dict]] = {}
-    for r in ok:
-        groups.setdefault(tuple(r[k] for k in GROUP_KEYS), []).append(r)
-    for key, members in groups.items():
-        g = dict(zip(GROUP_KEYS, key, strict=False))
+    groups: dict[str, list[dict]] = {}
+    for r in _ok_rows(rows):
+        groups.setdefault(r.get("parity_key") or r["case_id"], []).append(r)
+    for members in groups.values():
+        m0 = members[0]
+        g = {k: m0[k] for k in ("model", "method", "dtype", "seq_len", "batch_size")} | {"data": m0.get("data")}
         tol = float(tolerances[g["dtype"]][g["method"]])
-        by_dev: dict[str, dict[str, dict]] = {}
-        for r in members:
-            by_dev.setdefault(r["device"], {})[r["implementation"]] = r
-        for dev, impls in by_dev.items():
-            ref = impls.get("reference")
+        devices = list(dict.fromkeys(r["device"] for r in members))
+        for dev in devices:
+            on_dev = [r for r in members if r["device"] == dev]
+            ref = _partner([r for r in on_dev if r["implementation"] == "reference"], {})
             if ref is None:
                 continue
-            for name, r in impls.items():
-                if name == "reference":
+            for r in on_dev:
+                if r is ref:
                     continue
                 d = _rel_diff(json.loads(r["losses"]), json.loads(ref["losses"]))
-                out.append({**g, "kind": "implementation", "compare": f"{name} vs reference", "device": dev,
+                out.append({**g, "kind": "implementation", "compare": f"{_label(r)} vs {_label(ref)}", "device": dev,
                             "max_rel_loss_diff": d, "tolerance": tol, "pass": bool(d <= tol)})
-        devices = list(by_dev)
         if len(devices) > 1:
             tol_x = float(cross_device[g["dtype"]])
-            first = devices[0]
-            for dev in devices[1:]:
-                for name, r in by_dev[dev].items():
-                    base = by_dev[first].get(name)
-                    if base is None:
-                        continue
-                    d = _rel_diff(json.loads(r["losses"]), json.loads(base["losses"]))
-                    out.append({**g, "kind": "device", "compare": f"{name}: {dev} vs {first}", "device": dev,
-                                "max_rel_loss_diff": d, "tolerance": tol_x, "pass": bool(d <= tol_x)})
+            for r in members:
+                if r["device"] == devices[0]:
+                    continue
+                base = next((b for b in members if b["device"] == devices[0] and b["implementation"]
+                             == r["implementation"] and b.get("policy") == r.get("policy")), None)
+                if base is None:
+                    continue
+                d = _rel_diff(json.loads(r["losses"]), json.loads(base["losses"]))
+                out.append({**g, "kind": "device", "compare": f"{_label(r)}: {r['device']} vs {devices[0]}",
+                            "device": r["device"], "max_rel_loss_diff": d, "tolerance": tol_x,
+                            "pass": bool(d <= tol_x)})
     return out
 
 
-def ratios(rows: list[dict]) -> list[dict]:
-    """npu-ft / reference per method (tokens/s, peak memory), and npu-ft QLoRA / LoRA peak memory."""
-    ok = {(r["model"], r["method"], r["implementation"], r["device"], r["dtype"], r["seq_len"],
-           r["batch_size"], r["gradient_checkpointing"], r["variant"]): r
-          for r in rows if r.get("status") in ("ok", "partial")}
-    out = []
-    for (model, method, impl, dev, dt, s, b, gc, v), r in ok.items():
-        if impl != "npu-ft":
-            continue
-        base = dict(model=model, device=dev, dtype=dt, seq_len=s, batch_size=b, gradient_checkpointing=gc, variant=v)
-        ref = ok.get((model, method, "reference", dev, dt, s, b, gc, v))
-        if ref is not None:
-            out.append({**base, "ratio": f"{method}: {_npu_ft_label(r)} / reference",
-                        "tokens_per_s": r["tokens_per_s"] / ref["tokens_per_s"],
-                        "peak_mem": r["peak_mem_bytes"] / ref["peak_mem_bytes"],
-                        "weight_bytes": r["weight_bytes"] / ref["weight_bytes"]})
-        if method == "qlora":
-            lora = ok.get((model, "lora", "npu-ft", dev, dt, s, b, gc, v))
-            if lora is not None:
-                out.append({**base, "ratio": f"npu-ft: qlora{_policy_suffix(r)} / lora{_policy_suffix(lora)}",
-                            "tokens_per_s": r["tokens_per_s"] / lora["tokens_per_s"],
-                            "peak_mem": r["peak_mem_bytes"] / lora["peak_mem_bytes"],
-                            "weight_bytes": r["weight_bytes"] / lora["weight_bytes"]})
-    return out
-
-
-def _policy_suffix(row: dict) -> str:
-    """" (selective checkpointing)" for a row that ran a non-default npu-ft checkpointing policy."""
-    policy = _gc_cell(row)
-    return "" if policy in ("off", "full") else f" ({policy} checkpointing)"
-
-
-def _npu_ft_label(row: dict) -> str:
-    return "npu-ft" + _policy_suffix(row)
+def _label(row: dict) -> str:
+    """"npu-ft (selective)": the implementation and the checkpointing it ran."""
+    return f"{row['implementation']} ({row.get('policy') or _gc_cell(row)})"
 
 
 def _gc_cell(row: dict) -> str:
     """The markdown "gc" cell: off, or the checkpointing policy that ran."""
+    if row.get("policy"):
+        return row["policy"]
     if not row.get("gradient_checkpointing"):
         return "off"
     return row.get("checkpoint_policy") or "full"
+
+
+def significance(a: dict, b: dict) -> str:
+    """"" when the ratio a / b stands; else why it is not significant (tokens/s min-max ranges that
+    overlap, fewer than MIN_TIMED_STEPS timed steps, training-memory ranges over repeats that overlap)."""
+    why = []
+    if min(a.get("timed_steps") or 0, b.get("timed_steps") or 0) < MIN_TIMED_STEPS:
+        why.append(f"< {MIN_TIMED_STEPS} timed steps")
+    if a["tokens_per_s_min"] <= b["tokens_per_s_max"] and b["tokens_per_s_min"] <= a["tokens_per_s_max"]:
+        why.append("tokens/s ranges overlap")
+    return "; ".join(why)
+
+
+def _memory_significance(a: dict, b: dict) -> str:
+    if min(a.get("repeats_ok", 0), b.get("repeats_ok", 0)) < 2:
+        return ""
+    if a["train_mem_min_bytes"] <= b["train_mem_max_bytes"] and b["train_mem_min_bytes"] <= a["train_mem_max_bytes"]:
+        return "memory ranges overlap"
+    return ""
+
+
+def _ratio(r: dict, base: dict, name: str) -> dict:
+    def div(x, y):
+        return x / y if x is not None and y else math.nan
+
+    return {
+        "model": r["model"], "device": r["device"], "dtype": r["dtype"], "data": r.get("data"),
+        "seq_len": r["seq_len"], "batch_size": r["batch_size"], "ratio": name,
+        "tokens_per_s": div(r["tokens_per_s"], base["tokens_per_s"]),
+        "tokens_per_s_range": (div(r["tokens_per_s_min"], base["tokens_per_s_max"]),
+                               div(r["tokens_per_s_max"], base["tokens_per_s_min"])),
+        "train_mem": div(r.get("train_mem_bytes"), base.get("train_mem_bytes")),
+        "peak_mem": div(r["peak_mem_bytes"], base["peak_mem_bytes"]),
+        "weight_bytes": div(r["weight_bytes"], base["weight_bytes"]),
+        "significance": significance(r, base), "memory_significance": _memory_significance(r, base),
+    }
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Every implementation / each baseline (llamafactory, reference) with the same numerics and
+    device (the baseline at its default checkpointing, full), and npu-ft QLoRA / LoRA."""
+    ok = _ok_rows(rows)
+    groups: dict[tuple, list[dict]] = {}
+    for r in ok:
+        groups.setdefault((r.get("parity_key") or r["case_id"], r["device"]), []).append(r)
+    out = []
+    for members in groups.values():
+        for base_name in BASELINES:
+            base = _partner([r for r in members if r["implementation"] == base_name], {})
+            if base is None:
+                continue
+            for r in members:
+                if r["implementation"] in BASELINES:
+                    continue
+                out.append(_ratio(r, base, f"{r['method']}: {_label(r)} / {_label(base)}"))
+    for r in ok:
+        if r["method"] != "qlora" or r["implementation"] != "npu-ft":
+            continue
+        loras = [x for x in ok if x["implementation"] == "npu-ft" and x["method"] == "lora" and x["device"]
+                 == r["device"] and all(x.get(k) == r.get(k) for k in ("model", "dtype", "seq_len", "batch_size",
+                                                                      "data"))]
+        lora = next((x for x in loras if x.get("policy") == r.get("policy")), loras[0] if loras else None)
+        if lora is not None:
+            out.append(_ratio(r, lora, f"npu-ft: qlora ({r.get('policy')}) / lora ({lora.get('policy')})"))
+    return out
 
 
 def _fmt(v, digits=3):
@@ -205,7 +295,84 @@ def _md_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def markdown(rows, par, rat, suite_meta: dict, env: dict | None = None) -> str:
+def _mib(v) -> str:
+    return "" if v is None else f"{v / 2**20:,.0f}"
+
+
+def _pct(v) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.0f} %"
+
+
+def _si(v) -> str:
+    """1.23e11 -> "123 G" (FLOPs, FLOP/s)."""
+    if not v:
+        return ""
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= factor:
+            return f"{v / factor:.3g} {prefix}"
+    return f"{v:.3g}"
+
+
+def _cases_table(rows: list[dict]) -> str:
+    header = ["model", "method", "impl", "device", "dtype", "data", "seq×batch", "gc", "status",
+              "tokens/s [min-max]", "labelled tok/s", "s/step", "train MiB", "peak MiB (abs)", "weights MiB",
+              "MFU", "loss first→last"]
+    body = []
+    for r in rows:
+        head = [r["model"], r["method"], r["implementation"], r["device"], r["dtype"], r.get("data", ""),
+                f"{r['seq_len']}×{r['batch_size']}", _gc_cell(r)]
+        if r["status"] == "failed":
+            body.append(head + ["FAILED", r["error"][:160]] + [""] * 7)
+            continue
+        body.append(head + [
+            r["status"], f"{r['tokens_per_s']:.1f} [{r['tokens_per_s_min']:.1f}-{r['tokens_per_s_max']:.1f}]",
+            f"{r['labelled_tokens_per_s']:.1f}", r["s_per_step_median"], _mib(r["train_mem_bytes"]),
+            _mib(r["peak_mem_bytes"]), r["weight_mib"], _pct(r.get("mfu")),
+            f"{r['loss_first']:.4f}→{r['loss_last']:.4f}"])
+    return _md_table(header, body)
+
+
+def _mfu_table(rows: list[dict]) -> str:
+    body = []
+    for r in _ok_rows(rows):
+        spec = r.get("spec_peak_flops")
+        body.append([r["model"], r["method"], _label(r), f"{r['seq_len']}×{r['batch_size']}", r.get("data", ""),
+                     _si(r.get("model_flops_per_token")), _si(r.get("achieved_flops")),
+                     _si(r.get("gemm_peak_flops")), _pct(r.get("mfu")),
+                     f"{spec / 1e12:g} T ({_pct(r['achieved_flops'] / spec)})" if spec else "unknown"])
+    return _md_table(["model", "method", "impl (gc)", "seq×batch", "data", "model FLOP/token", "achieved FLOP/s",
+                      "GEMM peak FLOP/s (measured here)", "MFU", "spec-sheet peak FLOP/s (MFU)"], body)
+
+
+def _ratios_table(rat: list[dict]) -> str:
+    body = []
+    for x in rat:
+        lo, hi = x["tokens_per_s_range"]
+        flag = "; ".join(f for f in (x["significance"], x["memory_significance"]) if f)
+        body.append([x["model"], x["device"], x.get("data", ""), f"{x['seq_len']}×{x['batch_size']}", x["ratio"],
+                     f"{x['tokens_per_s']:.2f}× [{lo:.2f}-{hi:.2f}]", f"{x['train_mem']:.2f}×",
+                     f"{x['peak_mem']:.2f}×", f"{x['weight_bytes']:.2f}×",
+                     f"not significant ({flag})" if flag else "yes"])
+    return _md_table(["model", "device", "data", "seq×batch", "ratio", "tokens/s [range]", "training memory",
+                      "peak memory (abs)", "weight bytes", "significant"], body)
+
+
+def _frontier_table(front: list[dict]) -> str:
+    body = []
+    for f in front:
+        best = (f"{f['best_at_mem_point']}: {f['best_at_mem_tokens_per_s']:.1f} ({f['best_at_mem_speedup']:.2f}×)"
+                if f["best_at_mem_point"] else "none at this memory")
+        lean = (f"{f['least_mem_point']}: {_mib(f['least_mem_train_mem_bytes'])} MiB ({f['least_mem_ratio']:.2f}×)"
+                if f["least_mem_point"] else "none this fast")
+        body.append([f["method"], f.get("data", ""), f["challenger"], f"{f['baseline']} {f['baseline_point']}"
+                     + (" *" if f["on_baseline_frontier"] else ""), f"{f['baseline_tokens_per_s']:.1f}",
+                     _mib(f["baseline_train_mem_bytes"]), best, lean, "yes" if f["at_or_above"] else "NO"])
+    return _md_table(["method", "data", "impl", "baseline point (* on its frontier)", "baseline tok/s",
+                      "baseline train MiB", "best tok/s at <= its memory", "least train MiB at >= its tok/s",
+                      "at or above"], body)
+
+
+def markdown(rows, par, rat, suite_meta: dict, env: dict | None = None, front: list[dict] | None = None) -> str:
     parts = [f"# Benchmark: {suite_meta.get('name', '')}", ""]
     if suite_meta.get("description"):
         parts += [suite_meta["description"].strip(), ""]
@@ -221,106 +388,35 @@ def markdown(rows, par, rat, suite_meta: dict, env: dict | None = None) -> str:
     if env:
         parts += [f"- {k}: {v}" for k, v in env.items()]
     parts += [
-        "- tokens/s: median over all timed steps of all repeats [min-max]; peak: median over repeats "
-        "of the training-phase peak (CPU: resident-set high-water mark, reset after the model is built)",
+        "- tokens/s: example tokens (no padding) per second, median of the per-step rates over all timed steps "
+        "of all repeats [min-max]; labelled tok/s: loss targets per second",
+        "- train MiB: training-phase peak minus the memory after the model was built (median over repeats); "
+        "peak MiB (abs): the training-phase peak itself (CPU: resident-set high-water mark, reset after the "
+        "model is built)",
+        "- MFU: model FLOPs per second (forward and the gradients the method needs, no recomputation) over the "
+        "GEMM peak measured in the same process at the model's linear shapes",
+        f"- a ratio is **not significant** when the two min-max ranges overlap or either side has fewer than "
+        f"{MIN_TIMED_STEPS} timed steps",
         "",
     ]
-    parts += ["## Cases", ""]
-    header = [
-        "model",
-        "method",
-        "impl",
-        "device",
-        "dtype",
-        "seq×batch",
-        "gc",
-        "status",
-        "tokens/s [min-max]",
-        "s/step",
-        "peak MiB",
-        "weights MiB",
-        "trainable",
-        "loss first→last",
-    ]
-    body = []
-    for r in rows:
-        if r["status"] == "failed":
-            body.append(
-                [
-                    r["model"],
-                    r["method"],
-                    r["implementation"],
-                    r["device"],
-                    r["dtype"],
-                    f"{r['seq_len']}×{r['batch_size']}",
-                    _gc_cell(r),
-                    "FAILED",
-                    r["error"][:160],
-                    "",
-                    "",
-                    "",
-                    "",
-                    "",
-                ]
-            )
-            continue
-        body.append(
-            [
-                r["model"],
-                r["method"],
-                r["implementation"],
-                r["device"],
-                r["dtype"],
-                f"{r['seq_len']}×{r['batch_size']}",
-                _gc_cell(r),
-                r["status"],
-                f"{r['tokens_per_s']:.1f} [{r['tokens_per_s_min']:.1f}-{r['tokens_per_s_max']:.1f}]",
-                r["s_per_step_median"],
-                r["peak_mem_mib"],
-                r["weight_mib"],
-                f"{r['trainable_params']:,}",
-                f"{r['loss_first']:.4f}→{r['loss_last']:.4f}",
-            ]
-        )
-    parts += [_md_table(header, body), ""]
+    parts += ["## Cases", "", _cases_table(rows), ""]
+    if rat:
+        parts += ["## Ratios", "", _ratios_table(rat), ""]
+    if front:
+        parts += ["## Frontiers", "",
+                  "Tokens/s against training memory per implementation (memory_vs_throughput.png). At each "
+                  "baseline point: the challenger's best tokens/s at equal or lower training memory, and its "
+                  "lowest training memory at equal or higher tokens/s.", "", _frontier_table(front), ""]
+    if any(r.get("mfu") for r in _ok_rows(rows)):
+        parts += ["## Distance to the limit (MFU)", "", _mfu_table(rows), ""]
     if par:
         parts += ["## Loss parity", ""]
         parts += [
             _md_table(
-                ["model", "method", "dtype", "compare", "max rel loss diff", "tolerance", "pass"],
-                [
-                    [
-                        p["model"],
-                        p["method"],
-                        p["dtype"],
-                        p["compare"],
-                        f"{p['max_rel_loss_diff']:.2e}",
-                        f"{p['tolerance']:.0e}",
-                        "PASS" if p["pass"] else "FAIL",
-                    ]
-                    for p in par
-                ],
-            ),
-            "",
-        ]
-    if rat:
-        parts += ["## Ratios", ""]
-        parts += [
-            _md_table(
-                ["model", "device", "seq×batch", "gc", "ratio", "tokens/s", "peak memory", "weight bytes"],
-                [
-                    [
-                        x["model"],
-                        x["device"],
-                        f"{x['seq_len']}×{x['batch_size']}",
-                        x["gradient_checkpointing"],
-                        x["ratio"],
-                        f"{x['tokens_per_s']:.2f}×",
-                        f"{x['peak_mem']:.2f}×",
-                        f"{x['weight_bytes']:.2f}×",
-                    ]
-                    for x in rat
-                ],
+                ["model", "method", "dtype", "data", "seq×batch", "compare", "max rel loss diff", "tolerance", "pass"],
+                [[p["model"], p["method"], p["dtype"], p.get("data", ""), f"{p['seq_len']}×{p['batch_size']}",
+                  p["compare"], f"{p['max_rel_loss_diff']:.2e}", f"{p['tolerance']:.0e}",
+                  "PASS" if p["pass"] else "FAIL"] for p in par],
             ),
             "",
         ]
@@ -329,83 +425,6 @@ def markdown(rows, par, rat, suite_meta: dict, env: dict | None = None) -> str:
         parts += ["## Failures", ""]
         parts += [f"- `{r['case_id']}`: {r['error']}" for r in failed] + [""]
     return "\n".join(parts)
-
-
-def plot_memory_vs_throughput(rows, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if r.get("status") != "failed"]
-    panels = sorted({(r["model"], r["device"], r["dtype"], r["seq_len"], r["batch_size"], r["variant"]) for r in ok})
-    n = max(1, len(panels))
-    fig, axes = plt.subplots(1, n, figsize=(6 * n, 4.5), squeeze=False)
-    colors = {"lora": "tab:blue", "qlora": "tab:orange", "full": "tab:green"}
-    markers = {"npu-ft": "o", "reference": "s"}
-    for ax, panel in zip(axes[0], panels, strict=False):
-        for r in ok:
-            if (r["model"], r["device"], r["dtype"], r["seq_len"], r["batch_size"], r["variant"]) != panel:
-                continue
-            x, y = r["tokens_per_s"], r["peak_mem_bytes"] / 2**20
-            ax.errorbar(
-                x,
-                y,
-                xerr=[[x - r["tokens_per_s_min"]], [r["tokens_per_s_max"] - x]],
-                fmt=markers.get(r["implementation"], "^"),
-                color=colors.get(r["method"], "gray"),
-                markersize=8,
-                capsize=3,
-            )
-            ax.annotate(
-                f"{r['method']}/{r['implementation']}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8
-            )
-        model, dev, dt, s, b, v = panel
-        ax.set_title(f"{model} on {dev}, {dt}, seq {s} × batch {b}", fontsize=9)
-        ax.set_xlabel("tokens/s (median, bars: min-max)")
-        ax.set_ylabel("peak memory of training (MiB)")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_loss_curves(rows, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if r.get("status") != "failed"]
-    panels = sorted({(r["model"], r["method"], r["dtype"], r["seq_len"], r["batch_size"], r["variant"]) for r in ok})
-    n = max(1, len(panels))
-    cols = min(3, n)
-    nrows = math.ceil(n / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
-    styles = {"npu-ft": dict(linestyle="-", marker="o"), "reference": dict(linestyle="--", marker="x")}
-    for ax, panel in zip(axes.flat, panels, strict=False):
-        for r in ok:
-            if (r["model"], r["method"], r["dtype"], r["seq_len"], r["batch_size"], r["variant"]) != panel:
-                continue
-            losses = json.loads(r["losses"])
-            ax.plot(
-                range(len(losses)),
-                losses,
-                label=f"{r['implementation']} ({r['device']})",
-                markersize=4,
-                **styles.get(r["implementation"], dict(linestyle=":", marker=".")),
-            )
-        model, method, dt, s, b, v = panel
-        ax.set_title(f"{model} {method} {dt} seq {s}×{b}", fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _write_csv(records: list[dict], columns: list[str] | None, path: Path) -> None:
@@ -434,6 +453,8 @@ def suite_meta(suite) -> dict:
 
 def write_reports(results: list[dict], suite, out_dir: str | Path, env: dict | None = None) -> dict:
     """Write every report file from raw ``results``; ``suite`` is a Suite or its saved meta dict."""
+    from .plots import plot_loss_curves, plot_memory_vs_throughput
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = suite if isinstance(suite, dict) else suite_meta(suite)
@@ -441,14 +462,16 @@ def write_reports(results: list[dict], suite, out_dir: str | Path, env: dict | N
     rows = aggregate(results)
     par = parity(rows, meta["tolerances"], meta["cross_device_tolerance"])
     rat = ratios(rows)
-    _write_csv(rows, COLUMNS + ["variant"], out / "results.csv")
+    front = statements(rows)
+    _write_csv(rows, COLUMNS + ["variant", "parity_key"], out / "results.csv")
     _write_csv(par, None, out / "parity.csv")
     _write_csv(rat, None, out / "ratios.csv")
-    (out / "report.md").write_text(markdown(rows, par, rat, meta, env))
+    _write_csv(front, None, out / "frontier.csv")
+    (out / "report.md").write_text(markdown(rows, par, rat, meta, env, front))
     if any(r.get("status") != "failed" for r in rows):
         plot_memory_vs_throughput(rows, out / "memory_vs_throughput.png")
         plot_loss_curves(rows, out / "loss_curves.png")
-    return {"rows": rows, "parity": par, "ratios": rat}
+    return {"rows": rows, "parity": par, "ratios": rat, "frontier": front}
 
 
 def regenerate(out_dir: str | Path) -> dict:

@@ -18,7 +18,8 @@ every case runs in a fresh process (see :mod:`npu_ft.bench.runner`).
     warmup: 2
     repeats: 3                        # fresh process per case per repeat, interleaved
     gradient_checkpointing: true
-    checkpoint_policy: full           # npu-ft only: full | selective, or per method {lora: selective}
+    checkpoint_policy: full           # off | full | selective, or per method {lora: selective}
+    data: {mode: sft, dataset: alpaca-synth, packing: true}   # or mode: random (default)
     lora: {r: 16, alpha: 32, dropout: 0.0, targets: all, use_rslora: false}
     lr: 1.0e-4
     seed: 0
@@ -28,6 +29,14 @@ every case runs in a fresh process (see :mod:`npu_ft.bench.runner`).
     variants:                         # optional: extra settings, one set of cases each
       - {seq_len: 1024}
       - {seq_len: 4096, batch_size: 1}
+    sweep:                            # optional: every combination, one set of cases each
+      checkpoint_policy: [off, full, selective]
+      batch_size: [1, 2]
+    sweep_per_implementation:         # optional: another sweep for one implementation; a list = these points
+      llamafactory: [{checkpoint_policy: off}, {checkpoint_policy: full}, {checkpoint_policy: full, batch_size: 2}]
+
+A policy an implementation cannot run (``selective`` outside npu-ft) runs as ``full`` there, and a
+case that then repeats another one exactly is run once.
 
 Every key is checked: an unknown key, method, implementation, device, dtype or model names the key
 and the file in a :class:`SuiteError`.
@@ -38,6 +47,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,10 +93,17 @@ class LoraSettings:
 LORA_DEFAULTS = dataclasses.asdict(LoraSettings())
 
 
-def _check_policy(value: Any, where: str | None, key: str) -> str | dict:
-    """``full | selective``, or one per method (``{lora: selective, qlora: full}``)."""
-    from npu_ft.config.npu_ft_args import CHECKPOINT_POLICIES
+#: checkpointing policies a case can run: off (no checkpointing) and npu-ft's runtime policies
+CASE_POLICIES = ("off", "full", "selective")
 
+
+def _check_policy(value: Any, where: str | None, key: str) -> str | dict:
+    """``off | full | selective``, or one per method (``{lora: selective, qlora: full}``); YAML's
+    ``off`` (a boolean false) reads as "off"."""
+    if value is False:
+        value = "off"
+    if isinstance(value, dict):
+        value = {m: "off" if p is False else p for m, p in value.items()}
     if not isinstance(value, (str, dict)):
         raise ConfigError(f"must be str or dict, got {type(value).__name__} {value!r}", source=where, key=key)
     per_method = value if isinstance(value, dict) else {None: value}
@@ -94,10 +111,30 @@ def _check_policy(value: Any, where: str | None, key: str) -> str | dict:
         at = key if method is None else f"{key}.{method}"
         if method is not None and method not in METHODS:
             raise ConfigError(f"unknown method; expected one of {', '.join(METHODS)}", source=where, key=at)
-        if policy not in CHECKPOINT_POLICIES:
-            raise ConfigError(f"unknown policy {policy!r}; expected one of {', '.join(CHECKPOINT_POLICIES)}",
+        if policy not in CASE_POLICIES:
+            raise ConfigError(f"unknown policy {policy!r}; expected one of {', '.join(CASE_POLICIES)}",
                               source=where, key=at)
     return copy.deepcopy(value)
+
+
+@dataclasses.dataclass
+class DataSettings:
+    """The ``data:`` mapping of a suite: what the batches hold."""
+
+    mode: Literal["random", "sft"] = config_field(
+        "random", "random: random token ids, every position labelled. sft: examples of a dataset_info.json "
+                  "dataset through npu-ft's data pipeline (qwen template, prompt tokens masked).")
+    dataset: str = config_field(
+        "alpaca-synth", "sft: alpaca-synth (generated, alpaca-like lengths), demo (npu-ft's shipped demo "
+                        "data), or a dataset name in dataset_dir's dataset_info.json.")
+    dataset_dir: str | None = config_field(None, "sft: folder with dataset_info.json (for a named dataset).")
+    packing: bool = config_field(True, "sft: pack examples into seq_len sequences (else one example per row, "
+                                       "cut at seq_len, padded per batch).")
+    examples: int = config_field(512, "sft: examples generated for alpaca-synth.", minimum=1)
+    template: str = config_field("qwen", "sft: chat template.")
+
+
+DATA_DEFAULTS = dataclasses.asdict(DataSettings())
 
 
 @dataclasses.dataclass
@@ -110,10 +147,12 @@ class CaseSettings:
     batch_size: int = config_field(1, "Sequences per step.", minimum=1)
     steps: int = config_field(5, "Timed steps (after warmup).", minimum=1)
     warmup: int = config_field(1, "Untimed steps first.", minimum=0)
-    gradient_checkpointing: bool = config_field(False, "Checkpoint every decoder layer.")
+    gradient_checkpointing: bool = config_field(False, "Checkpoint every decoder layer (false = policy off).")
     checkpoint_policy: str | dict = config_field(
-        "full", "npu-ft's checkpointing policy (full | selective), or one per method; the other "
-                "implementations always checkpoint the transformers way.", check=_check_policy)
+        "full", "Checkpointing policy: off | full | selective, or one per method. A policy set here without "
+                "gradient_checkpointing beside it turns checkpointing on (off: off). Implementations "
+                "without selective (reference, llamafactory) run full instead.", check=_check_policy)
+    data: DataSettings = config_field(doc="What the batches hold.", default_factory=DataSettings)
     lora: LoraSettings = config_field(doc="LoRA settings.", default_factory=LoraSettings)
     lr: float = config_field(1e-4, "Learning rate.", minimum=0.0, exclusive_minimum=True)
     seed: int = config_field(0, "Seed of weights and data.", minimum=0)
@@ -121,7 +160,7 @@ class CaseSettings:
                                                    default_factory=dict)
     timeout_s: float = config_field(3600, "Seconds one case process may take.", minimum=0.0,
                                     exclusive_minimum=True)
-    data_pool: int = config_field(4, "Distinct random batches cycled through.", minimum=1)
+    data_pool: int = config_field(4, "Distinct random batches cycled through (random data).", minimum=1)
 
 
 def _check_name_list(allowed: tuple[str, ...] | None, what: str) -> Any:
@@ -167,6 +206,11 @@ class SuiteFile(CaseSettings):
         None, "Loss-parity tolerance per method (relative), for every dtype.")
     cross_device_tolerance: float | None = config_field(None, "Tolerance between devices, every dtype.")
     variants: list[dict[str, Any]] | None = config_field(None, "Extra settings, one set of cases each.")
+    sweep: dict[str, list[Any]] | list[dict[str, Any]] | None = config_field(
+        None, "Case settings -> values: every combination is one set of cases (inside every variant); or a list "
+              "of settings mappings: exactly those points.")
+    sweep_per_implementation: dict[str, dict[str, list[Any]] | list[dict[str, Any]]] | None = config_field(
+        None, "Implementation -> its own sweep (instead of sweep).")
 
 
 REQUIRED = ("models", "methods", "implementations")
@@ -191,29 +235,47 @@ class BenchCase:
     steps: int = 5
     warmup: int = 1
     gradient_checkpointing: bool = False
-    #: npu-ft's gradient-checkpointing policy (npu_ft.modules.checkpointing); other implementations
-    #: always checkpoint the transformers way ("full")
+    #: the gradient-checkpointing policy when gradient_checkpointing is on (npu_ft.modules.checkpointing):
+    #: full | selective (npu-ft, llamafactory+npu-ft); the others always checkpoint "full"
     checkpoint_policy: str = "full"
+    data: dict = dataclasses.field(default_factory=lambda: dict(DATA_DEFAULTS))
     lora: dict = dataclasses.field(default_factory=lambda: dict(LORA_DEFAULTS))
     lr: float = 1e-4
     seed: int = 0
     model_overrides: dict = dataclasses.field(default_factory=dict)
     timeout_s: float = 3600
     data_pool: int = 4
-    variant: int = 0
+    #: the variant's index, or "<variant>.<sweep point>" in a suite with a sweep
+    variant: int | str = 0
+
+    @property
+    def policy(self) -> str:
+        """The checkpointing that runs: off, full or selective."""
+        return self.checkpoint_policy if self.gradient_checkpointing else "off"
+
+    @property
+    def data_tag(self) -> str:
+        """"random", or e.g. "sft-alpaca-synth-packed"."""
+        d = {**DATA_DEFAULTS, **(self.data or {})}
+        if d["mode"] == "random":
+            return "random"
+        return f"sft-{d['dataset']}-{'packed' if d['packing'] else 'unpacked'}"
 
     @property
     def case_id(self) -> str:
         gc = "nogc" if not self.gradient_checkpointing else "gc" if self.checkpoint_policy == "full" else (
             f"gc-{self.checkpoint_policy}")
+        data = "" if self.data_tag == "random" else f"/{self.data_tag}"
         return (f"{self.model}/{self.method}/{self.implementation}/{self.device}/{self.dtype}"
-                f"/s{self.seq_len}b{self.batch_size}/{gc}/v{self.variant}")
+                f"/s{self.seq_len}b{self.batch_size}/{gc}{data}/v{self.variant}")
 
     @property
     def parity_group(self) -> tuple:
-        """Cases that must give the same loss curve apart from implementation and device."""
-        return (self.model, self.method, self.dtype, self.seq_len, self.batch_size,
-                self.gradient_checkpointing, self.variant)
+        """Cases that must give the same loss curve: everything that changes the numbers, not the
+        implementation, device, checkpointing policy or variant number."""
+        return (self.model, self.method, self.dtype, self.seq_len, self.batch_size, self.data_tag,
+                json.dumps(self.data, sort_keys=True), self.lr, self.seed, self.steps + self.warmup,
+                json.dumps(self.lora, sort_keys=True), json.dumps(self.model_overrides, sort_keys=True))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -241,17 +303,61 @@ class Suite:
 
 
 def _case_policy(value: str | dict, method: str, implementation: str) -> str:
-    """The checkpointing policy one case runs: npu-ft follows the suite, the others run "full"."""
-    if implementation != "npu-ft":
-        return "full"
-    return value.get(method, "full") if isinstance(value, dict) else value
+    """The checkpointing policy one case runs: off | full | selective; "selective" only where the
+    implementation has it (npu_ft.bench.registry), else "full"."""
+    from .registry import supports_policy
+
+    policy = value.get(method, "full") if isinstance(value, dict) else value
+    return policy if supports_policy(implementation, policy) else "full"
 
 
 def _settings(values: dict[str, Any]) -> dict[str, Any]:
-    """Case settings as plain values (the lora mapping as a dict)."""
+    """Case settings as plain values (the lora and data mappings as dicts)."""
     out = {name: copy.deepcopy(values[name]) for name in field_infos(CaseSettings)}
-    out["lora"] = dataclasses.asdict(out["lora"])
+    return _plain(out)
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
+            for k, v in values.items()}
+
+
+def _apply(settings: dict[str, Any], changed: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with the keys of one variant or sweep point; a checkpoint_policy given without
+    gradient_checkpointing switches checkpointing on (off: off)."""
+    out = copy.deepcopy(settings)
+    out.update(copy.deepcopy(_plain(changed)))
+    if "checkpoint_policy" in changed and "gradient_checkpointing" not in changed:
+        policy = changed["checkpoint_policy"]
+        out["gradient_checkpointing"] = not (policy == "off" or (isinstance(policy, dict)
+                                                                 and set(policy.values()) == {"off"}))
     return out
+
+
+def _sweep_points(sweep: dict[str, list[Any]] | list[dict[str, Any]] | None, where: str,
+                  key: str) -> list[dict[str, Any]]:
+    """The settings of every sweep point, each value checked like the case setting it sets: a
+    mapping of setting -> values gives every combination, a list of mappings exactly those points."""
+    if not sweep:
+        return [{}]
+    infos = field_infos(CaseSettings)
+    unknown = "; expected one of " + ", ".join(infos)
+    if isinstance(sweep, list):
+        if not all(isinstance(point, dict) for point in sweep):
+            raise ConfigError("a list of sweep points must hold mappings of case settings", source=where, key=key)
+        return [parse_fields(CaseSettings, point, where, strict=True, prefix=f"{key}[{i}].", unknown=unknown)
+                for i, point in enumerate(sweep)]
+    names = list(sweep)
+    for name in names:
+        if name not in infos:
+            raise ConfigError(f"unknown case setting {name!r}{unknown}", source=where, key=f"{key}.{name}")
+        if not isinstance(sweep[name], list) or not sweep[name]:
+            raise ConfigError("must be a non-empty list of values", source=where, key=f"{key}.{name}")
+    points = []
+    for combo in itertools.product(*(range(len(sweep[n])) for n in names)):
+        points.append({n: parse_fields(CaseSettings, {n: sweep[n][i]}, where, strict=True, prefix=f"{key}.{n}[{i}].")[n]
+                       for n, i in zip(names, combo, strict=True)})
+    return points
 
 
 def parse_suite(data: Any, path: str | None = None, check_devices: bool = True) -> Suite:
@@ -298,14 +404,18 @@ def _parse_suite(data: Any, path: str | None, check_devices: bool) -> Suite:
                 raise ConfigError(f"device {dev!r} is unavailable here: {reason}", source=where, key="devices")
 
     base = _settings({name: getattr(top, name) for name in field_infos(CaseSettings)})
+    base = _apply(base, {k: base[k] for k in ("checkpoint_policy", "gradient_checkpointing") if k in data})
     variants = []
     for i, var in enumerate(top.variants or [{}]):
         changed = parse_fields(CaseSettings, var, where, strict=True, prefix=f"variants[{i}].",
                                unknown="; expected one of " + ", ".join(field_infos(CaseSettings)))
-        settings = copy.deepcopy(base)
-        settings.update({k: dataclasses.asdict(v) if isinstance(v, LoraSettings) else copy.deepcopy(v)
-                         for k, v in changed.items()})
-        variants.append(settings)
+        variants.append(_apply(base, changed))
+    sweeps = {None: _sweep_points(top.sweep, where, "sweep")}
+    for impl, sweep in (top.sweep_per_implementation or {}).items():
+        if impl not in top.implementations:
+            raise ConfigError(f"{impl!r} is not one of the suite's implementations ({', '.join(top.implementations)})",
+                              source=where, key=f"sweep_per_implementation.{impl}")
+        sweeps[impl] = _sweep_points(sweep, where, f"sweep_per_implementation.{impl}")
 
     tolerances = copy.deepcopy(DEFAULT_TOLERANCES)
     for method, tol in (top.tolerances or {}).items():
@@ -316,13 +426,26 @@ def _parse_suite(data: Any, path: str | None, check_devices: bool) -> Suite:
         cross = {dt: float(top.cross_device_tolerance) for dt in DTYPES}
 
     name = str(top.name or (Path(path).stem if path else "suite"))
-    cases = []
+    cases: list[BenchCase] = []
+    seen: set[str] = set()
     for vi, settings in enumerate(variants):
         for model, method, device, impl in itertools.product(top.models, top.methods, top.devices,
                                                              top.implementations):
-            case_settings = dict(settings, checkpoint_policy=_case_policy(settings["checkpoint_policy"], method, impl))
-            cases.append(BenchCase(suite=name, model=model, method=method, implementation=impl, device=device,
-                                   variant=vi, **case_settings))
+            for si, point in enumerate(sweeps.get(impl, sweeps[None])):
+                case_settings = _apply(settings, point)
+                policy = _case_policy(case_settings["checkpoint_policy"], method, impl)
+                if policy == "off" or not case_settings["gradient_checkpointing"]:
+                    case_settings.update(gradient_checkpointing=False, checkpoint_policy="full")
+                else:
+                    case_settings["checkpoint_policy"] = policy
+                number = vi if len(sweeps[None]) == 1 and impl not in sweeps else f"{vi}.{si}"
+                case = BenchCase(suite=name, model=model, method=method, implementation=impl, device=device,
+                                 variant=number, **case_settings)  # type: ignore[arg-type]
+                identity = json.dumps({k: v for k, v in case.to_dict().items() if k not in ("variant", "case_id")},
+                                      sort_keys=True)
+                if identity not in seen:  # e.g. selective -> full on the reference: already there
+                    seen.add(identity)
+                    cases.append(case)
     return Suite(name=name, description=str(top.description), path=path, cases=cases, repeats=top.repeats,
                  tolerances=tolerances, cross_device_tolerance=cross)
 

@@ -4,8 +4,9 @@
 
 The runner starts a fresh process per case, so the peak memory it reports is this case's alone.
 Phases: build (model + adapters; not measured) → reset the peak → train (warmup + timed steps) →
-read the peak. The training loop is the same for every implementation: AdamW over the trainable
-parameters, one optimizer step per batch, the same batches from the same seed.
+read the peak → time the device's GEMMs at the model's shapes (for MFU). The training loop is the
+same for every implementation: AdamW over the trainable parameters, one optimizer step per batch,
+the same batches (:mod:`npu_ft.bench.data`) from the same seed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import traceback
 
 import torch
 
-from .measure import make_batches, timing_fields, trim_heap, versions
+from .data import make_batches
+from .measure import step_counts, timing_fields, trim_heap, versions
 
 
 def run_case(case) -> dict:
@@ -58,10 +60,7 @@ def run_case(case) -> dict:
     opt = torch.optim.AdamW(params, lr=case.lr, weight_decay=0.0)
     batches = make_batches(case, cfg.vocab_size)
 
-    def loss_of(ids):
-        if prepared.loss_fn is not None:
-            return prepared.loss_fn(model, ids, ids)
-        return model(input_ids=ids, labels=ids).loss
+    loss_fn = prepared.loss_fn or (lambda m, inputs: m(**inputs).loss)
 
     trim_heap()
     backend.synchronize()
@@ -69,11 +68,10 @@ def run_case(case) -> dict:
     baseline = backend.memory().current_bytes
     losses, step_s = [], []
     torch.manual_seed(case.seed)  # dropout masks
-    for ids in batches:
-        ids = ids.to(device)
+    for batch in batches:
         backend.synchronize()
         t = time.perf_counter()
-        loss = loss_of(ids)
+        loss = loss_fn(model, batch.model_inputs(device))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -83,10 +81,34 @@ def run_case(case) -> dict:
     mem = backend.memory()
     if prepared.cleanup:
         prepared.cleanup()
-
+    del model, prepared, opt, params, loss  # before the GEMM timing
     result.update(peak_mem_bytes=int(mem.peak_bytes), mem_kind=mem.kind, baseline_mem_bytes=int(baseline),
-                  wall_s=time.perf_counter() - t_start, **timing_fields(case, losses, step_s))
+                  **timing_fields(case, losses, step_s, step_counts(batches)),
+                  **mfu_fields(case, cfg, batches, step_s, dtype, device, backend))
+    result["wall_s"] = time.perf_counter() - t_start
     return result
+
+
+def mfu_fields(case, cfg, batches, step_s: list[float], dtype, device, backend) -> dict:
+    """Model FLOPs per token, achieved FLOP/s, the GEMM peak measured here and MFU (npu_ft.bench.flops)."""
+    import statistics
+
+    from npu_ft.launch.estimate import ModelShape
+
+    from .flops import gemm_peak_flops, spec_tflops, step_flops
+    from .impls import lora_targets
+
+    shape = ModelShape.from_config(cfg, case.model)
+    per_step = [step_flops(shape, case.method, b.positions, b.input_ids.shape[1], b.labelled,
+                           case.lora["r"] if case.method != "full" else 0, lora_targets(case))["total"]
+                for b in batches]
+    w = case.warmup
+    achieved = statistics.median(f / t for f, t in zip(per_step[w:], step_s[w:], strict=True))
+    peak = gemm_peak_flops(shape, batches[0].positions, dtype, device, backend.synchronize)
+    spec = spec_tflops(backend.device_name(), case.dtype)
+    return {"model_flops_per_token": sum(per_step[w:]) / max(1, sum(b.tokens for b in batches[w:])),
+            "achieved_flops": achieved, "gemm_peak_flops": peak, "mfu": achieved / peak,
+            "spec_peak_flops": spec * 1e12 if spec else None}
 
 
 def main(argv=None) -> int:

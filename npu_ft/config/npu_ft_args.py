@@ -9,9 +9,10 @@ from .schema import config_field
 
 __all__ = ["CHECKPOINT_POLICIES", "NpuFtArguments"]
 
-#: gradient-checkpointing policies (npu_ft.modules.checkpointing.POLICIES; kept here so that reading
-#: a config never imports torch; a test pins the two together)
-CHECKPOINT_POLICIES = ("full", "selective")
+#: gradient-checkpointing policies (npu_ft.modules.checkpointing.POLICIES, plus "auto", which the run
+#: resolves to one of them with npu_ft.launch.budget.choose_checkpoint_policy; kept here so that
+#: reading a config never imports torch; a test pins the two together)
+CHECKPOINT_POLICIES = ("full", "selective", "auto")
 
 
 @dataclass
@@ -27,12 +28,14 @@ class NpuFtArguments:
               "a label go through the output head, in chunks, so the [tokens, vocab] fp32 logits, log-softmax "
               "and their gradient are never materialised (same loss and gradients). Qwen2/Qwen3 with a plain "
               "lm_head; otherwise (or false) transformers' loss.", own=True)
-    gradient_checkpointing_policy: Literal["full", "selective"] = config_field(
+    gradient_checkpointing_policy: Literal["full", "selective", "auto"] = config_field(
         "full", "npu-ft: what a checkpointed decoder layer keeps for its backward pass. full (transformers' "
                 "behaviour): only its inputs, and its whole forward is rerun. selective: also the outputs of its "
                 "GEMMs and attention, so only norms, RoPE and activations are rerun (LoRA on Qwen2.5-0.5B: ~1.3x "
                 "faster steps; +53 KiB per token per layer in fp32 for that shape; same numerics). Needs "
-                "non-reentrant checkpointing, which it then uses whatever use_reentrant_gc says.", own=True)
+                "non-reentrant checkpointing, which it then uses whatever use_reentrant_gc says. auto: selective "
+                "when the memory estimate with the kept GEMM outputs fits 90 % of the device, else full; the "
+                "choice and its reason are logged (docs/recipes.md).", own=True)
     cpu_malloc_tuning: bool = config_field(
         True, "npu-ft: on CPU (glibc), raise malloc's mmap/trim thresholds before training so the large "
               "per-step buffers (embedding/head gradients, activations) are reused instead of being "

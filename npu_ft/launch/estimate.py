@@ -12,7 +12,9 @@ weights                   full: 4P (LLaMA-Factory casts trainable weights to fp3
                           ZeRO-3 divides the bf16 weights by N; ZeRO-3 parameter offload keeps
                           only the layers being gathered (2 decoder layers + the embeddings).
 gradients                 one per trainable weight: 4 bytes (fp32 trainable weights), 2 bytes
-                          (DeepSpeed bf16); ZeRO-2/3 divide them by N.
+                          (DeepSpeed bf16); ZeRO-2/3 divide them by N. Full fine-tuning: two
+                          [vocab, hidden] buffers more (the head's and the embedding's gradient
+                          are built apart before autograd adds them to .grad).
 optimizer states          AdamW: 8 bytes (two fp32 moments) per trainable weight, + 4 (fp32
                           master copy) under DeepSpeed bf16; ZeRO-1/2/3 divide by N; optimizer
                           offload moves them to the host (0 on the card).
@@ -20,7 +22,8 @@ activations               per micro-batch of T = batch x cutoff tokens, e bytes 
                           (2 for bf16 autocast, 4 for fp32): each decoder layer saves about
                           e T (12 h + 2 kv + 4 i) (RMSNorm in/out x2, q/k/v after RoPE, attention
                           output, MLP gate/up/silu/product); with gradient checkpointing only
-                          its input e T h is kept, plus one layer recomputed. The loss: with
+                          its input e T h is kept, plus one layer recomputed; and one layer's worth
+                          more for the gradients of the layer being back-propagated. The loss: with
                           npu-ft's fused linear cross-entropy (``fused_cross_entropy``, the
                           default) one chunk of fp32 logits, min(T, c) V (4 + e for e < 4) bytes
                           (c = rows per chunk), plus the saved fp32 [T, h] input gradient;
@@ -118,6 +121,15 @@ class ModelShape:
     def layer_params(self) -> int:
         return self.params // max(self.layers, 1)
 
+    @classmethod
+    def from_config(cls, cfg, name: str = "model") -> ModelShape:
+        """The shape of a transformers Qwen2/Qwen3 config (or any object with its attributes)."""
+        qwen3 = getattr(cfg, "model_type", "") == "qwen3"
+        return cls(name, int(cfg.hidden_size), int(cfg.intermediate_size), int(cfg.num_hidden_layers),
+                   int(cfg.num_attention_heads), int(cfg.num_key_value_heads), int(cfg.vocab_size),
+                   bool(getattr(cfg, "tie_word_embeddings", True)), head_dim=getattr(cfg, "head_dim", None),
+                   qkv_bias=not qwen3, qk_norm=qwen3)
+
 
 def _qwen2(name, h, i, layers, heads, kv, vocab, tied):
     return ModelShape(name, h, i, layers, heads, kv, vocab, tied)
@@ -150,6 +162,10 @@ class Estimate:
     optimizer: float
     activations: float
     overhead: float
+    #: of ``weights``: the trainable LoRA adapters (fp32)
+    adapters: float = 0.0
+    #: of ``activations``: what the loss keeps (fused chunk, or the whole logits)
+    loss: float = 0.0
 
     @property
     def train_bytes(self) -> float:
@@ -187,18 +203,25 @@ def activation_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpo
         kept = h
         if checkpoint_policy == "selective":
             kept += 2 * shape.q_dim + 2 * kv + 2 * h + 2 * i
-        body = shape.layers * elem * tokens * kept + layer
+        body = shape.layers * elem * tokens * kept + layer  # + the layer being recomputed
     else:
         body = shape.layers * layer
+    # the layer being back-propagated: the gradients of its activations, about one layer's worth
+    body += layer
+    return body + loss_bytes(shape, tokens, elem, fused_cross_entropy, loss_chunk_rows)
+
+
+def loss_bytes(shape: ModelShape, tokens: int, elem: int, fused_cross_entropy: bool = True,
+               loss_chunk_rows: int | None = None) -> float:
+    """What the loss keeps (part of :func:`activation_bytes`): one fp32 logits chunk plus the saved
+    input gradient with the fused linear cross-entropy, the whole logits and their copies without."""
     if fused_cross_entropy:
         if loss_chunk_rows is None:
             from npu_ft.ops.linear_cross_entropy import default_chunk_rows
 
             loss_chunk_rows = default_chunk_rows(shape.vocab)
-        logits = min(tokens, loss_chunk_rows) * shape.vocab * (4 + (elem if elem < 4 else 0)) + 4 * tokens * h
-    else:
-        logits = tokens * shape.vocab * (16 + (2 * elem if elem < 4 else 0))
-    return body + logits
+        return min(tokens, loss_chunk_rows) * shape.vocab * (4 + (elem if elem < 4 else 0)) + 4 * tokens * shape.hidden
+    return tokens * shape.vocab * (16 + (2 * elem if elem < 4 else 0))
 
 
 def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_optimizer: bool = False,
@@ -262,6 +285,10 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
             weights += 2 * half * shape.layer_params()
     if offload_optimizer:
         opt = 0.0
+    if method == "full":
+        # the head / embedding gradient is built in a buffer of its own (the fused loss's grad_W,
+        # the embedding's dense backward) before autograd adds it to .grad: two [vocab, hidden] more
+        grads += 2 * (2 if ds and not fp32 else 4) * shape.vocab * shape.hidden / (n if zero >= 2 else 1)
     acts = activation_bytes(shape, batch * seq, elem, gradient_checkpointing,
                             lora_rank if method != "full" else None, fused_cross_entropy, loss_chunk_rows,
                             checkpoint_policy)
@@ -272,8 +299,12 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
     overhead = overhead_gib * GIB
     if zero == 2 and not fp32:
         overhead += 2 * 5e8 * 2
-    del trainable
-    return Estimate(weights=weights, gradients=grads, optimizer=opt, activations=acts, overhead=overhead)
+    adapters = 0.0 if method == "full" else 4.0 * trainable
+    if zero == 3:
+        adapters /= n
+    loss = loss_bytes(shape, batch * seq, elem, fused_cross_entropy, loss_chunk_rows)
+    return Estimate(weights=weights, gradients=grads, optimizer=opt, activations=acts, overhead=overhead,
+                    adapters=adapters, loss=loss)
 
 
 def cards_needed(shape: ModelShape | str, method: str, *, zero: int = 0, card_gib: float = CARD_GIB,

@@ -48,16 +48,21 @@ def test_parity_and_ratios():
     assert par["lora"]["pass"] and par["lora"]["max_rel_loss_diff"] == pytest.approx(1e-5, rel=1e-3)
     assert not par["qlora"]["pass"] and par["qlora"]["tolerance"] == 1e-3
     rat = {r["ratio"]: r for r in ratios(rows)}
-    assert rat["lora: npu-ft / reference"]["tokens_per_s"] == pytest.approx(2.0)
-    assert rat["lora: npu-ft / reference"]["peak_mem"] == pytest.approx(0.7)
-    assert rat["npu-ft: qlora / lora"]["peak_mem"] == pytest.approx(300 / 700)
+    lora = rat["lora: npu-ft (off) / reference (off)"]
+    assert lora["tokens_per_s"] == pytest.approx(2.0)
+    assert lora["peak_mem"] == pytest.approx(0.7)
+    # training memory: peak minus the post-build baseline (10 bytes here)
+    assert lora["train_mem"] == pytest.approx((700 * 2**20 - 10) / (1000 * 2**20 - 10))
+    assert rat["npu-ft: qlora (off) / lora (off)"]["peak_mem"] == pytest.approx(300 / 700)
+    # 2 timed steps per side: never significant, whatever the ranges say
+    assert "< 3 timed steps" in lora["significance"]
 
 
 def test_cross_device_parity():
     res = [_result("lora", "npu-ft"), _result("lora", "npu-ft", device="npu", losses=(2.0, 1.5, 1.0005))]
     par = parity(aggregate(res), DEFAULT_TOLERANCES, DEFAULT_CROSS_DEVICE_TOLERANCES)
     (p,) = par
-    assert p["kind"] == "device" and p["compare"] == "npu-ft: npu vs cpu" and p["pass"]
+    assert p["kind"] == "device" and p["compare"] == "npu-ft (off): npu vs cpu" and p["pass"]
 
 
 def test_reports_and_compare(tmp_path, capsys):

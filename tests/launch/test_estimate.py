@@ -11,12 +11,14 @@ from npu_ft.launch.estimate import CPU_TRAIN_RUNTIME_BYTES, GIB, MODELS, ModelSh
 def test_parts_by_method_and_zero_stage():
     m = MODELS["qwen2.5-7b"]
     p = m.params
+    head = m.vocab * m.hidden  # full fine-tuning builds the head's and the embedding's gradients apart
     full = estimate(m, "full", world_size=8, seq=1024)
-    assert (full.weights, full.gradients, full.optimizer) == (4 * p, 4 * p, 8 * p)
+    assert (full.weights, full.gradients, full.optimizer) == (4 * p, 4 * p + 8 * head, 8 * p)
     z2 = estimate(m, "full", zero=2, world_size=8, seq=1024)
-    assert (z2.weights, z2.gradients, z2.optimizer) == (2 * p, 2 * p / 8, 12 * p / 8)
+    assert (z2.weights, z2.gradients, z2.optimizer) == (2 * p, (2 * p + 4 * head) / 8, 12 * p / 8)
     z3 = estimate(m, "full", zero=3, world_size=8, seq=1024)
-    assert z3.weights == pytest.approx(2 * p / 8 + 4 * m.layer_params()) and z3.gradients == 2 * p / 8
+    assert z3.weights == pytest.approx(2 * p / 8 + 4 * m.layer_params())
+    assert z3.gradients == pytest.approx((2 * p + 4 * head) / 8)
     off = estimate(m, "full", zero=3, world_size=8, seq=1024, offload_optimizer=True, offload_param=True)
     assert off.optimizer == 0 and off.weights < z3.weights
     lora = estimate(m, "lora", seq=1024)
@@ -40,34 +42,43 @@ def test_cards_needed():
 
 
 # -- measured on CPU ---------------------------------------------------------------------------
-OVERRIDES = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=8192)
-SHAPE = ModelShape("tiny-256", 256, 768, 4, 4, 2, 8192, True)
-#: documented in docs/recipes.md: 0.89 - 1.06 over 12 cases; asserted loosely
-BAND = (0.8, 1.25)
+# The estimator's CPU terms (the 40 MiB runtime, the backward working layer, the full fine-tuning
+# gradient buffers) were set from a 3-layer hidden-384 shape (docs/recipes.md); it is checked here on
+# a shape and settings it was not tuned on: 4 layers, hidden 320, 5 heads / 1 KV head, vocabulary 10000.
+OVERRIDES = dict(hidden_size=320, intermediate_size=896, num_hidden_layers=4, num_attention_heads=5,
+                 num_key_value_heads=1, vocab_size=10000)
+SHAPE = ModelShape("check-320", 320, 896, 4, 5, 1, 10000, True)
+#: every prediction within +-15 % of the measured training increment (the issue's requirement)
+BAND = (0.85, 1.15)
+#: methods x checkpointing policies x sequence lengths (x micro-batch)
+CONFIGS = [("lora", "off", 384, 2), ("lora", "full", 640, 1), ("lora", "selective", 256, 2),
+           ("lora", "selective", 896, 1), ("qlora", "full", 512, 2), ("qlora", "selective", 640, 1),
+           ("qlora", "off", 256, 1), ("full", "full", 384, 1), ("full", "selective", 256, 2)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, gc, policy", [("full", False, "full"), ("lora", True, "full"),
-                                               ("lora", True, "selective"), ("qlora", False, "full")])
-def test_estimate_against_measured_cpu_peak(method, gc, policy):
+@pytest.mark.parametrize("method, policy, seq, batch", CONFIGS)
+def test_estimate_against_measured_cpu_peak(method, policy, seq, batch):
     from npu_ft.bench.runner import run_case_subprocess
     from npu_ft.bench.suite import BenchCase
     from npu_ft.ops.linear_cross_entropy import default_chunk_rows
 
+    gc = policy != "off"
     case = BenchCase(suite="estimate-check", model="tiny", method=method, implementation="npu-ft", device="cpu",
-                     seq_len=256, batch_size=2, steps=2, warmup=1, gradient_checkpointing=gc,
-                     checkpoint_policy=policy, model_overrides=OVERRIDES, timeout_s=600)
+                     seq_len=seq, batch_size=batch, steps=2, warmup=1, gradient_checkpointing=gc,
+                     checkpoint_policy=policy if gc else "full", model_overrides=OVERRIDES, timeout_s=900)
     result = run_case_subprocess(case)
     assert result["status"] == "ok", result.get("error")
     # the bench's npu-ft implementation trains with the fused loss, in CPU-sized chunks
-    est = estimate(SHAPE, method, batch=2, seq=256, gradient_checkpointing=gc, lora_rank=8, dtype="fp32",
-                   loss_chunk_rows=default_chunk_rows(SHAPE.vocab, device="cpu"), checkpoint_policy=policy)
+    est = estimate(SHAPE, method, batch=batch, seq=seq, gradient_checkpointing=gc, lora_rank=8, dtype="fp32",
+                   loss_chunk_rows=default_chunk_rows(SHAPE.vocab, device="cpu"),
+                   checkpoint_policy=policy if gc else "full")
     assert result["weight_bytes"] == pytest.approx(est.weights, rel=0.02)
     if result["mem_kind"] != "rss":
         pytest.skip(f"per-phase CPU peak not available here ({result['mem_kind']})")
     measured = result["peak_mem_bytes"] - result["baseline_mem_bytes"]
     ratio = measured / (est.train_bytes + CPU_TRAIN_RUNTIME_BYTES)
     assert BAND[0] <= ratio <= BAND[1], (
-        f"{method} gc={gc} ({policy}): measured {measured / 2**20:.1f} MiB, ratio {ratio:.2f}"
+        f"{method} {policy} {batch}x{seq}: measured {measured / 2**20:.1f} MiB, "
+        f"estimated {(est.train_bytes + CPU_TRAIN_RUNTIME_BYTES) / 2**20:.1f} MiB, ratio {ratio:.3f}"
     )

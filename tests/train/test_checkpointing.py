@@ -156,6 +156,7 @@ def test_run_sft_trains_the_same_under_each_policy(tmp_path):
 def test_config_rejects_an_unknown_policy(tmp_path):
     from npu_ft.config import ConfigError, build_config, option
 
-    assert option("gradient_checkpointing_policy").choices == POLICIES  # the config offers every policy
+    # the config offers every policy, and auto (resolved to one of them by npu_ft.launch.budget)
+    assert option("gradient_checkpointing_policy").choices == (*POLICIES, "auto")
     with pytest.raises(ConfigError, match="gradient_checkpointing_policy"):
         build_config({"model_name_or_path": str(tmp_path), "gradient_checkpointing_policy": "some"}, "r.yaml")

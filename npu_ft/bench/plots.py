@@ -1,0 +1,158 @@
+"""The report's plots (matplotlib, Agg): tokens/s against training memory with each implementation's
+frontier, and the loss curves with their relative difference to the reference.
+
+Colour is the method, the marker the implementation (one legend for each); panels come in the
+order the report's tables list them; point labels are placed where they do not cover another label.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from .frontier import frontier
+
+METHOD_COLOURS = {"lora": "tab:blue", "qlora": "tab:orange", "full": "tab:green"}
+IMPL_MARKERS = {"npu-ft": "o", "reference": "s", "llamafactory": "D", "llamafactory+npu-ft": "^"}
+IMPL_LINES = {"npu-ft": "-", "reference": "--", "llamafactory": ":", "llamafactory+npu-ft": "-."}
+#: label offsets (points) tried in turn until one does not overlap a placed label
+_OFFSETS = [(6, 4), (6, -12), (-6, 4), (-6, -12), (6, 14), (6, -22), (-6, 14), (-6, -22), (10, 24), (10, -32)]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _ok(rows: Iterable[dict]) -> list[dict]:
+    return [r for r in rows if r.get("status") not in (None, "failed")]
+
+
+def _ordered(keys: Iterable[tuple]) -> list[tuple]:
+    """Distinct keys in first-seen order (the report's order)."""
+    return list(dict.fromkeys(keys))
+
+
+def place_labels(ax, points: list[tuple[float, float, str]], fontsize: int = 7) -> list:
+    """Annotate ``(x, y, text)`` points, each at the first offset whose box overlaps no label
+    placed before it (the last offset when all overlap). Returns the annotations."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    placed: list = []
+    out = []
+    for x, y, text in points:
+        ann = None
+        for dx, dy in _OFFSETS:
+            if ann is not None:
+                ann.remove()
+            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize)
+            box = ann.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in placed):
+                break
+        placed.append(ann.get_window_extent(renderer))
+        out.append(ann)
+    return out
+
+
+def _legends(ax, methods: list[str], impls: list[str]) -> None:
+    from matplotlib.lines import Line2D
+
+    colour = [Line2D([], [], color=METHOD_COLOURS.get(m, "gray"), marker="o", linestyle="", label=m) for m in methods]
+    marker = [Line2D([], [], color="black", marker=IMPL_MARKERS.get(i, "v"), linestyle=IMPL_LINES.get(i, "-"),
+                     label=i) for i in impls]
+    # outside the axes, right of it: a legend never covers a point
+    first = ax.legend(handles=colour, title="colour: method", fontsize=7, title_fontsize=7, loc="upper left",
+                      bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    ax.add_artist(first)
+    ax.legend(handles=marker, title="marker, line: implementation", fontsize=7, title_fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.02, 0.55), borderaxespad=0)
+
+
+def plot_memory_vs_throughput(rows, path) -> None:
+    """A panel per (model, device, dtype, data): tokens/s against training memory, a point per case
+    (bars: min-max tokens/s), each implementation's frontier per method as a step line."""
+    plt = _plt()
+    ok = [r for r in _ok(rows) if r.get("train_mem_bytes") is not None]
+    panels = _ordered((r["model"], r["device"], r["dtype"], r.get("data", "random")) for r in ok)
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(8.5 * n, 5.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=False):
+        members = [r for r in ok if (r["model"], r["device"], r["dtype"], r.get("data", "random")) == panel]
+        labels = []
+        for r in members:
+            x, y = r["train_mem_bytes"] / 2**20, r["tokens_per_s"]
+            ax.errorbar(x, y, yerr=[[y - r["tokens_per_s_min"]], [r["tokens_per_s_max"] - y]],
+                        fmt=IMPL_MARKERS.get(r["implementation"], "v"), color=METHOD_COLOURS.get(r["method"], "gray"),
+                        markersize=7, capsize=3)
+            labels.append((x, y, f"{r.get('policy', '')} b{r['batch_size']} s{r['seq_len']}"))
+        for method, impl in _ordered((r["method"], r["implementation"]) for r in members):
+            line = frontier([r for r in members if r["method"] == method and r["implementation"] == impl])
+            if len(line) > 1:
+                ax.step([r["train_mem_bytes"] / 2**20 for r in line], [r["tokens_per_s"] for r in line], where="post",
+                        color=METHOD_COLOURS.get(method, "gray"), linestyle=IMPL_LINES.get(impl, "-"), alpha=0.6)
+        model, dev, dt, data = panel
+        ax.set_title(f"{model} on {dev}, {dt}, data {data}", fontsize=9)
+        ax.set_xlabel("training memory: peak - post-build baseline (MiB)")
+        ax.set_ylabel("tokens/s (median, bars: min-max)")
+        ax.grid(alpha=0.3)
+        _legends(ax, _ordered(r["method"] for r in members), _ordered(r["implementation"] for r in members))
+        fig.tight_layout()
+        place_labels(ax, labels)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_loss_curves(rows, path) -> None:
+    """A column per parity group: overlaid loss curves, and under them each curve's relative
+    difference to the reference's (log scale; exact zeros drawn at the axis floor)."""
+    plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
+    ok = _ok(rows)
+    groups = _ordered(r.get("parity_key") or r["case_id"] for r in ok)
+    n = max(1, len(groups))
+    cols = min(3, n)
+    nrows = -(-n // cols)
+    fig, axes = plt.subplots(2 * nrows, cols, figsize=(5.2 * cols, 5.4 * nrows), squeeze=False,
+                             gridspec_kw={"height_ratios": [2, 1] * nrows})
+    for i, key in enumerate(groups):
+        top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        members = [r for r in ok if (r.get("parity_key") or r["case_id"]) == key]
+        ref = next((r for r in members if r["implementation"] == "reference" and r.get("policy") == "full"),
+                   next((r for r in members if r["implementation"] == "reference"), None))
+        ref_losses = json.loads(ref["losses"]) if ref else None
+        floor = 1e-10
+        for r in members:
+            losses = json.loads(r["losses"])
+            label = f"{r['implementation']} ({r.get('policy', '')}, {r['device']})"
+            style = dict(linestyle=IMPL_LINES.get(r["implementation"], "-"),
+                         marker=IMPL_MARKERS.get(r["implementation"], "v"), markersize=4)
+            top.plot(range(len(losses)), losses, label=label, **style)
+            if ref_losses is not None and r is not ref:
+                diffs = [max(abs(a - b) / max(abs(b), 1e-12), floor) for a, b in zip(losses, ref_losses, strict=False)]
+                bottom.plot(range(len(diffs)), diffs, label=label, **style)
+        m = members[0]
+        top.set_title(f"{m['model']} {m['method']} {m['dtype']} {m.get('data', '')} seq {m['seq_len']}×"
+                      f"{m['batch_size']}", fontsize=9)
+        top.set_ylabel("loss")
+        top.legend(fontsize=6)
+        bottom.set_yscale("log")
+        bottom.set_ylabel("|loss - ref| / ref", fontsize=8)
+        bottom.set_xlabel("step")
+        if ref is None:
+            bottom.text(0.5, 0.5, "no reference in this group", ha="center", va="center", transform=bottom.transAxes)
+        for ax in (top, bottom):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+    for j in range(n, nrows * cols):
+        axes[2 * (j // cols), j % cols].axis("off")
+        axes[2 * (j // cols) + 1, j % cols].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
