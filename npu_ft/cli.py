@@ -29,11 +29,10 @@ COMMANDS = {
     "lf-train": ("npu_ft.plugins_cli", "lf_train_main", "run LLaMA-Factory's own training on npu-ft's ops (plugin)"),
     "estimate": ("npu_ft.launch.estimate_cli", "estimate_main", "memory per card of a recipe, part by part"),
     "plan": ("npu_ft.launch.planner", "plan_main", "settings that fit a card with the most tokens per step"),
-    "verify": ("npu_ft.bench.verify", "verify_main", "verify a machine: doctor, device tests, micro-bench, smoke"),
 }
 
 #: sub-commands that pick a device through the device layer, so $NPU_FT_DEVICE must name one
-DEVICE_COMMANDS = frozenset({"train", "export", "bench", "doctor", "demo", "env", "lf-train", "chat", "verify"})
+DEVICE_COMMANDS = frozenset({"train", "export", "bench", "doctor", "demo", "env", "lf-train", "chat"})
 
 
 def env_main(argv: list[str]) -> int:

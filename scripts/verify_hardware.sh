@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Verify this machine's device in one go (npu-ft verify): npu-ft doctor, the cuda/ascend marked
+# Verify this machine's device in one go (scripts/verify_hardware.py): npu-ft doctor, the cuda/ascend marked
 # tests, the op micro-benchmarks and the smoke suite; writes a dated record under
 # bench/results/<device>/ and a row of the verification matrix in docs/devices.md.
 #
@@ -11,4 +11,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
-exec "$PY" -m npu_ft.cli verify "$@"
+exec "$PY" scripts/verify_hardware.py "$@"

@@ -141,7 +141,9 @@ def _sft_items(case: Any, data: dict[str, Any]) -> tuple[list[dict[str, list[int
         if data["dataset"] == "alpaca-synth":
             name, folder = write_alpaca_synth(tmp, data["examples"], case.seed), tmp
         elif data["dataset"] == "demo":
-            name, folder = "npu_ft_demo", str(Path(__file__).resolve().parents[1] / "assets" / "demo")
+            from npu_ft.demo import ASSETS
+
+            name, folder = "npu_ft_demo", str(ASSETS)
         else:
             if not data.get("dataset_dir"):
                 raise ValueError(f"data.dataset {data['dataset']!r} needs data.dataset_dir (its dataset_info.json)")

@@ -154,12 +154,7 @@ def run_case(case) -> dict:
             "counters": str(tmp / "counters.json"),
         }
         (tmp / "job.json").write_text(json.dumps(job))
-        env = dict(os.environ)
-        # LLaMA-Factory's Python keeps its own packages: of this process's path (which the bench
-        # runner hands its workers) only the checkout that holds this npu_ft goes along
-        import npu_ft
-
-        env["PYTHONPATH"] = str(Path(npu_ft.__file__).resolve().parents[1])
+        env = dict(os.environ)  # PYTHONPATH holds project folders only (see runner._project_paths)
         env.pop("NPU_FT_LLAMAFACTORY", None)  # the child patches (or not) explicitly
         env["NPU_FT_LF_CHECKPOINT_POLICY"] = case.checkpoint_policy if case.gradient_checkpointing else "full"
         env.setdefault("HF_HUB_OFFLINE", "1")

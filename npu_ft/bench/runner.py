@@ -33,6 +33,17 @@ def _signal_name(rc: int) -> str:
         return f"signal {-rc}"
 
 
+def _project_paths() -> list[str]:
+    """Folders on ``sys.path`` that are not the interpreter's standard library or site-packages."""
+    import site
+    import sysconfig
+
+    library = {os.path.realpath(p) for p in (*sysconfig.get_paths().values(), *site.getsitepackages(),
+                                             site.getusersitepackages()) if p}
+    return [p for p in sys.path if p and os.path.isdir(p) and os.path.realpath(p) not in library
+            and not any(part in ("site-packages", "dist-packages") for part in Path(p).parts)]
+
+
 def run_case_subprocess(case: BenchCase, repeat: int = 0, env: dict | None = None,
                         python: str | None = None) -> dict:
     """Run ``case`` in a fresh Python process; always returns a result dict (status ok|failed)."""
@@ -42,11 +53,13 @@ def run_case_subprocess(case: BenchCase, repeat: int = 0, env: dict | None = Non
         with open(case_path, "w") as f:
             json.dump(case.to_dict(), f)
         child_env = dict(os.environ if env is None else env)
-        # the worker (the same Python) sees the modules this process sees, custom implementations too
-        paths = [p for p in sys.path if p and os.path.isdir(p)]
+        # the worker sees the project folders this process sees (custom implementations, a checkout
+        # on the path), not this interpreter's own library folders
+        paths = _project_paths()
         if child_env.get("PYTHONPATH"):
             paths.append(child_env["PYTHONPATH"])
-        child_env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        if paths:
+            child_env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         child_env.setdefault("TOKENIZERS_PARALLELISM", "false")
         child_env.setdefault("TRANSFORMERS_VERBOSITY", "error")
         child_env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -1,4 +1,4 @@
-"""`npu-ft verify` / scripts/verify_hardware.sh end to end on CPU: the hardware parts are skipped and
+"""scripts/verify_hardware.py / .sh end to end on CPU: the hardware parts are skipped and
 say so, the rest runs, a dated record is written and the matrix gets a row."""
 
 from __future__ import annotations
@@ -9,9 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from npu_ft.bench.verify import MATRIX_BEGIN, MATRIX_END, add_matrix_row
-
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("verify_hardware", ROOT / "scripts" / "verify_hardware.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_verify = _script()
+MATRIX_BEGIN, MATRIX_END, add_matrix_row = _verify.MATRIX_BEGIN, _verify.MATRIX_END, _verify.add_matrix_row
 
 
 def test_matrix_rows_are_appended_between_the_markers(tmp_path):
@@ -51,6 +62,6 @@ def test_verify_hardware_script_runs_on_cpu(tmp_path):
     assert parts["micro-benchmarks"]["status"] == "passed" and parts["micro-benchmarks"]["speedups"]
     assert parts["smoke suite"]["status"] == "passed" and parts["smoke suite"]["parity"]
     assert record["device"] == "cpu" and record["versions"]["torch"]
-    assert record_json.with_suffix(".md").read_text().startswith("# npu-ft verify: cpu")
+    assert record_json.with_suffix(".md").read_text().startswith("# npu-ft verification: cpu")
     row = doc.read_text().split(MATRIX_BEGIN)[1].split(MATRIX_END)[0].strip().splitlines()[-1]
     assert row.startswith("| 20") and "| cpu |" in row and "skipped (no device)" in row

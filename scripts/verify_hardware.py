@@ -1,4 +1,7 @@
-"""``npu-ft verify`` (and ``scripts/verify_hardware.sh``): verify a machine in one go.
+"""Verify a machine in one go, from an npu-ft checkout (it runs the checkout's tests and benchmarks)::
+
+    python scripts/verify_hardware.py [--device npu] [--quick] [--no-matrix] [--out DIR]
+    scripts/verify_hardware.sh [...]            # the same
 
 Parts, each in its own process with a time limit, each passed / failed / skipped with the reason:
 
@@ -29,8 +32,8 @@ from pathlib import Path
 
 __all__ = ["MATRIX_BEGIN", "MATRIX_END", "add_matrix_row", "verify_main"]
 
-ROOT = Path(__file__).resolve().parents[2]
-MATRIX_BEGIN = "<!-- BEGIN VERIFICATION MATRIX (npu-ft verify adds rows) -->"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout this script belongs to
+MATRIX_BEGIN = "<!-- BEGIN VERIFICATION MATRIX (scripts/verify_hardware.py adds rows) -->"
 MATRIX_END = "<!-- END VERIFICATION MATRIX -->"
 MATRIX_HEADER = ("| date | device | name | driver / CANN | torch / torch_npu | npu-ft commit | doctor | device tests "
                  "| micro-bench speedups | smoke parity | record |\n|---|---|---|---|---|---|---|---|---|---|---|")
@@ -176,7 +179,7 @@ def add_matrix_row(doc: Path, row: str) -> None:
 
 
 def _record_md(record: dict) -> str:
-    lines = [f"# npu-ft verify: {record['device']} ({record['device_name']}), {record['date']}", "",
+    lines = [f"# npu-ft verification: {record['device']} ({record['device_name']}), {record['date']}", "",
              f"- driver / CANN: {record['driver'] or 'unknown'}",
              f"- torch {record['versions'].get('torch')}, torch_npu "
              f"{record['versions'].get('torch_npu') or 'not installed'}",
@@ -192,7 +195,7 @@ def _record_md(record: dict) -> str:
 
 
 def verify_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="npu-ft verify", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="scripts/verify_hardware.py", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="cpu | cuda | npu | auto (default: npu > cuda > cpu)")
     p.add_argument("--out", default=None, help="folder for the record (default: bench/results/<device>)")
     p.add_argument("--matrix", default=str(ROOT / "docs" / "devices.md"),
@@ -208,7 +211,7 @@ def verify_main(argv: list[str]) -> int:
     try:
         backend, _ = select_device(None if args.device == "auto" else args.device)
     except DeviceUnavailableError as exc:
-        print(f"npu-ft verify: {exc}", file=sys.stderr)
+        print(f"verify_hardware: {exc}", file=sys.stderr)
         return 1
     device = backend.name
     t0 = time.time()
@@ -220,7 +223,7 @@ def verify_main(argv: list[str]) -> int:
                           ("device tests", lambda: _device_tests(device, args.part_timeout_s)),
                           ("micro-benchmarks", lambda: _micro(args.quick, tmp, args.part_timeout_s)),
                           ("smoke suite", lambda: _smoke(device, args.quick, tmp, args.part_timeout_s))):
-            print(f"npu-ft verify: {name} ...", flush=True)
+            print(f"verify_hardware: {name} ...", flush=True)
             part = run()
             print(f"    {part['status']}: {part['summary']}", flush=True)
             parts.append(part)
@@ -249,8 +252,8 @@ def verify_main(argv: list[str]) -> int:
         try:
             add_matrix_row(Path(args.matrix), row.replace("\n", " "))
         except (OSError, ValueError) as exc:
-            print(f"npu-ft verify: matrix not updated: {exc}", file=sys.stderr)
-    print(f"npu-ft verify: record {base}.md ({time.time() - t0:.0f} s); "
+            print(f"verify_hardware: matrix not updated: {exc}", file=sys.stderr)
+    print(f"verify_hardware: record {base}.md ({time.time() - t0:.0f} s); "
           + ", ".join(f"{k}: {v}" for k, v in status.items()))
     return 1 if "failed" in status.values() else 0
 
