@@ -281,14 +281,16 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
 
     # 2. where to resume from (no writes yet): a complete checkpoint of this method
     explicit = cfg.resume_from_checkpoint
+    unset = explicit is None or explicit is False or str(explicit).strip().lower() in ("", "false", "none", "null")
+    names_a_path = not unset and str(explicit).strip().lower() != "true"
+    # unset: a checkpoint may still be picked from output_dir (LLaMA-Factory's rule); errors name output_dir
+    resume_key = "output_dir" if unset else "resume_from_checkpoint"
     try:
-        resume = resolve_resume(explicit, cfg.output_dir)
-        resume = _check_output_dir(cfg, resume)
+        resume = _check_output_dir(cfg, resolve_resume(explicit, cfg.output_dir))
         if resume is not None:
             check_resumable(resume, cfg.method)
     except CheckpointError as exc:
-        raise TrainingError(f"{cfg.source}: key 'resume_from_checkpoint': {exc}") from None
-    names_a_path = isinstance(explicit, str) and explicit.strip().lower() not in ("", "false", "none", "null", "true")
+        raise TrainingError(f"{cfg.source}: key '{resume_key}': {exc}") from None
 
     # 3. tokenizer and data (every data error surfaces here, before any output exists)
     tokenizer = load_tokenizer(cfg)
@@ -320,7 +322,7 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
         try:
             check_same_run(resume, identity, automatic=not names_a_path)
         except CheckpointError as exc:
-            raise TrainingError(f"{cfg.source}: key 'resume_from_checkpoint': {exc}") from None
+            raise TrainingError(f"{cfg.source}: key '{resume_key}': {exc}") from None
 
     # 4. model + method (seeded first, as LLaMA-Factory does, so LoRA init is reproducible)
     from transformers import set_seed

@@ -139,11 +139,11 @@ def test_rerun_of_finished_run_trains_no_step(env, caplog):
     adapter = (out / "adapter_model.safetensors").read_bytes()
     with caplog.at_level("WARNING", logger="npu_ft.train.run"):
         again = run_sft(load_config(recipe))  # auto-resumes from checkpoint-4 (overwrite_output_dir false)
-    assert again.already_finished and again.global_step == 4
-    assert again.resumed_from == str(out / "checkpoint-4")
-    assert "already at the end of training (step 4 of 4)" in caplog.text
     assert max(step_losses(out)) == 4  # no 5/4 line
     assert all(rec["current_steps"] <= 4 for rec in read_log(out))
+    assert again.global_step == 4 and again.already_finished
+    assert again.resumed_from == str(out / "checkpoint-4")
+    assert "already at the end of training (step 4 of 4)" in caplog.text
     assert (out / "train_results.json").read_text() == results  # the finished run's metrics are kept
     assert (out / "adapter_model.safetensors").read_bytes() == adapter
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
@@ -158,8 +158,8 @@ def test_kill_during_final_save_then_rerun_writes_final_model_without_a_step(env
         (out / name).unlink()
     (out / "adapter_model.safetensors").write_bytes(b"half")
     again = run_sft(load_config(recipe, ["resume_from_checkpoint=true"]))
-    assert again.already_finished and again.global_step == 4
     assert max(step_losses(out)) == 4
+    assert again.global_step == 4 and again.already_finished
     final = out / "adapter_model.safetensors"
     assert final.read_bytes() == (out / "checkpoint-4" / "adapter_model.safetensors").read_bytes()
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
