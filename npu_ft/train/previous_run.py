@@ -29,8 +29,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["SetAside", "is_run_file", "set_aside_previous_run"]
 
 _RUN_NAMES = frozenset({
-    RUN_FILE, RUN_FILE + ".tmp", "trainer_log.jsonl", "trainer_log.jsonl.tmp", "trainer_state.json", "train_results.json",
-    "eval_results.json", "all_results.json", "predict_results.json", "training_args.json", "training_args.bin",
+    RUN_FILE, RUN_FILE + ".tmp", "trainer_log.jsonl", "trainer_log.jsonl.tmp", "trainer_state.json",
+    "train_results.json", "eval_results.json", "all_results.json", "predict_results.json", "training_args.json",
+    "training_args.bin",
     "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "model.safetensors",
     "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json", "config.json",
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
