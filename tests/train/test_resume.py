@@ -131,22 +131,26 @@ def _tree(folder: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_rerun_of_finished_run_trains_no_step(env, caplog):
-    out = env["root"] / "finished"
-    recipe = _short_recipe(env, out, "finished")
+@pytest.mark.parametrize("end", [dict(max_steps=4, save_steps=2),  # the end falls mid-epoch
+                                 dict(max_steps=-1, num_train_epochs=0.5, save_steps=3)],  # 12 steps/epoch: 6
+                         ids=["max_steps", "epochs"])
+def test_rerun_of_finished_run_trains_no_step(env, caplog, end):
+    out = env["root"] / f"finished-{end['max_steps']}"
+    total, every = (4, 2) if end["max_steps"] > 0 else (6, 3)
+    recipe = _short_recipe(env, out, f"finished-{total}", **end)
     run_sft(load_config(recipe))
     results = (out / "train_results.json").read_text()
     adapter = (out / "adapter_model.safetensors").read_bytes()
     with caplog.at_level("WARNING", logger="npu_ft.train.run"):
-        again = run_sft(load_config(recipe))  # auto-resumes from checkpoint-4 (overwrite_output_dir false)
-    assert max(step_losses(out)) == 4  # no 5/4 line
-    assert all(rec["current_steps"] <= 4 for rec in read_log(out))
-    assert again.global_step == 4 and again.already_finished
-    assert again.resumed_from == str(out / "checkpoint-4")
-    assert "already at the end of training (step 4 of 4)" in caplog.text
+        again = run_sft(load_config(recipe))  # auto-resumes from the last checkpoint (overwrite_output_dir false)
+    assert max(step_losses(out)) == total  # no 5/4 line
+    assert all(rec["current_steps"] <= total for rec in read_log(out))
+    assert again.global_step == total and again.already_finished
+    assert again.resumed_from == str(out / f"checkpoint-{total}")
+    assert f"already at the end of training (step {total} of {total})" in caplog.text
     assert (out / "train_results.json").read_text() == results  # the finished run's metrics are kept
     assert (out / "adapter_model.safetensors").read_bytes() == adapter
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{every}", f"checkpoint-{total}"]
 
 
 def test_kill_during_final_save_then_rerun_writes_final_model_without_a_step(env):
