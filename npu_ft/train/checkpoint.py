@@ -27,6 +27,7 @@ __all__ = [
     "checkpoint_method",
     "checkpoint_step",
     "latest_checkpoint",
+    "parse_resume",
     "remove_stale_tmp",
     "resolve_resume",
     "tmp_checkpoint_dir",
@@ -109,23 +110,33 @@ def atomic_publish(tmp_dir: str, final_dir: str) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(final_dir)))
 
 
-def resolve_resume(value, output_dir: str) -> str | None:
-    """Turn ``resume_from_checkpoint`` (None/False, True/"true" = latest, or a path) into a folder.
-
-    Raises :class:`CheckpointError` naming the key when the path is missing or no checkpoint exists.
-    """
+def parse_resume(value) -> bool | str | None:
+    """``resume_from_checkpoint`` as None (not asked), True (the latest checkpoint) or a path."""
     if value is None or value is False:
         return None
     if isinstance(value, str) and value.strip().lower() in ("", "false", "none", "null"):
         return None
     if value is True or (isinstance(value, str) and value.strip().lower() == "true"):
+        return True
+    return str(value)
+
+
+def resolve_resume(value, output_dir: str) -> str | None:
+    """Turn ``resume_from_checkpoint`` (None/False, True/"true" = latest, or a path) into a folder.
+
+    Raises :class:`CheckpointError` naming the key when the path is missing or no checkpoint exists.
+    """
+    asked = parse_resume(value)
+    if asked is None:
+        return None
+    if asked is True:
         found = latest_checkpoint(output_dir)
         if found is None:
             raise CheckpointError(
                 f"resume_from_checkpoint: true, but output_dir {output_dir!r} has no checkpoint-N folder"
             )
         return found
-    path = str(value)
+    path = asked
     if not os.path.isdir(path):
         raise CheckpointError(f"resume_from_checkpoint: {path!r} is not a folder")
     if not os.path.isfile(os.path.join(path, "trainer_state.json")):

@@ -39,6 +39,7 @@ from .checkpoint import (
     check_resumable,
     checkpoint_step,
     latest_checkpoint,
+    parse_resume,
     remove_stale_tmp,
     resolve_resume,
 )
@@ -280,13 +281,11 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
         raise TrainingError(f"{cfg.source}: key 'bf16': {backend.name} ({backend.device_name()}) has no bf16")
 
     # 2. where to resume from (no writes yet): a complete checkpoint of this method
-    explicit = cfg.resume_from_checkpoint
-    unset = explicit is None or explicit is False or str(explicit).strip().lower() in ("", "false", "none", "null")
-    names_a_path = not unset and str(explicit).strip().lower() != "true"
-    # unset: a checkpoint may still be picked from output_dir (LLaMA-Factory's rule); errors name output_dir
-    resume_key = "output_dir" if unset else "resume_from_checkpoint"
+    asked = parse_resume(cfg.resume_from_checkpoint)
+    # not asked: a checkpoint may still be picked from output_dir (LLaMA-Factory's rule); errors name output_dir
+    resume_key = "output_dir" if asked is None else "resume_from_checkpoint"
     try:
-        resume = _check_output_dir(cfg, resolve_resume(explicit, cfg.output_dir))
+        resume = _check_output_dir(cfg, resolve_resume(asked, cfg.output_dir))
         if resume is not None:
             check_resumable(resume, cfg.method)
     except CheckpointError as exc:
@@ -320,7 +319,7 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
     identity = compute_identity(cfg)
     if resume is not None:
         try:
-            check_same_run(resume, identity, automatic=not names_a_path)
+            check_same_run(resume, identity, automatic=not isinstance(asked, str))
         except CheckpointError as exc:
             raise TrainingError(f"{cfg.source}: key '{resume_key}': {exc}") from None
 
