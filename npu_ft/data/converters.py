@@ -80,6 +80,22 @@ def check_columns(records: list[dict[str, Any]], attr: DatasetAttr, source: str)
             )
 
 
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _text(record: dict[str, Any], column: str | None, where: str) -> Any:
+    """The value of a text column: a string or absent/null; anything else is a :class:`DataFormatError`."""
+    if not column:
+        return None
+    value = record.get(column)
+    if value is not None and not isinstance(value, str):
+        raise DataFormatError(f"{where}, column {column!r}: expected a string, got {type(value).__name__} "
+                              f"{_short(value)}")
+    return value
+
+
 def _tools_text(value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -91,24 +107,21 @@ def convert_alpaca(record: dict[str, Any], attr: DatasetAttr, where: str = "") -
     history = record.get(attr.history) if attr.history else None
     if isinstance(history, list):
         for turn_idx, pair in enumerate(history):
-            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(t, str) for t in pair):
                 raise DataFormatError(
-                    f"{where}: history[{turn_idx}] must be a [prompt, response] pair, got {pair!r}"
+                    f"{where}, column {attr.history!r}: history[{turn_idx}] must be a [prompt, response] pair of "
+                    f"strings, got {_short(pair)}"
                 )
             prompt.append({"role": Role.USER, "content": pair[0]})
             prompt.append({"role": Role.ASSISTANT, "content": pair[1]})
-    parts = []
-    if attr.prompt and record.get(attr.prompt):
-        parts.append(record[attr.prompt])
-    if attr.query and record.get(attr.query):
-        parts.append(record[attr.query])
+    parts = [text for text in (_text(record, attr.prompt, where), _text(record, attr.query, where)) if text]
     prompt.append({"role": Role.USER, "content": "\n".join(parts)})
-    response_value = record.get(attr.response) if attr.response else None
-    response = [{"role": Role.ASSISTANT, "content": response_value}] if isinstance(response_value, str) else []
+    response_value = _text(record, attr.response, where)
+    response = [{"role": Role.ASSISTANT, "content": response_value}] if response_value is not None else []
     return ConvertedExample(
         prompt=prompt,
         response=response,
-        system=record.get(attr.system) if attr.system else "",
+        system=_text(record, attr.system, where) if attr.system else "",
         tools=_tools_text(record.get(attr.tools)) if attr.tools else "",
     )
 
@@ -128,11 +141,13 @@ def convert_sharegpt(record: dict[str, Any], attr: DatasetAttr, where: str = "")
     if not isinstance(messages, list) or any(not isinstance(m, dict) for m in messages):
         raise DataFormatError(f"{where}: column {attr.messages!r} must be a list of message objects")
 
+    for turn_idx, message in enumerate(messages):
+        _text(message, attr.content_tag, f"{where}, column {attr.messages!r} message {turn_idx}")
     if attr.system_tag and messages and messages[0].get(attr.role_tag) == attr.system_tag:
         system = messages[0].get(attr.content_tag)
         messages = messages[1:]
     else:
-        system = record.get(attr.system) if attr.system else ""
+        system = _text(record, attr.system, where) if attr.system else ""
 
     aligned = []
     broken = False
@@ -153,8 +168,12 @@ def convert_sharegpt(record: dict[str, Any], attr: DatasetAttr, where: str = "")
     return ConvertedExample(prompt=aligned[:-1], response=aligned[-1:], system=system, tools=tools)
 
 
-def convert_records(records: list[dict[str, Any]], attr: DatasetAttr, source: str = "") -> list[ConvertedExample]:
-    """Convert every record of one dataset (``source`` names the file(s) in messages)."""
+def convert_records(records: list[dict[str, Any]], attr: DatasetAttr, source: str = "",
+                    rows: list[int] | None = None) -> list[ConvertedExample]:
+    """Convert every record of one dataset (``source`` names the file(s) in messages; ``rows``:
+    each record's 0-based position in the file(s), when sampling reordered them)."""
     check_columns(records, attr, source or attr.file_name)
     convert = convert_alpaca if attr.formatting == "alpaca" else convert_sharegpt
-    return [convert(rec, attr, f"{source or attr.file_name} (example {i})") for i, rec in enumerate(records)]
+    rows = rows if rows is not None else list(range(len(records)))
+    return [convert(rec, attr, f"{source or attr.file_name} (example {row}, row {row + 1})")
+            for rec, row in zip(records, rows, strict=True)]

@@ -40,9 +40,10 @@ def load_converted(names: list[str], args: DataArguments, seed: int = 42) -> lis
     for attr in get_dataset_attrs(names, args.dataset_dir):
         files = list_data_files(args.dataset_dir, attr.file_name)
         records = read_records(files)
-        records = select_samples(records, attr.num_samples, args.max_samples, seed)
+        rows = select_samples(list(range(len(records))), attr.num_samples, args.max_samples, seed)
+        records = [records[row] for row in rows]
         source = files[0] if len(files) == 1 else os.path.join(args.dataset_dir, attr.file_name)
-        out.extend(convert_records(records, attr, source))
+        out.extend(convert_records(records, attr, source, rows))
         logger.info("Loaded dataset %s: %d examples from %s", attr.name, len(records), source)
     return out
 

@@ -9,6 +9,7 @@ with :class:`ModelLoadError` saying what is missing and how to fix it.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 __all__ = [
     "ModelLoadError",
     "attn_implementation",
+    "check_safetensors",
     "compute_dtype",
     "load_model",
     "resolve_dtype",
@@ -61,7 +63,38 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
         extra = (f" (found {', '.join(other[:3])}: convert pickle checkpoints to safetensors first)"
                  if other else "")
         raise ModelLoadError(f"model folder '{path}' has no *.safetensors weights{extra}")
+    for weights in sorted(folder.glob("*.safetensors")):
+        problem = check_safetensors(weights)
+        if problem:
+            raise ModelLoadError(f"model folder '{path}': {weights.name} is truncated or corrupt ({problem})")
     return folder
+
+
+#: the safetensors format's limit on the JSON header
+_MAX_HEADER = 100 << 20
+
+
+def check_safetensors(path: str | os.PathLike) -> str | None:
+    """Check a safetensors file's framing without reading the tensors: the 8-byte header length,
+    the JSON header, and that the file ends exactly where the last tensor does. Returns what is
+    wrong, or None."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than the 8-byte header length"
+        length = int.from_bytes(head, "little")
+        if length > min(size - 8, _MAX_HEADER):
+            return f"header length {length} but the file has {size} bytes"
+        try:
+            header = json.loads(f.read(length))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            return f"unreadable header: {exc}"
+    expected = 8 + length + max(ends, default=0)
+    if expected != size:
+        return f"{size} bytes, its header describes {expected}"
+    return None
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -128,9 +161,11 @@ def load_model(cfg_or_args: Any, device: Any = None, dtype: torch.dtype | str | 
     if attn is not None:
         load_kwargs["attn_implementation"] = attn
     load_kwargs.update(kwargs)
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), **load_kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise ModelLoadError(f"could not load the model from '{folder}': {exc}") from exc
     target = _torch_device(device)
     if target is not None:

@@ -37,6 +37,7 @@ __all__ = [
     "LoraSpec",
     "apply_lora",
     "apply_qlora",
+    "check_rank",
     "find_target_linear_names",
     "get_lora_spec",
     "lora_modules",
@@ -155,6 +156,22 @@ def _modules_to_save_names(model: nn.Module, additional_target: Sequence[str] | 
     return chosen
 
 
+def check_rank(model: nn.Module, target_names: Sequence[str], r: int,
+               additional_target: Sequence[str] | None = None) -> None:
+    """Raise ``ValueError`` (starting with "lora_rank") naming the first targeted layer whose smaller
+    side is below ``r``: such an adapter has more parameters than the update it can express."""
+    for name, module in model.named_modules():
+        if not name or not _is_linear(module) or not _matches_target(name, target_names):
+            continue
+        if _excluded_by_modules_to_save(name, additional_target):
+            continue
+        out_f, in_f = int(module.out_features), int(module.in_features)
+        if r > min(out_f, in_f):
+            raise ValueError(f"lora_rank {r} is larger than the smaller side of layer '{name}' (weight {out_f} x "
+                             f"{in_f}, rank at most {min(out_f, in_f)}): lower lora_rank or leave that layer out of "
+                             "lora_target")
+
+
 def apply_lora(model: nn.Module, targets: str | Sequence[str] = "all", r: int = 8, alpha: float | None = None,
                dropout: float = 0.0, use_rslora: bool = False,
                additional_target: str | Sequence[str] | None = None,
@@ -173,6 +190,7 @@ def apply_lora(model: nn.Module, targets: str | Sequence[str] = "all", r: int = 
     saved = _split(additional_target)
     target_names = find_target_linear_names(model, targets)
     saved_full = _modules_to_save_names(model, saved)
+    check_rank(model, target_names, r, saved)
 
     model.requires_grad_(False)
     quantized = False
@@ -237,6 +255,7 @@ def apply_qlora(model: nn.Module, targets: str | Sequence[str] = "all", r: int =
     will train on, or on CPU before moving: the NF4 codes are the same either way."""
     target_names = find_target_linear_names(model, targets)  # before quantizing: same answer, early errors
     saved = _split(additional_target)
+    check_rank(model, target_names, r, saved)
     quantize_linears(model, skip=_modules_to_save_names(model, saved), blocksize=blocksize,
                      double_quant=double_quant, compute_dtype=compute_dtype)
     return apply_lora(model, target_names, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,

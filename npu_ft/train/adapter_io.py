@@ -11,7 +11,9 @@ Files (what LLaMA-Factory writes for ``finetuning_type: lora``):
 
 Writes are atomic: a new folder is written under a temporary name and renamed into place; into an
 existing folder (a training output_dir) each file is written to a temporary name and renamed, the
-weights first, the config last, so a reader never sees a config without its weights.
+weights first, the config last, so a reader never sees a config without its weights. Files and
+folders get the modes ``open`` / ``mkdir`` would give them under the process umask (``tempfile``
+alone makes them 0600 / 0700, unreadable to a serving pod or a colleague).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from npu_ft.modules.inject import (
     merge_adapter,
     modules_to_save,
 )
+
+from .outputs import chmod_like_open
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -129,6 +133,7 @@ def _write_files(out_dir: Path, files: dict[str, bytes]) -> None:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         try:
+            chmod_like_open(tmp)
             for name, data in files.items():
                 (tmp / name).write_bytes(data)
             os.replace(tmp, out_dir)
@@ -143,6 +148,7 @@ def _write_files(out_dir: Path, files: dict[str, bytes]) -> None:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
+            chmod_like_open(tmp_name)
             os.replace(tmp_name, out_dir / name)
         except BaseException:
             if os.path.exists(tmp_name):
@@ -188,6 +194,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, strict: bool 
     file's r / alpha / targets / modules_to_save; call :func:`apply_qlora` yourself beforehand for
     a quantized base). ``strict``: every tensor of the file must have a place and vice versa.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     config = read_adapter_config(adapter_dir)
@@ -201,7 +208,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, strict: bool 
     weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS_NAME
     if not weights_path.is_file():
         raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_WEIGHTS_NAME}")
-    tensors = load_file(str(weights_path))
+    try:
+        tensors = load_file(str(weights_path))
+    except SafetensorError as exc:
+        raise ValueError(f"{weights_path}: truncated or corrupt ({exc})") from None
     places: dict[str, torch.Tensor] = {}
     for name, module in lora_modules(model).items():
         places[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.weight

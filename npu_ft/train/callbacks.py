@@ -106,11 +106,6 @@ class LogCallback(TrainerCallback):
             f.flush()
 
     # -- callback events ---------------------------------------------------------------------
-    def on_init_end(self, args, state, control, **kwargs):
-        path = os.path.join(args.output_dir, TRAINER_LOG)
-        if args.should_save and os.path.exists(path) and getattr(args, "overwrite_output_dir", False):
-            os.remove(path)
-
     def on_train_begin(self, args, state, control, **kwargs):
         if not args.should_save:
             return

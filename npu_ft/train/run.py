@@ -15,7 +15,9 @@ in ``output_dir`` (as LLaMA-Factory writes them):
   ``plot_loss: true``.
 
 The final model is written into a temp folder and its files moved into ``output_dir`` one rename
-each, so an interrupted save never leaves a half-written weights file.
+each, so an interrupted save never leaves a half-written weights file. What a run guarantees about
+its outputs (run identity, overwrite, never past the end, file modes, no pickle, faults) is listed
+in docs/training.md ("Guarantees").
 """
 
 from __future__ import annotations
@@ -32,7 +34,18 @@ from typing import Any
 import torch
 
 from .callbacks import LogCallback, NonFiniteLossError, NonFiniteLossGuard, plot_loss
-from .checkpoint import CheckpointError, latest_checkpoint, remove_stale_tmp, resolve_resume
+from .checkpoint import (
+    CheckpointError,
+    check_resumable,
+    checkpoint_step,
+    latest_checkpoint,
+    parse_resume,
+    remove_stale_tmp,
+    resolve_resume,
+)
+from .outputs import OutputDirError, check_output_dir, is_disk_full, publish_folder
+from .previous_run import is_run_file, set_aside_previous_run
+from .run_identity import RUN_FILE, RunIdentity, check_same_run, compute_identity, snapshot_files, write_run_file
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +70,9 @@ class SftResult:
     global_step: int = 0
     log_history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: str | None = None
+    #: the resumed checkpoint was already at the end of training: no step ran, the final model was
+    #: written from it
+    already_finished: bool = False
     device: str = "cpu"
     #: the trained model (LoRA modules still injected) and the trainer, for in-process callers
     model: Any = field(default=None, repr=False)
@@ -126,8 +142,8 @@ def prepare_model(cfg: Any, device: torch.device, compute_dtype: torch.dtype | N
                     if param.dtype != torch.float32:
                         param.data = param.data.to(torch.float32)
     except ValueError as exc:
-        key = "lora_target" if "lora_target" in str(exc) else "additional_target" if "additional_target" in str(
-            exc) else "finetuning_type"
+        key = next((k for k in ("lora_rank", "lora_target", "additional_target") if str(exc).startswith(k)),
+                   "finetuning_type")
         raise TrainingError(f"{cfg.source}: key '{key}': {exc}") from exc
     model = model.to(device)
     model.config.use_cache = False
@@ -191,15 +207,35 @@ def _publish_final(trainer, output_dir: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
     trainer.save_model(staging)
     if trainer.args.should_save:
-        names = sorted(os.listdir(staging))
-        # weights first, configs last: a reader never sees a config without its weights
-        names.sort(key=lambda n: (n.endswith(".json"), n))
-        for name in names:
-            src, dst = os.path.join(staging, name), os.path.join(output_dir, name)
-            if os.path.isdir(dst) and not os.path.islink(dst):
-                shutil.rmtree(dst)
-            os.replace(src, dst)
-        shutil.rmtree(staging, ignore_errors=True)
+        publish_folder(staging, output_dir)
+
+
+def _record_outputs(output_dir: str, identity: RunIdentity) -> None:
+    """Rewrite output_dir's run file with the list of run files now there (all written by this run:
+    a fresh run set the earlier ones aside, a resumed one is the same run)."""
+    files = snapshot_files(output_dir)
+    names = {n: v for n, v in files.items() if os.sep not in n and n != RUN_FILE and is_run_file(n)}
+    write_run_file(output_dir, identity, names)
+
+
+def _planned_steps(trainer) -> int:
+    """The number of optimizer steps this run trains in total (transformers' own computation)."""
+    return int(trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1])
+
+
+def _finish_finished(cfg: Any, trainer, resume: str, step: int, total: int, identity: RunIdentity) -> None:
+    """The resumed checkpoint is at the end: load it, write the final model from it, train nothing."""
+    from transformers import TrainerState
+
+    logger.warning("%s is already at the end of training (step %d of %d): no step to run; the final model in %s "
+                   "is written from it", resume, step, total, cfg.output_dir)
+    trainer._load_from_checkpoint(resume)
+    trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+    _publish_final(trainer, cfg.output_dir)
+    if trainer.args.should_save:
+        if not os.path.isfile(os.path.join(cfg.output_dir, "trainer_state.json")):
+            trainer.save_state()
+        _record_outputs(cfg.output_dir, identity)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +263,10 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
         raise TrainingError(f"{cfg.source}: key 'output_dir': is required")
     if cfg.get("stage", "sft") != "sft":
         raise TrainingError(f"{cfg.source}: key 'stage': only sft is supported, got {cfg.stage!r}")
+    try:
+        check_output_dir(cfg.output_dir, cfg.model_name_or_path)
+    except OutputDirError as exc:
+        raise TrainingError(f"{cfg.source}: key 'output_dir': {exc}") from None
 
     # 1. device (raises DeviceUnavailableError for a device asked for but absent)
     backend, device = select_device(None if cfg.device == "auto" else cfg.device)
@@ -240,12 +280,16 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
     if dtype == torch.bfloat16 and not backend.supports_bf16():
         raise TrainingError(f"{cfg.source}: key 'bf16': {backend.name} ({backend.device_name()}) has no bf16")
 
-    # 2. where to resume from (no writes yet)
+    # 2. where to resume from (no writes yet): a complete checkpoint of this method
+    asked = parse_resume(cfg.resume_from_checkpoint)
+    # not asked: a checkpoint may still be picked from output_dir (LLaMA-Factory's rule); errors name output_dir
+    resume_key = "output_dir" if asked is None else "resume_from_checkpoint"
     try:
-        resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+        resume = _check_output_dir(cfg, resolve_resume(asked, cfg.output_dir))
+        if resume is not None:
+            check_resumable(resume, cfg.method)
     except CheckpointError as exc:
-        raise TrainingError(f"{cfg.source}: key 'resume_from_checkpoint': {exc}") from exc
-    resume = _check_output_dir(cfg, resume)
+        raise TrainingError(f"{cfg.source}: key '{resume_key}': {exc}") from None
 
     # 3. tokenizer and data (every data error surfaces here, before any output exists)
     tokenizer = load_tokenizer(cfg)
@@ -270,6 +314,14 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
     if with_target < len(splits.train):
         logger.warning("%d of %d training examples have no target token left after cutoff_len=%s",
                        len(splits.train) - with_target, len(splits.train), cfg.cutoff_len)
+
+    # 3b. which run this is; a checkpoint of another run is refused
+    identity = compute_identity(cfg)
+    if resume is not None:
+        try:
+            check_same_run(resume, identity, automatic=not isinstance(asked, str))
+        except CheckpointError as exc:
+            raise TrainingError(f"{cfg.source}: key '{resume_key}': {exc}") from None
 
     # 4. model + method (seeded first, as LLaMA-Factory does, so LoRA init is reproducible)
     from transformers import set_seed
@@ -304,21 +356,59 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
         save_adapter=save_adapter,
         load_adapter=load_adapter,
         nan_guard=guard,
+        run_identity=identity,
+        method=cfg.method,
         **trainer_kwargs,
     )
+    result = SftResult(output_dir=cfg.output_dir, method=cfg.method, resumed_from=resume, device=str(device))
+    try:
+        _train_and_save(cfg, trainer, resume, identity, splits, result)
+    except Exception as exc:  # writers report a full disk as OSError, SafetensorError, or (tokenizers) Exception
+        if isinstance(exc, (NonFiniteLossError, TrainingError)) or not is_disk_full(exc, cfg.output_dir):
+            raise
+        last = latest_checkpoint(cfg.output_dir)
+        kept = f"the last complete checkpoint is {last}" if last else "no checkpoint had been saved"
+        raise TrainingError(f"{cfg.source}: key 'output_dir': the disk is full (no space left on device) writing "
+                            f"to {cfg.output_dir!r}: {_first_line(exc)}; {kept}. Free space, then run again to "
+                            "resume") from None
+    result.model, result.trainer = trainer.model, trainer
+    return result
 
-    # 6. train
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _train_and_save(cfg: Any, trainer, resume: str | None, identity: RunIdentity, splits, result: SftResult) -> None:
+    """Steps 6 and 7 of :func:`run_sft`: train (or see the run is finished), then write the outputs."""
+    out = cfg.output_dir
+    if resume is not None:
+        step, total = checkpoint_step(resume), _planned_steps(trainer)
+        if step > total:
+            raise TrainingError(f"{cfg.source}: key 'resume_from_checkpoint': {resume} is at step {step}, past "
+                                f"the end of this run ({total} steps)")
+        if step == total:
+            _finish_finished(cfg, trainer, resume, step, total, identity)
+            result.global_step, result.already_finished = step, True
+            result.log_history = list(trainer.state.log_history)
+            return
+
+    # 6. train: a fresh run first sets the earlier run's files aside
     if trainer.args.should_save:
-        remove_stale_tmp(cfg.output_dir)
+        remove_stale_tmp(out)
+        if resume is None:
+            set_aside_previous_run(out, keep=(str(cfg.model_name_or_path), str(cfg.get("dataset_dir") or "")))
+        os.makedirs(out, exist_ok=True)
+        write_run_file(out, identity)
     started = time.time()
     try:
         train_result = trainer.train(resume_from_checkpoint=resume)
     except NonFiniteLossError as exc:
-        raise exc.with_checkpoint(latest_checkpoint(cfg.output_dir)) from None
+        raise exc.with_checkpoint(latest_checkpoint(out)) from None
     logger.info("training took %.1f s", time.time() - started)
 
     # 7. outputs
-    _publish_final(trainer, cfg.output_dir)
+    _publish_final(trainer, out)
     metrics = dict(train_result.metrics)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
@@ -329,9 +419,8 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     if trainer.is_world_process_zero() and cfg.get("plot_loss", False):
-        plot_loss(cfg.output_dir, keys=("loss", "eval_loss"))
-    return SftResult(
-        output_dir=cfg.output_dir, method=cfg.method, metrics=metrics, global_step=trainer.state.global_step,
-        log_history=list(trainer.state.log_history), resumed_from=resume, device=str(device),
-        model=trainer.model, trainer=trainer,
-    )
+        plot_loss(out, keys=("loss", "eval_loss"))
+    if trainer.args.should_save:
+        _record_outputs(out, identity)
+    result.metrics, result.global_step = metrics, trainer.state.global_step
+    result.log_history = list(trainer.state.log_history)

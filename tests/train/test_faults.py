@@ -1,9 +1,15 @@
 """Bad input and faults: ``npu-ft train`` exits non-zero with a message naming the file, key or line,
-and writes nothing; a NaN loss stops the run and keeps the last good checkpoint."""
+and writes nothing; a NaN loss stops the run and keeps the last good checkpoint; a full disk during
+a checkpoint save keeps the previous checkpoint whole."""
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +36,8 @@ def _run(capsys, args) -> tuple[int, str]:
 
 
 def _recipe(env, tmp_path, **overrides) -> Path:
-    return write_recipe(tmp_path / "recipe.yaml", base_recipe(env["model"], env["data"], tmp_path / "out", **overrides))
+    overrides.setdefault("output_dir", tmp_path / "out")
+    return write_recipe(tmp_path / "recipe.yaml", base_recipe(env["model"], env["data"], **overrides))
 
 
 def _dataset(tmp_path: Path, info: dict, files: dict[str, str]) -> Path:
@@ -166,3 +173,157 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(env, tmp_path):
     assert not (out / "adapter_model.safetensors").exists()  # no final model from a diverged run
     assert [rec["current_steps"] for rec in read_log(out) if "loss" in rec] == [1, 2, 3]
     assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# faults that must give one clear line, exit 1 and leave nothing behind
+# ---------------------------------------------------------------------------------------------
+def _one_line(code: int, err: str, *fragments: str) -> None:
+    """Exit 1, no traceback, and the error is one line holding every fragment."""
+    _assert_failed(code, err, *fragments)
+    assert code == 1
+    errors = [line for line in err.splitlines() if "npu-ft train: error:" in line]
+    assert len(errors) == 1 and all(f in errors[0] for f in fragments), err
+
+
+def _model_copy(env, tmp_path: Path) -> Path:
+    copy = tmp_path / "model"
+    shutil.copytree(env["model"], copy)
+    return copy
+
+
+def test_truncated_model_safetensors(env, capsys, tmp_path):
+    model = _model_copy(env, tmp_path)
+    weights = model / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    code, err = _run(capsys, [_recipe(env, tmp_path, model_name_or_path=str(model))])
+    _one_line(code, err, f"model folder '{model}': model.safetensors is truncated or corrupt")
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_model_safetensors_header(env, capsys, tmp_path):
+    model = _model_copy(env, tmp_path)
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:16] = b"garbage!"  # the JSON header
+    weights.write_bytes(bytes(data))
+    code, err = _run(capsys, [_recipe(env, tmp_path, model_name_or_path=str(model))])
+    _one_line(code, err, "model.safetensors is truncated or corrupt", "unreadable header")
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_is_a_file(env, capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    code, err = _run(capsys, [_recipe(env, tmp_path, output_dir=str(blocker))])
+    _one_line(code, err, "key 'output_dir'", "is a file, not a folder")
+    code, err = _run(capsys, [_recipe(env, tmp_path, output_dir=str(blocker / "out"))])
+    _one_line(code, err, "key 'output_dir'", "cannot be created", "is a file")
+    assert blocker.read_text() == "mine"
+
+
+def _can_mount() -> list[str] | None:
+    """The unshare command that lets this process mount a tmpfs (root, or a user namespace)."""
+    for prefix in (["unshare", "--mount"], ["unshare", "--user", "--map-root-user", "--mount"]):
+        probe = subprocess.run([*prefix, "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True,
+                               timeout=60)
+        if probe.returncode == 0:
+            return prefix
+    return None
+
+
+def _in_tmpfs(prefix: list[str], mount: Path, options: str, command: str) -> subprocess.CompletedProcess:
+    """Run ``command`` (sh) with a fresh tmpfs mounted on ``mount``; the mount ends with it."""
+    mount.mkdir(parents=True, exist_ok=True)
+    script = f"mount -t tmpfs -o {options} tmpfs {shlex.quote(str(mount))} && {command}"
+    return subprocess.run([*prefix, "sh", "-c", script], capture_output=True, text=True, timeout=1800,
+                          env={**os.environ})
+
+
+def test_output_dir_not_writable(env, capsys, tmp_path):
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        code, err = _run(capsys, [_recipe(env, tmp_path, output_dir=str(locked / "out"))])
+        _one_line(code, err, "key 'output_dir'", "not writable")
+        assert list(locked.iterdir()) == []
+        return
+    # root writes through chmod 0555: use a read-only file system instead
+    prefix = _can_mount()
+    if prefix is None:
+        pytest.skip("running as root and cannot mount a read-only tmpfs (no mount namespace): no way to make a "
+                    "folder unwritable")
+    mount = tmp_path / "ro"
+    recipe = _recipe(env, tmp_path, output_dir=str(mount / "out"))
+    proc = _in_tmpfs(prefix, mount, "ro,size=1m",
+                     f"{shlex.quote(sys.executable)} -m npu_ft.cli train {shlex.quote(str(recipe))}")
+    _one_line(proc.returncode, proc.stderr, "key 'output_dir'", "cannot be created", "not writable",
+              "Read-only file system")
+
+
+def test_output_dir_is_or_is_inside_the_model_folder(env, capsys, tmp_path):
+    model = _model_copy(env, tmp_path)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in model.iterdir())
+    link = tmp_path / "link-to-model"
+    link.symlink_to(model)
+    for out, what in ((model, "is the model folder"), (model / "run", "is inside the model folder"),
+                      (link / "run", "is inside the model folder")):
+        for method in ("full", "lora"):
+            code, err = _run(capsys, [_recipe(env, tmp_path, model_name_or_path=str(model), output_dir=str(out),
+                                              finetuning_type=method)])
+            _one_line(code, err, "key 'output_dir'", what)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in model.iterdir()) == before
+
+
+def test_data_row_with_wrong_types(env, capsys, tmp_path):
+    good = {"instruction": "a", "input": "", "output": "b"}
+    rows = [good, good, {"instruction": ["a", "b"], "input": "", "output": "c"}]
+    data = _dataset(tmp_path, {"toy": {"file_name": "toy.json"}}, {"toy.json": json.dumps(rows)})
+    code, err = _run(capsys, [_recipe(env, tmp_path, dataset_dir=str(data))])
+    _one_line(code, err, "toy.json", "row 3", "column 'instruction'", "expected a string, got list")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sharegpt_message_with_wrong_type(env, capsys, tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": {"text": "hi"}}, {"from": "gpt", "value": "x"}]}]
+    data = _dataset(tmp_path, {"toy": {"file_name": "toy.jsonl", "formatting": "sharegpt"}},
+                    {"toy.jsonl": "\n".join(json.dumps(r) for r in rows)})
+    code, err = _run(capsys, [_recipe(env, tmp_path, dataset_dir=str(data))])
+    _one_line(code, err, "toy.jsonl", "row 1", "column 'conversations' message 0", "column 'value'",
+              "expected a string, got dict")
+
+
+def test_lora_rank_larger_than_a_layer(env, capsys, tmp_path):
+    # the tiny model's k_proj / v_proj are 32 x 64 (2 kv heads of 16)
+    code, err = _run(capsys, [_recipe(env, tmp_path, lora_rank=48)])
+    _one_line(code, err, "key 'lora_rank'", "lora_rank 48", "model.layers.0.self_attn.k_proj", "32 x 64")
+    assert not (tmp_path / "out").exists()
+    code, err = _run(capsys, [_recipe(env, tmp_path, lora_rank=48, lora_target="q_proj,o_proj")])
+    assert code == 0, err  # 64 x 64 layers take rank 48
+
+
+def test_disk_full_during_checkpoint_save(env, tmp_path):
+    prefix = _can_mount()
+    if prefix is None:
+        pytest.skip("cannot mount a tmpfs (neither root nor a user namespace): no way to fill a disk safely")
+    mount = tmp_path / "small"
+    after = tmp_path / "after"
+    recipe = _recipe(env, tmp_path, output_dir=str(mount / "out"), max_steps=6, save_steps=2)
+    # a LoRA checkpoint of the tiny model is ~19 MB (18 MB of it the tokenizer): 30 MB holds one
+    command = (f"{shlex.quote(sys.executable)} -m npu_ft.cli train {shlex.quote(str(recipe))}; rc=$?; "
+               f"cp -a {shlex.quote(str(mount / 'out'))} {shlex.quote(str(after))}; exit $rc")
+    proc = _in_tmpfs(prefix, mount, "size=30m", command)
+    _one_line(proc.returncode, proc.stderr, "the disk is full (no space left on device)",
+              "the last complete checkpoint is", "checkpoint-2")
+    assert sorted(p.name for p in after.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+    assert not (after / "adapter_model.safetensors").exists()
+    # the previous checkpoint is whole: every file it lists is there with its size, and it loads
+    ckpt = after / "checkpoint-2"
+    recorded = json.loads((ckpt / "npu_ft_run.json").read_text())["files"]
+    assert recorded and all((ckpt / name).stat().st_size == size for name, (size, _) in recorded.items())
+    from npu_ft.train.state_io import load_state
+
+    assert load_state(ckpt / "optimizer.safetensors")["state"]
+    cfg = load_config(_recipe(env, tmp_path, output_dir=str(after), max_steps=6, save_steps=2,
+                              overwrite_output_dir=False))
+    assert run_sft(cfg).global_step == 6  # and resumes from it

@@ -68,7 +68,8 @@ def test_lora_cli_outputs_and_peft_loads_adapter(env, capsys):
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
     assert not (out / "model.safetensors").exists()
     ck = out / "checkpoint-2"
-    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
+    for name in ("adapter_model.safetensors", "optimizer.safetensors", "scheduler.safetensors", "rng_state.safetensors",
+                 "trainer_state.json", "training_args.json", "npu_ft_run.json"):
         assert (ck / name).is_file(), name
 
     # PEFT loads our adapter and gives the same logits as npu-ft's own modules
