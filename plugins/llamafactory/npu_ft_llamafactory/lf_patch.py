@@ -137,9 +137,8 @@ def _wrap_configure_quantization(original):
             reason = f"quantization_bit: {bits} is not supported (npu-ft replaces bitsandbytes 4-bit NF4 only)"
         elif qtype != "nf4":
             reason = f"quantization_type: {qtype} is not supported (npu-ft's 4-bit layers are NF4 only)"
-        else:
-            if _zero3_or_fsdp():
-                reason = "4-bit quantization with DeepSpeed ZeRO-3 / FSDP is not supported by npu-ft's NF4 layers"
+        elif _zero3_or_fsdp():
+            reason = "4-bit quantization with DeepSpeed ZeRO-3 / FSDP is not supported by npu-ft's NF4 layers"
         if reason:
             _unpatchable(reason)
             return original(config, tokenizer, model_args, is_trainable, init_kwargs)
