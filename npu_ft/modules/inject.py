@@ -43,8 +43,10 @@ __all__ = [
     "lora_modules",
     "merge_adapter",
     "modules_to_save",
+    "output_head_modules",
     "output_head_names",
     "quantize_linears",
+    "set_submodule",
 ]
 
 SPEC_ATTR = "npu_ft_lora"
@@ -81,6 +83,26 @@ def _split(names: str | Iterable[str] | None) -> list[str] | None:
         names = names.split(",")
     out = [n.strip() for n in names if n and n.strip()]
     return out or None
+
+
+def output_head_modules(model: nn.Module) -> list[nn.Module]:
+    """The output projection (``lm_head``) of ``model``, looking through PEFT wrappers
+    (``PeftModel.base_model.model``): the head, and the layer it wraps (``base_layer``) if an adapter
+    wraps it. Empty when no level has ``get_output_embeddings``."""
+    heads: list[nn.Module] = []
+    base = getattr(model, "base_model", None)
+    for level in (model, base, getattr(base, "model", None)):
+        getter = getattr(level, "get_output_embeddings", None)
+        if not callable(getter):
+            continue
+        try:
+            head = getter()
+        except NotImplementedError:  # some wrappers declare it without implementing it
+            head = None
+        for module in (head, getattr(head, "base_layer", None)):
+            if isinstance(module, nn.Module) and not any(module is h for h in heads):
+                heads.append(module)
+    return heads
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -132,10 +154,15 @@ def find_target_linear_names(model: nn.Module, lora_target: str | Sequence[str] 
     return targets
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of ``model``'s submodule ``name`` (a full dotted name, e.g.
+    ``model.layers.0.mlp.up_proj``)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+_set_submodule = set_submodule  # the name this module's own functions use
 
 
 def _modules_to_save_names(model: nn.Module, additional_target: Sequence[str] | None) -> list[str]:

@@ -71,12 +71,18 @@ class Nf4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: torch.dtype | None = None) -> Nf4Linear:
-        """Quantize ``linear.weight`` ``[out, in]`` to NF4 (bitsandbytes layout); the bias is copied."""
+                    compute_dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Nf4Linear:
+        """Quantize ``linear.weight`` ``[out, in]`` to NF4 (bitsandbytes layout); the bias is copied.
+
+        ``device``: where to quantize and keep the layer (default: where the weight is); the NF4
+        bytes do not depend on it."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected nn.Linear, got {type(linear).__name__}")
-        packed, state = _nf4().quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
-        bias = None if linear.bias is None else linear.bias.detach()
+        weight = linear.weight.detach()
+        if device is not None:
+            weight = weight.to(device)
+        packed, state = _nf4().quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant)
+        bias = None if linear.bias is None else linear.bias.detach().to(weight.device)
         return cls(packed, state, bias, compute_dtype=compute_dtype)
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import textwrap
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,13 +141,18 @@ def test_fused_loss_on_the_model_inside_peft(fake_lf, monkeypatch):
         assert not fused_cross_entropy_enabled(model.get_base_model())
     model, _ = _load(enable_liger_kernel=True)
     assert not fused_cross_entropy_enabled(model.get_base_model())
+    # the option of the apply call decides, not the environment
     monkeypatch.setenv("NPU_FT_LF_FUSED_LOSS", "0")
+    model, _ = _load()
+    assert fused_cross_entropy_enabled(model.get_base_model())
+    apply_npu_ft_to_llamafactory(fallback=False, fused_loss=False)
+    monkeypatch.setenv("NPU_FT_LF_FUSED_LOSS", "1")
     model, _ = _load()
     assert not fused_cross_entropy_enabled(model.get_base_model())
     assert counters()["fused_cross_entropy"] is False
 
 
-def test_checkpoint_policy_from_env(fake_lf, monkeypatch):
+def test_checkpoint_policy_from_the_apply_call(fake_lf, monkeypatch):
     fake_lf("0.9.5")
     from npu_ft_llamafactory import apply_npu_ft_to_llamafactory, counters
     from npu_ft_llamafactory.lf_patch import NpuFtLlamaFactoryError
@@ -155,10 +161,12 @@ def test_checkpoint_policy_from_env(fake_lf, monkeypatch):
     from llamafactory.model.model_utils import checkpointing
 
     model, _ = _load()
+    monkeypatch.setenv("NPU_FT_LF_CHECKPOINT_POLICY", "selective")  # read by the CLI and the hook only
     checkpointing._gradient_checkpointing_enable(model.get_base_model(), {"use_reentrant": True})
-    assert checkpointing.CALLS[-1] == ({"use_reentrant": True}, False)  # unset: LLaMA-Factory's own
+    assert checkpointing.CALLS[-1] == ({"use_reentrant": True}, False)  # default full: LLaMA-Factory's own
     assert counters()["checkpoint_policy"] == "full"
-    monkeypatch.setenv("NPU_FT_LF_CHECKPOINT_POLICY", "selective")
+    apply_npu_ft_to_llamafactory(fallback=False, checkpoint_policy="selective")
+    monkeypatch.delenv("NPU_FT_LF_CHECKPOINT_POLICY")
     checkpointing._gradient_checkpointing_enable(model.get_base_model(), {"use_reentrant": True})
     kwargs, _ = checkpointing.CALLS[-1]
     assert kwargs["use_reentrant"] is False and callable(kwargs["context_fn"])
@@ -172,10 +180,69 @@ def test_checkpoint_policy_from_env(fake_lf, monkeypatch):
     assert sum(kernel_calls("lora_linear").values()) == 2  # q_proj, v_proj once each: not rerun
     with pytest.raises(NpuFtLlamaFactoryError, match="cannot be combined with use_unsloth_gc"):
         checkpointing._gradient_checkpointing_enable(model.get_base_model(), None, True)
-    monkeypatch.setenv("NPU_FT_LF_CHECKPOINT_POLICY", "most")
-    with pytest.raises(NpuFtLlamaFactoryError, 
-                       match="NPU_FT_LF_CHECKPOINT_POLICY='most': expected one of full, selective"):
-        checkpointing._gradient_checkpointing_enable(model.get_base_model(), None)
+    with pytest.raises(NpuFtLlamaFactoryError, match="checkpoint_policy='most': expected one of full, selective"):
+        apply_npu_ft_to_llamafactory(checkpoint_policy="most")
+    # a refused call changes nothing
+    checkpointing._gradient_checkpointing_enable(model.get_base_model(), None)
+    assert counters()["checkpoint_policy"] == "selective"
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(checkpoint_policy="Selective"), "checkpoint_policy='Selective': expected one of full, selective"),
+        (dict(fused_loss="no"), "fused_loss='no': expected True or False"),
+        (dict(fallback=1), "fallback=1: expected True or False"),
+        (dict(counters_path=""), "counters_path='': expected a file path or None"),
+    ],
+)
+def test_bad_apply_arguments(fake_lf, kw, msg):
+    fake_lf("0.9.5")
+    from npu_ft_llamafactory import NpuFtLlamaFactoryError, apply_npu_ft_to_llamafactory, is_peft_patched
+
+    with pytest.raises(NpuFtLlamaFactoryError, match=msg):
+        apply_npu_ft_to_llamafactory(**kw)
+    assert not is_peft_patched()
+
+
+def test_options_from_env(monkeypatch):
+    from npu_ft_llamafactory.options import (
+        NpuFtLlamaFactoryError,
+        PluginOptions,
+        hook_enabled_from_env,
+        options_from_env,
+        options_to_env,
+    )
+
+    for name in ("NPU_FT_LLAMAFACTORY", "NPU_FT_LF_FALLBACK", "NPU_FT_LF_FUSED_LOSS", "NPU_FT_LF_CHECKPOINT_POLICY",
+                 "NPU_FT_LF_COUNTERS"):
+        monkeypatch.delenv(name, raising=False)
+    assert options_from_env() == PluginOptions() and not hook_enabled_from_env()
+    env = {"NPU_FT_LLAMAFACTORY": "On", "NPU_FT_LF_FALLBACK": "yes", "NPU_FT_LF_FUSED_LOSS": "0",
+           "NPU_FT_LF_CHECKPOINT_POLICY": " Selective ", "NPU_FT_LF_COUNTERS": "/tmp/c.json"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    options = options_from_env()
+    assert options == PluginOptions(fallback=True, fused_loss=False, checkpoint_policy="selective",
+                                    counters_path="/tmp/c.json")
+    assert hook_enabled_from_env()
+    # what lf-train hands its torchrun workers reads back as the same options
+    for k, v in options_to_env(PluginOptions(fused_loss=False, checkpoint_policy="selective")).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("NPU_FT_LF_COUNTERS")
+    assert options_from_env() == PluginOptions(fused_loss=False, checkpoint_policy="selective")
+    for name, value, msg in [
+        ("NPU_FT_LF_CHECKPOINT_POLICY", "most", "NPU_FT_LF_CHECKPOINT_POLICY='most': expected one of full, selective"),
+        ("NPU_FT_LF_FUSED_LOSS", "maybe", "NPU_FT_LF_FUSED_LOSS='maybe': expected one of 1, true"),
+        ("NPU_FT_LF_FALLBACK", "2", "NPU_FT_LF_FALLBACK='2': expected one of 1, true"),
+    ]:
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            with pytest.raises(NpuFtLlamaFactoryError, match=msg):
+                options_from_env()
+    monkeypatch.setenv("NPU_FT_LLAMAFACTORY", "sure")
+    with pytest.raises(NpuFtLlamaFactoryError, match="NPU_FT_LLAMAFACTORY='sure'"):
+        hook_enabled_from_env()
 
 
 @pytest.mark.parametrize(
@@ -230,19 +297,77 @@ def test_unsupported_version(fake_lf):
 
 def test_import_hook_patches_on_import(fake_lf, tmp_path):
     fake_lf("0.9.5")
-    from npu_ft_llamafactory import hook, is_peft_patched
+    from npu_ft_llamafactory import PluginOptions, hook, is_peft_patched, lf_patch
 
     pth = hook.install_pth(tmp_path)
     lines = pth.read_text().splitlines()
-    assert lines[0].endswith("plugins/llamafactory") and "NPU_FT_LLAMAFACTORY" in lines[1]
+    # one guarded import line; no path entry (the plugin is importable because it is installed)
+    assert len(lines) == 1 and lines[0].startswith("import os;") and "NPU_FT_LLAMAFACTORY" in lines[0]
     assert hook.uninstall_pth(tmp_path) == pth and not pth.exists()
 
-    hook.install_import_hook()
+    hook.install_import_hook(PluginOptions(checkpoint_policy="selective"))
     assert not is_peft_patched()
     import llamafactory.model.loader as loader  # the hook patches right after this import
 
     assert getattr(loader.init_adapter, "__npu_ft_patched__", False) and is_peft_patched()
     assert loader.__spec__.origin.endswith("loader.py")
+    assert lf_patch.current_options() == PluginOptions(checkpoint_policy="selective")
+
+
+@pytest.mark.parametrize("enable", ["1", "0"])
+def test_import_hook_reads_the_environment(fake_lf, monkeypatch, enable):
+    """Without options the hook reads NPU_FT_LLAMAFACTORY and NPU_FT_LF_* when LLaMA-Factory is imported."""
+    fake_lf("0.9.5")
+    from npu_ft_llamafactory import PluginOptions, hook, is_peft_patched, lf_patch
+
+    monkeypatch.setenv("NPU_FT_LLAMAFACTORY", enable)
+    monkeypatch.setenv("NPU_FT_LF_CHECKPOINT_POLICY", "selective")
+    monkeypatch.setenv("NPU_FT_LF_FUSED_LOSS", "off")
+    hook.install_import_hook()
+    import llamafactory.model.loader as loader
+
+    assert getattr(loader.init_adapter, "__npu_ft_patched__", False) is (enable == "1")
+    assert is_peft_patched() is (enable == "1")
+    if enable == "1":
+        assert lf_patch.current_options() == PluginOptions(fused_loss=False, checkpoint_policy="selective")
+
+
+def test_import_hook_bad_variable_is_one_line(fake_lf, monkeypatch):
+    fake_lf("0.9.5")
+    from npu_ft_llamafactory import hook, is_peft_patched
+
+    monkeypatch.setenv("NPU_FT_LLAMAFACTORY", "1")
+    monkeypatch.setenv("NPU_FT_LF_CHECKPOINT_POLICY", "most")
+    hook.install_import_hook()
+    with pytest.raises(SystemExit) as exc:
+        import llamafactory.model.loader  # noqa: F401
+    assert str(exc.value) == ("npu-ft LLaMA-Factory import hook: NPU_FT_LF_CHECKPOINT_POLICY='most': expected one "
+                              "of full, selective")
+    assert not is_peft_patched()
+
+
+def test_pth_file_at_python_startup(tmp_path):
+    """The .pth line in a real interpreter: the finder is active only with NPU_FT_LLAMAFACTORY set, and
+    putting it there imports neither torch nor LLaMA-Factory."""
+    import os
+    import subprocess
+
+    from npu_ft_llamafactory import hook
+
+    hook.install_pth(tmp_path)
+    plugin_dir = Path(hook.__file__).resolve().parents[1]
+    code = ("import site, sys; site.addsitedir(sys.argv[1]); from npu_ft_llamafactory import hook; "
+            "print(hook.hook_status()['active_in_this_process'], 'torch' in sys.modules)")
+    base = {k: v for k, v in os.environ.items() if k != "NPU_FT_LLAMAFACTORY"}
+    base["PYTHONPATH"] = os.pathsep.join([str(plugin_dir), base.get("PYTHONPATH", "")])
+    outs = {}
+    for value in (None, "1"):
+        env = dict(base, **({"NPU_FT_LLAMAFACTORY": value} if value else {}))
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        outs[value] = proc.stdout.split()
+    assert outs == {None: ["False", "False"], "1": ["True", "False"]}
 
 
 def test_lf_train_without_llamafactory(capsys, monkeypatch):
@@ -262,3 +387,13 @@ def test_lf_train_without_llamafactory(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "LLaMA-Factory is not installed" in err and "pip install llamafactory==0.9.5" in err
     assert main(["lf-train", "--help"]) == 0
+
+
+def test_lf_train_bad_variable(capsys, monkeypatch):
+    from npu_ft.cli import main
+
+    monkeypatch.setenv("NPU_FT_LF_FUSED_LOSS", "perhaps")
+    assert main(["lf-train", "config.yaml"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("npu-ft lf-train: error: NPU_FT_LF_FUSED_LOSS='perhaps': expected one of 1, true, yes, on "
+                   "(or 0, false, no, off)")

@@ -148,6 +148,7 @@ def test_qlora_quantize_base_layers(patched_peft, double_quant):
     assert not any("lm_head" in n or "lora_" in n for n in names)
     nf4 = [mod for mod in m.modules() if isinstance(mod, Nf4Linear)]
     assert len(nf4) == 14 and all(x.quant_state.nested == double_quant for x in nf4)
+    assert all(x.compute_dtype == torch.float32 for x in nf4)  # default: the weight's dtype
     assert type(m.base_model.model.lm_head) is nn.Linear
     ref = _dequantized_reference(m)
     m.train(), ref.train()
@@ -160,6 +161,30 @@ def test_qlora_quantize_base_layers(patched_peft, double_quant):
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     for n in g:
         torch.testing.assert_close(g[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_qlora_bytes_and_a_lora_wrapped_output_head(patched_peft):
+    """quantize_base_layers stores exactly npu-ft's quantize_nf4 of each dense weight (bitsandbytes'
+    bytes), with the compute dtype asked for, and leaves the output head dense even when a LoRA
+    adapter wraps it and no name-based skip applies."""
+    from npu_ft.modules.nf4 import Nf4Linear
+    from npu_ft.ops.nf4 import quantize_nf4
+    from npu_ft_llamafactory import quantize_base_layers
+
+    m = _peft_model(targets=["q_proj", "lm_head"])
+    dense = {n: mod.weight.detach().clone() for n, mod in m.named_modules() if type(mod) is nn.Linear}
+    names = quantize_base_layers(m, skip=(), compute_dtype=torch.bfloat16, device="cpu")
+    assert len(names) == 14 and not any("lm_head" in n for n in names)
+    assert type(m.base_model.model.lm_head.base_layer) is nn.Linear
+    for name in names:
+        layer = m.get_submodule(name)
+        name = f"{name}.base_layer" if hasattr(layer, "base_layer") else name
+        layer = m.get_submodule(name)
+        assert isinstance(layer, Nf4Linear) and layer.compute_dtype == torch.bfloat16
+        packed, state = quantize_nf4(dense[name], blocksize=64, double_quant=True)
+        assert torch.equal(layer.packed, packed), name
+        for field in ("qabsmax", "nested_absmax", "offset"):
+            assert torch.equal(getattr(layer.quant_state, field), getattr(state, field)), (name, field)
 
 
 def test_convert_bnb_4bit_layers(patched_peft):

@@ -6,8 +6,11 @@
     npu-ft lf-train --status
 
 Everything after CONFIG.yaml that is not one of the flags above goes to LLaMA-Factory unchanged
-(``key=value`` overrides). Exit status 2 for a clear setup error (LLaMA-Factory missing, unsupported
-version or model without ``--allow-unpatched``).
+(``key=value`` overrides). The plugin's options come from ``NPU_FT_LF_FALLBACK``,
+``NPU_FT_LF_FUSED_LOSS``, ``NPU_FT_LF_CHECKPOINT_POLICY`` and ``NPU_FT_LF_COUNTERS`` (the flags win);
+the same options reach LLaMA-Factory's torchrun workers through those variables. Exit status 1 for
+a bad variable, 2 for a clear setup error (LLaMA-Factory missing, unsupported version or model
+without ``--allow-unpatched``).
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 
 from . import hook, lf_patch
+from .options import ENV_ENABLE, NpuFtLlamaFactoryError, options_from_env, options_to_env
 
 USAGE = __doc__.split("\n\n", 2)[1]
 
@@ -67,28 +72,34 @@ def lf_train_main(argv: list[str]) -> int:
         status = hook.hook_status()
         try:
             status["llamafactory"] = lf_patch.check_llamafactory()
-        except lf_patch.NpuFtLlamaFactoryError as exc:
+        except NpuFtLlamaFactoryError as exc:
             status["llamafactory"] = str(exc)
         status["supported_llamafactory"] = list(lf_patch.SUPPORTED_LF_VERSIONS)
         print(json.dumps(status, indent=2))
         return 0
-    fallback = _pop_flag(argv, "--allow-unpatched") or lf_patch.fallback_requested()
+    allow_unpatched = _pop_flag(argv, "--allow-unpatched")
     counters = _pop_value(argv, "--counters")
-    if counters:
-        os.environ[lf_patch.ENV_COUNTERS] = os.path.abspath(counters)
     if not argv or argv[0].startswith("-"):
         print(f"npu-ft lf-train: expected a LLaMA-Factory CONFIG.yaml first\n{USAGE}", file=sys.stderr)
         return 2
     try:
-        info = lf_patch.apply_npu_ft_to_llamafactory(fallback=fallback)
-    except lf_patch.NpuFtLlamaFactoryError as exc:
+        options = options_from_env()
+    except NpuFtLlamaFactoryError as exc:
+        print(f"npu-ft lf-train: error: {exc}", file=sys.stderr)
+        return 1
+    options = replace(options, fallback=options.fallback or allow_unpatched,
+                      counters_path=os.path.abspath(counters) if counters else options.counters_path)
+    os.environ.update(options_to_env(options))  # the same options in LLaMA-Factory's torchrun workers
+    try:
+        # counters are written below by the process that trains (this one, or each torchrun worker)
+        info = lf_patch.apply_npu_ft_to_llamafactory(**replace(options, counters_path=None).as_kwargs())
+    except NpuFtLlamaFactoryError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    if fallback:
-        os.environ[lf_patch.ENV_FALLBACK] = "1"  # same choice in torchrun workers
+    workers = bool(info.get("patched")) and _would_launch_torchrun()
     if info.get("patched"):
-        os.environ[lf_patch.ENV_ENABLE] = "1"  # torchrun workers patch themselves through the .pth hook
-        if _would_launch_torchrun() and not hook.hook_status()["installed"]:
+        os.environ[ENV_ENABLE] = "1"  # torchrun workers patch themselves through the .pth hook
+        if workers and not hook.hook_status()["installed"]:
             print("npu-ft lf-train: LLaMA-Factory would start torchrun workers, which are patched only through the "
                   "import hook; run `npu-ft lf-train --install-hook` once in this environment", file=sys.stderr)
             return 2
@@ -99,11 +110,12 @@ def lf_train_main(argv: list[str]) -> int:
     sys.argv = ["llamafactory-cli", "train", *argv]
     try:
         lf_main()
-    except lf_patch.NpuFtLlamaFactoryError as exc:
+    except NpuFtLlamaFactoryError as exc:
         print(str(exc), file=sys.stderr)
         return 2
     finally:
-        lf_patch.write_counters()
+        if options.counters_path and not workers:
+            lf_patch.write_counters(options.counters_path)
     return 0
 
 

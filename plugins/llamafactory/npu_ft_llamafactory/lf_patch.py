@@ -14,12 +14,15 @@
    bitsandbytes ``Linear4bit`` of a pre-quantized checkpoint (:func:`~.qlora.convert_bnb_4bit_layers`);
    for training, it also switches on npu-ft's fused linear cross-entropy on the model inside PEFT
    (:func:`npu_ft.modules.fused_loss.enable_fused_cross_entropy`: the same loss without the
-   ``[tokens, vocab]`` logits) unless ``NPU_FT_LF_FUSED_LOSS=0`` or a LLaMA-Factory option needs the
+   ``[tokens, vocab]`` logits) unless ``fused_loss=False`` or a LLaMA-Factory option needs the
    training logits (:data:`LOGIT_OPTIONS`, Liger kernels);
 5. wraps ``llamafactory.model.model_utils.checkpointing._gradient_checkpointing_enable`` so that
-   ``NPU_FT_LF_CHECKPOINT_POLICY=selective`` checkpoints with npu-ft's selective policy
-   (:mod:`npu_ft.modules.checkpointing`: GEMM outputs kept, not recomputed); unset or ``full``:
+   ``checkpoint_policy="selective"`` checkpoints with npu-ft's selective policy
+   (:mod:`npu_ft.modules.checkpointing`: GEMM outputs kept, not recomputed); ``full``:
    LLaMA-Factory's own checkpointing, unchanged.
+
+The wrappers read the options of the latest ``apply_npu_ft_to_llamafactory`` call (a
+:class:`~.options.PluginOptions` kept in this module), never the environment.
 
 Nothing else of LLaMA-Factory changes: its arguments, data, Trainer, callbacks and adapter saving
 (PEFT ``adapter_model.safetensors`` + ``adapter_config.json``) are its own.
@@ -27,7 +30,7 @@ Nothing else of LLaMA-Factory changes: its arguments, data, Trainer, callbacks a
 What cannot be patched (LLaMA-Factory missing or at another version, a model type outside
 :data:`SUPPORTED_MODEL_TYPES`, ``quantization_bit: 8``, ``quantization_type: fp4``, 4-bit with DeepSpeed
 ZeRO-3 / FSDP) raises :class:`NpuFtLlamaFactoryError` -- unless the user asked for the fallback
-(``fallback=True``, env ``NPU_FT_LF_FALLBACK=1`` or ``npu-ft lf-train --allow-unpatched``): then a
+(``fallback=True``; ``npu-ft lf-train --allow-unpatched`` or ``NPU_FT_LF_FALLBACK=1``): then a
 warning says so and LLaMA-Factory runs unpatched.
 """
 
@@ -44,13 +47,9 @@ import warnings
 import torch
 
 from . import peft_patch, qlora
+from .options import ENV_FALLBACK, NpuFtLlamaFactoryError, PluginOptions
 
 __all__ = [
-    "ENV_COUNTERS",
-    "ENV_ENABLE",
-    "ENV_FALLBACK",
-    "ENV_CHECKPOINT_POLICY",
-    "ENV_FUSED_LOSS",
     "LOGIT_OPTIONS",
     "NpuFtLlamaFactoryError",
     "SUPPORTED_LF_VERSIONS",
@@ -58,7 +57,7 @@ __all__ = [
     "apply_npu_ft_to_llamafactory",
     "check_llamafactory",
     "counters",
-    "fallback_requested",
+    "current_options",
     "write_counters",
 ]
 
@@ -69,41 +68,29 @@ SUPPORTED_LF_VERSIONS = ("0.9.5",)
 #: ``config.model_type`` values the plugin patches (the Qwen families npu-ft is built and tested for)
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
 
-ENV_ENABLE = "NPU_FT_LLAMAFACTORY"
-ENV_FALLBACK = "NPU_FT_LF_FALLBACK"
-ENV_COUNTERS = "NPU_FT_LF_COUNTERS"
-ENV_FUSED_LOSS = "NPU_FT_LF_FUSED_LOSS"
-ENV_CHECKPOINT_POLICY = "NPU_FT_LF_CHECKPOINT_POLICY"
 #: LLaMA-Factory finetuning options whose loss or metrics read the training logits: no fused loss
 LOGIT_OPTIONS = ("use_asft_loss", "use_dft_loss", "use_eaft_loss", "compute_accuracy")
 
-_TRUE = ("1", "true", "yes", "on")
-_STATE = {"applied": False, "fallback": False, "unpatched_reason": None, "quantized": 0, "converted": 0,
+_STATE = {"applied": False, "options": PluginOptions(), "unpatched_reason": None, "quantized": 0, "converted": 0,
           "model_type": None, "counters_hook": False, "fused_cross_entropy": None, "checkpoint_policy": None}
 
 
-class NpuFtLlamaFactoryError(RuntimeError):
-    """LLaMA-Factory cannot be patched as asked (and no fallback was requested)."""
+def current_options() -> PluginOptions:
+    """The options of the latest :func:`apply_npu_ft_to_llamafactory` call (the defaults before any)."""
+    return _STATE["options"]
 
 
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in _TRUE
-
-
-def fallback_requested(fallback: bool | None = None) -> bool:
-    return env_flag(ENV_FALLBACK) if fallback is None else bool(fallback)
-
-
-def _unpatchable(reason: str, fallback: bool) -> None:
-    """Raise, or (fallback) switch the plugin off for this process and warn."""
-    if not fallback:
+def _unpatchable(reason: str) -> None:
+    """Raise, or (fallback option) switch the plugin off for this process and warn."""
+    if not current_options().fallback:
         raise NpuFtLlamaFactoryError(
             f"npu-ft LLaMA-Factory plugin: {reason}. Nothing was patched. To run LLaMA-Factory unpatched "
-            f"anyway, set {ENV_FALLBACK}=1 (or pass --allow-unpatched to `npu-ft lf-train`)."
+            f"anyway, pass --allow-unpatched to `npu-ft lf-train` (or set {ENV_FALLBACK}=1; from Python: "
+            "apply_npu_ft_to_llamafactory(fallback=True))."
         )
     _STATE["unpatched_reason"] = reason
     peft_patch.set_enabled(False)
-    msg = f"npu-ft LLaMA-Factory plugin: {reason}; running LLaMA-Factory UNPATCHED ({ENV_FALLBACK} fallback)"
+    msg = f"npu-ft LLaMA-Factory plugin: {reason}; running LLaMA-Factory UNPATCHED (fallback requested)"
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
     print(msg, file=sys.stderr)
 
@@ -134,7 +121,7 @@ def _is_bnb(method) -> bool:
     return str(getattr(method, "value", method)).lower() in ("bnb", "bitsandbytes")
 
 
-def _wrap_configure_quantization(original, fallback: bool):
+def _wrap_configure_quantization(original):
     @functools.wraps(original)
     def configure_quantization(config, tokenizer, model_args, is_trainable, init_kwargs):
         on_the_fly = (not getattr(config, "quantization_config", None)
@@ -150,17 +137,10 @@ def _wrap_configure_quantization(original, fallback: bool):
             reason = f"quantization_bit: {bits} is not supported (npu-ft replaces bitsandbytes 4-bit NF4 only)"
         elif qtype != "nf4":
             reason = f"quantization_type: {qtype} is not supported (npu-ft's 4-bit layers are NF4 only)"
-        else:
-            try:
-                from transformers.integrations import is_deepspeed_zero3_enabled
-
-                zero3 = is_deepspeed_zero3_enabled()
-            except Exception:  # noqa: BLE001
-                zero3 = False
-            if zero3 or env_flag("ACCELERATE_USE_FSDP"):
-                reason = "4-bit quantization with DeepSpeed ZeRO-3 / FSDP is not supported by npu-ft's NF4 layers"
+        elif _zero3_or_fsdp():
+            reason = "4-bit quantization with DeepSpeed ZeRO-3 / FSDP is not supported by npu-ft's NF4 layers"
         if reason:
-            _unpatchable(reason, fallback)
+            _unpatchable(reason)
             return original(config, tokenizer, model_args, is_trainable, init_kwargs)
         model_args.npu_ft_nf4 = {"double_quant": bool(getattr(model_args, "double_quantization", True)),
                                  "compute_dtype": getattr(model_args, "compute_dtype", None)}
@@ -170,6 +150,19 @@ def _wrap_configure_quantization(original, fallback: bool):
 
     configure_quantization.__npu_ft_patched__ = True
     return configure_quantization
+
+
+def _zero3_or_fsdp() -> bool:
+    """Whether this run shards parameters (DeepSpeed ZeRO-3, or FSDP as accelerate's launcher sets it)."""
+    from accelerate.utils import parse_flag_from_env
+
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        zero3 = is_deepspeed_zero3_enabled()
+    except Exception:  # noqa: BLE001 - no DeepSpeed integration: no ZeRO-3
+        zero3 = False
+    return zero3 or parse_flag_from_env("ACCELERATE_USE_FSDP")
 
 
 def _quantize_device():
@@ -185,8 +178,8 @@ def _quantize_device():
 
 def _fused_loss_blocker(model_args, finetuning_args) -> str | None:
     """Why LLaMA-Factory's run must keep transformers' loss (None: the fused loss may be used)."""
-    if os.environ.get(ENV_FUSED_LOSS, "1").strip().lower() in ("0", "false", "no", "off"):
-        return f"{ENV_FUSED_LOSS}=0"
+    if not current_options().fused_loss:
+        return "fused_loss=False"
     if getattr(model_args, "enable_liger_kernel", False):
         return "enable_liger_kernel (Liger's own fused loss)"
     for name in LOGIT_OPTIONS:
@@ -208,7 +201,7 @@ def _enable_fused_loss(model, model_args, finetuning_args) -> bool:
     return enable_fused_cross_entropy(inner)
 
 
-def _wrap_init_adapter(original, fallback: bool):
+def _wrap_init_adapter(original):
     @functools.wraps(original)
     def init_adapter(config, model, model_args, finetuning_args, is_trainable):
         if peft_patch.is_enabled():
@@ -216,7 +209,7 @@ def _wrap_init_adapter(original, fallback: bool):
             _STATE["model_type"] = model_type
             if model_type not in SUPPORTED_MODEL_TYPES:
                 _unpatchable(f"model type {model_type!r} is not supported (supported: "
-                             f"{', '.join(SUPPORTED_MODEL_TYPES)})", fallback)
+                             f"{', '.join(SUPPORTED_MODEL_TYPES)})")
         nf4 = getattr(model_args, "npu_ft_nf4", None)
         if nf4 is not None and not peft_patch.is_enabled():
             # a fallback was triggered after configure_quantization: the model is dense, say so loudly
@@ -245,23 +238,14 @@ def _wrap_init_adapter(original, fallback: bool):
     return init_adapter
 
 
-def checkpoint_policy() -> str:
-    """The checkpointing policy ``NPU_FT_LF_CHECKPOINT_POLICY`` asks for (default ``full``)."""
-    from npu_ft.modules.checkpointing import POLICIES
-
-    value = os.environ.get(ENV_CHECKPOINT_POLICY, "").strip().lower() or "full"
-    if value not in POLICIES:
-        raise NpuFtLlamaFactoryError(f"{ENV_CHECKPOINT_POLICY}={value!r}: expected one of {', '.join(POLICIES)}")
-    return value
-
-
 def _wrap_gradient_checkpointing_enable(original):
     @functools.wraps(original)
     def _gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, use_unsloth_gc=False):
-        policy = checkpoint_policy()
+        policy = current_options().checkpoint_policy
         if policy != "full" and peft_patch.is_enabled():
             if use_unsloth_gc:
-                raise NpuFtLlamaFactoryError(f"{ENV_CHECKPOINT_POLICY}={policy} cannot be combined with use_unsloth_gc")
+                raise NpuFtLlamaFactoryError(f"npu-ft LLaMA-Factory plugin: checkpoint_policy={policy!r} cannot be "
+                                             "combined with use_unsloth_gc")
             from npu_ft.modules.checkpointing import checkpointing_kwargs
 
             gradient_checkpointing_kwargs = checkpointing_kwargs(policy)
@@ -275,16 +259,15 @@ def _wrap_gradient_checkpointing_enable(original):
     return _gradient_checkpointing_enable
 
 
-def _patch_checkpointing(fallback: bool) -> None:
+def _patch_checkpointing() -> None:
     """Install :func:`_wrap_gradient_checkpointing_enable` (LLaMA-Factory looks the function up in its
     module when it prepares the model, so replacing the module attribute is enough)."""
     try:
         from llamafactory.model.model_utils import checkpointing
     except ImportError as exc:
-        if checkpoint_policy() != "full":
-            _unpatchable(
-                f"{ENV_CHECKPOINT_POLICY} is set but LLaMA-Factory's checkpointing module is missing ({exc})", fallback
-            )
+        if current_options().checkpoint_policy != "full":
+            _unpatchable(f"checkpoint_policy={current_options().checkpoint_policy!r} needs LLaMA-Factory's "
+                         f"checkpointing module, which is missing ({exc})")
         return
     current = checkpointing._gradient_checkpointing_enable
     if not getattr(current, "__npu_ft_patched__", False):
@@ -294,32 +277,39 @@ def _patch_checkpointing(fallback: bool) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def apply_npu_ft_to_llamafactory(fallback: bool | None = None) -> dict:
+def apply_npu_ft_to_llamafactory(fallback: bool = False, fused_loss: bool = True, checkpoint_policy: str = "full",
+                                 counters_path: str | os.PathLike | None = None) -> dict:
     """Patch LLaMA-Factory (see the module docstring). Returns what was done.
 
-    ``fallback``: None = env ``NPU_FT_LF_FALLBACK``. Raises :class:`NpuFtLlamaFactoryError` for a
-    missing or unsupported LLaMA-Factory unless ``fallback`` (then: warning, nothing patched).
+    Options (see :class:`~.options.PluginOptions`; a bad value raises :class:`NpuFtLlamaFactoryError`
+    naming the argument): ``fallback`` runs LLaMA-Factory unpatched, with a warning, where it cannot be
+    patched (else :class:`NpuFtLlamaFactoryError`); ``fused_loss``: npu-ft's fused linear
+    cross-entropy for training; ``checkpoint_policy``: ``full`` or ``selective``; ``counters_path``:
+    write :func:`counters` there at exit. Idempotent; calling it again replaces the options.
     """
-    fallback = fallback_requested(fallback)
+    options = PluginOptions(fallback=fallback, fused_loss=fused_loss, checkpoint_policy=checkpoint_policy,
+                            counters_path=counters_path)
+    _STATE["options"] = options
     version = check_llamafactory()
     if not version_supported(version):
         _unpatchable(
-            f"LLaMA-Factory {version} is not a supported version (supported: {', '.join(SUPPORTED_LF_VERSIONS)})",
-            fallback,
+            f"LLaMA-Factory {version} is not a supported version (supported: {', '.join(SUPPORTED_LF_VERSIONS)})"
         )
         return {"patched": False, "llamafactory": version, "reason": _STATE["unpatched_reason"]}
+    _install_counters_hook()
     if _STATE["applied"]:
         return {"patched": True, "llamafactory": version}
     classes = peft_patch.apply_npu_ft_to_peft()
     from llamafactory.model import loader, patcher
 
+    # (an import hook installed in this process may have applied its own options meanwhile: ours win)
+    _STATE["options"] = options
     if not getattr(patcher.configure_quantization, "__npu_ft_patched__", False):
-        patcher.configure_quantization = _wrap_configure_quantization(patcher.configure_quantization, fallback)
+        patcher.configure_quantization = _wrap_configure_quantization(patcher.configure_quantization)
     if not getattr(loader.init_adapter, "__npu_ft_patched__", False):
-        loader.init_adapter = _wrap_init_adapter(loader.init_adapter, fallback)
-    _patch_checkpointing(fallback)
+        loader.init_adapter = _wrap_init_adapter(loader.init_adapter)
+    _patch_checkpointing()
     _STATE["applied"] = True
-    install_counters_hook()
     return {"patched": True, "llamafactory": version, "peft_classes": classes}
 
 
@@ -344,8 +334,10 @@ def counters() -> dict:
     }
 
 
-def write_counters(path: str | None = None) -> str | None:
-    path = path or os.environ.get(ENV_COUNTERS)
+def write_counters(path: str | os.PathLike | None = None) -> str | None:
+    """Write :func:`counters` as JSON to ``path`` (default: the ``counters_path`` option), with
+    ``.rank<N>`` appended on ranks other than 0; returns the path written (None: no path)."""
+    path = os.fspath(path) if path is not None else current_options().counters_path
     if not path:
         return None
     rank = os.environ.get("RANK")
@@ -358,8 +350,8 @@ def write_counters(path: str | None = None) -> str | None:
     return path
 
 
-def install_counters_hook() -> None:
-    """Write :func:`counters` to ``$NPU_FT_LF_COUNTERS`` when the process exits (if set)."""
-    if not _STATE["counters_hook"] and os.environ.get(ENV_COUNTERS):
+def _install_counters_hook() -> None:
+    """Write :func:`counters` to the ``counters_path`` option when the process exits (if set then)."""
+    if not _STATE["counters_hook"] and current_options().counters_path:
         atexit.register(write_counters)
         _STATE["counters_hook"] = True

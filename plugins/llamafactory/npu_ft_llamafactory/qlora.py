@@ -22,30 +22,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from npu_ft.modules.inject import output_head_modules, set_submodule
+from npu_ft.modules.nf4 import Nf4Linear
+
 __all__ = ["convert_bnb_4bit_layers", "is_bnb_linear4bit", "nf4_from_bnb_linear4bit", "quantize_base_layers"]
-
-
-def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
-def _output_head_ids(model: nn.Module) -> set[int]:
-    ids = set()
-    for m in (model, getattr(model, "base_model", None), getattr(getattr(model, "base_model", None), "model", None)):
-        getter = getattr(m, "get_output_embeddings", None)
-        if callable(getter):
-            try:
-                head = getter()
-            except Exception:  # noqa: BLE001 - some wrappers raise NotImplementedError
-                head = None
-            if head is not None:
-                ids.add(id(head))
-                inner = getattr(head, "base_layer", None)
-                if inner is not None:
-                    ids.add(id(inner))
-    return ids
 
 
 def _in_modules_to_save(name: str, model: nn.Module) -> bool:
@@ -60,20 +40,25 @@ def quantize_base_layers(model: nn.Module, double_quant: bool = True, compute_dt
     """Quantize every dense base linear layer of ``model`` (a PEFT model or a plain one) to NF4.
 
     ``skip``: module-name suffixes left dense (bitsandbytes' ``llm_int8_skip_modules``; the output
-    head is always skipped, as transformers does). ``device``: where to quantize (default: where the
-    weight is); the packed codes stay there. Returns the full names of the quantized layers.
+    head is always skipped, as transformers does). ``compute_dtype``: the NF4 layers' compute dtype
+    (default: each weight's dtype). ``device``: where to quantize (default: where the weight is);
+    the packed codes stay there. Returns the full names of the quantized layers.
     Peak extra memory: one dense layer.
     """
-    from npu_ft.modules.nf4 import Nf4Linear
-
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # pragma: no cover
         BaseTunerLayer = ()  # type: ignore[assignment]
     skip = tuple(skip)
-    heads = _output_head_ids(model)
+    heads = {id(m) for m in output_head_modules(model)}
     modules = list(model.named_modules())
     tuners = [n for n, m in modules if n and BaseTunerLayer and isinstance(m, BaseTunerLayer)]
+
+    def to_nf4(linear: nn.Linear) -> Nf4Linear:
+        dtype = compute_dtype if compute_dtype is not None else linear.weight.dtype
+        return Nf4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype,
+                                     device=device)
+
     done = []
     for name, module in modules:
         if not name or _in_modules_to_save(name, model):
@@ -84,27 +69,14 @@ def quantize_base_layers(model: nn.Module, double_quant: bool = True, compute_dt
             base = module.get_base_layer()
             if type(base) is not nn.Linear or id(base) in heads:
                 continue
-            module.base_layer = _to_nf4(base, double_quant, compute_dtype, blocksize, device, Nf4Linear)
+            module.base_layer = to_nf4(base)
             done.append(name)
         elif type(module) is nn.Linear and id(module) not in heads:
             if any(name.startswith(t + ".") for t in tuners):
                 continue  # lora_A / lora_B / the wrapped base: handled through their tuner layer
-            _set_child(model, name, _to_nf4(module, double_quant, compute_dtype, blocksize, device, Nf4Linear))
+            set_submodule(model, name, to_nf4(module))
             done.append(name)
     return done
-
-
-def _to_nf4(linear: nn.Linear, double_quant, compute_dtype, blocksize, device, Nf4Linear) -> nn.Module:
-    weight = linear.weight.detach()
-    if device is not None:
-        weight = weight.to(device)
-    from npu_ft.ops.nf4 import quantize_nf4
-
-    packed, state = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant)
-    bias = None if linear.bias is None else linear.bias.detach().to(weight.device)
-    out = Nf4Linear(packed, state, bias, compute_dtype=compute_dtype if compute_dtype is not None else weight.dtype)
-    out.requires_grad_(False)
-    return out
 
 
 def is_bnb_linear4bit(module: nn.Module) -> bool:
@@ -114,7 +86,6 @@ def is_bnb_linear4bit(module: nn.Module) -> bool:
 
 def nf4_from_bnb_linear4bit(module: nn.Module) -> nn.Module:
     """An npu-ft ``Nf4Linear`` holding exactly the bytes of a bitsandbytes NF4 ``Linear4bit``."""
-    from npu_ft.modules.nf4 import Nf4Linear
     from npu_ft.ops.nf4 import Nf4QuantState
 
     qs = getattr(module.weight, "quant_state", None)
@@ -143,6 +114,6 @@ def convert_bnb_4bit_layers(model: nn.Module) -> list[str]:
             module.base_layer = nf4_from_bnb_linear4bit(base)
             done.append(name)
         elif is_bnb_linear4bit(module) and not name.endswith(".base_layer"):
-            _set_child(model, name, nf4_from_bnb_linear4bit(module))
+            set_submodule(model, name, nf4_from_bnb_linear4bit(module))
             done.append(name)
     return done

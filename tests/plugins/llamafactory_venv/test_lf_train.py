@@ -4,7 +4,8 @@ Run by scripts/ci_llamafactory.sh. A tiny random Qwen2 (npu_ft.model.build_tiny_
 tokenizer) and 16 alpaca examples; 4 optimizer steps, fp32, no gradient checkpointing. Each pair of
 runs must log the same loss at every step (LoRA: relative 1e-4, QLoRA: 1e-3), npu-ft's kernels must
 be the ones that ran (counters written by the plugin at exit), and LLaMA-Factory must save the same
-PEFT adapter files.
+PEFT adapter files. One run goes through LLaMA-Factory's torchrun launcher (one CPU worker), to
+show that `npu-ft lf-train` hands its options to the workers.
 """
 
 from __future__ import annotations
@@ -162,6 +163,26 @@ def test_lora_selective_checkpointing_via_env(work):
     _assert_same_losses(_losses(work, "lora_ref"), _losses(work, "lora_selective"), 1e-4)
     c = _counters(counters)
     assert c["checkpoint_policy"] == "selective", c
+    assert sum(c["kernel_calls"]["lora_linear"].values()) == 56, c
+    assert sum(c["kernel_calls"]["lora_linear_backward"].values()) == 56, c
+
+
+def test_lf_train_options_reach_torchrun_workers(work):
+    """`npu-ft lf-train` with LLaMA-Factory's torchrun launcher (FORCE_TORCHRUN, one CPU worker): the
+    options it read (checkpoint policy, fused loss off, counters file) patch the worker through the
+    import hook, the worker writes the counters and the launching process does not overwrite them."""
+    if not (work / "lora_ref" / "trainer_log.jsonl").exists():
+        _run(work, "lora_ref", [LF_CLI, "train"])
+    counters = work / "torchrun_counters.json"
+    env = _env(FORCE_TORCHRUN="1", NPROC_PER_NODE="1", NPU_FT_LF_CHECKPOINT_POLICY="selective",
+               NPU_FT_LF_FUSED_LOSS="0", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = _run(work, "lora_torchrun", [NPU_FT, "lf-train"],
+                ["disable_gradient_checkpointing=false", "--counters", str(counters)], env=env)
+    assert "[npu-ft] gradient checkpointing: selective policy" in proc.stderr  # printed by the worker
+    _assert_same_losses(_losses(work, "lora_ref"), _losses(work, "lora_torchrun"), 1e-4)
+    c = _counters(counters)
+    assert c["patched"] and c["checkpoint_policy"] == "selective", c
+    assert c["fused_cross_entropy"] is False and c["fused_loss_calls"] == {}, c
     assert sum(c["kernel_calls"]["lora_linear"].values()) == 56, c
     assert sum(c["kernel_calls"]["lora_linear_backward"].values()) == 56, c
 
