@@ -276,23 +276,24 @@ def _doctor_case(device: torch.device, dtype: torch.dtype) -> dict:
     gen = torch.Generator().manual_seed(5)
     p_ref = torch.randn(_DOCTOR_NUMEL, generator=gen).to(dtype)
     blocks = state_blocks(_DOCTOR_NUMEL)
-    ref_states = [torch.zeros(_DOCTOR_NUMEL, dtype=torch.uint8) for _ in range(2)]
-    ref_states += [torch.zeros(blocks, dtype=torch.float32) for _ in range(2)]
+    ref = (torch.zeros(_DOCTOR_NUMEL, dtype=torch.uint8), torch.zeros(_DOCTOR_NUMEL, dtype=torch.uint8),
+           torch.zeros(blocks), torch.zeros(blocks))
     maps = (signed_dynamic_map(), unsigned_dynamic_map())
     dev_maps = (signed_dynamic_map(device), unsigned_dynamic_map(device))
-    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    lr, beta1, beta2, eps, weight_decay = 1e-2, 0.9, 0.999, 1e-8, 0.01
     params, ref_params, beyond_one = [], [], torch.zeros(2)
     for step in range(1, _DOCTOR_STEPS + 1):
         grad = torch.randn(_DOCTOR_NUMEL, generator=gen).to(dtype)
         grad[STATE_BLOCKSIZE : 2 * STATE_BLOCKSIZE] = 0
-        p, states = p_ref.clone().to(device), [t.clone().to(device) for t in ref_states]
-        adamw8bit_update(p, grad.to(device), *states, *dev_maps, **hyper, step=step)
-        adamw8bit_update_reference(p_ref, grad, *ref_states, *maps, **hyper, step=step)
+        p = p_ref.clone().to(device)
+        s1, s2, a1, a2 = (t.clone().to(device) for t in ref)
+        adamw8bit_update(p, grad.to(device), s1, s2, a1, a2, dev_maps[0], dev_maps[1], lr=lr, beta1=beta1,
+                         beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+        adamw8bit_update_reference(p_ref, grad, *ref, *maps, lr, beta1, beta2, eps, weight_decay, step)
         params.append(p.cpu())
         ref_params.append(p_ref.clone())
-        for i in range(2):
-            diff = states[i].cpu().to(torch.int16) - ref_states[i].to(torch.int16)
-            beyond_one[i] += (diff.abs() > 1).sum()
+        for i, got in enumerate((s1, s2)):
+            beyond_one[i] += ((got.cpu().to(torch.int16) - ref[i].to(torch.int16)).abs() > 1).sum()
     return {
         "param": (torch.stack(params), torch.stack(ref_params)),
         "state1 codes >1 off": (beyond_one[:1], torch.zeros(1)),
