@@ -21,7 +21,7 @@ from .adamw8bit import AdamW8bit, PagedAdamW8bit, PagedAdamW32bit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NPU_FT_OPTIMS", "create_optimizer", "is_npu_ft_optim", "resolve_optim"]
+__all__ = ["NPU_FT_OPTIMS", "create_optimizer", "is_npu_ft_optim", "resolve_optim", "trainer_optimizer"]
 
 #: transformers ``optim`` name -> (optimizer class, the keyword arguments the Trainer adds)
 NPU_FT_OPTIMS: dict[str, tuple[type[AdamW8bit], dict[str, Any]]] = {
@@ -53,6 +53,22 @@ def _embedding_weights(model: nn.Module) -> list[torch.Tensor]:
             for p in module.parameters(recurse=False):
                 seen[id(p)] = p
     return list(seen.values())
+
+
+def trainer_optimizer(name: str, args: Any, model: nn.Module | None = None,
+                      embedding_fp32_states: bool = True) -> tuple[type[AdamW8bit], dict[str, Any]]:
+    """``(class, kwargs)`` for ``transformers.Trainer(optimizer_cls_and_kwargs=...)``.
+
+    ``args``: the ``TrainingArguments`` (learning_rate, adam_beta1/2, adam_epsilon, weight_decay, as
+    the Trainer passes them to bitsandbytes); the Trainer adds its decay / no-decay groups.
+    ``model``: its ``nn.Embedding`` weights keep float32 moments (see :func:`create_optimizer`).
+    """
+    cls, kwargs = resolve_optim(name)
+    kwargs.update(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                  weight_decay=args.weight_decay)
+    if model is not None and embedding_fp32_states:
+        kwargs["fp32_state_params"] = _embedding_weights(model)
+    return cls, kwargs
 
 
 def create_optimizer(name: str, params: Iterable, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),

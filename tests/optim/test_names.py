@@ -71,3 +71,26 @@ def test_bad_hyperparameters_name_the_key():
         AdamW8bit(p, lr=-1.0)
     with pytest.raises(ValueError, match="optim_bits"):
         AdamW8bit(p, optim_bits=4)
+
+
+@pytest.mark.parametrize("name,cls", [("adamw_8bit", AdamW8bit), ("paged_adamw_32bit", PagedAdamW32bit)])
+def test_transformers_trainer_builds_npu_ft_optimizers(tmp_path, name, cls):
+    """What the trainer integration does: Trainer(optimizer_cls_and_kwargs=trainer_optimizer(...))."""
+    from transformers import Trainer, TrainingArguments
+
+    from npu_ft.optim import trainer_optimizer
+
+    model = _Tiny()
+    args = TrainingArguments(output_dir=str(tmp_path), optim=name, learning_rate=3e-4, adam_beta1=0.8,
+                             adam_beta2=0.99, adam_epsilon=1e-7, weight_decay=0.1, use_cpu=True, report_to=[])
+    trainer = Trainer(model=model, args=args, optimizer_cls_and_kwargs=trainer_optimizer(name, args, model))
+    opt = trainer.create_optimizer()
+    assert type(opt) is cls
+    group = opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"]) == (3e-4, (0.8, 0.99), 1e-7)
+    assert {g["weight_decay"] for g in opt.param_groups} <= {0.1, 0.0}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.state[model.embed.weight]["state1"].dtype == torch.float32
+    assert opt.state[model.proj.weight]["state1"].dtype == (torch.uint8 if cls is AdamW8bit else torch.float32)
