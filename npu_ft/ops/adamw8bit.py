@@ -74,19 +74,6 @@ def signed_dynamic_map(device: torch.device | str | None = None) -> torch.Tensor
     return _nf4.dynamic_code_8bit(device)
 
 
-def _build_unsigned_map() -> torch.Tensor:
-    # Unsigned dynamic map (Dettmers 2015): for exponent e = 0..6 the decade 10**(e-6) gets 2**(e+1)
-    # linearly spaced mantissas (midpoints of linspace(0.1, 1, 2**(e+1) + 1)); plus 0 and 1.
-    values: list[float] = []
-    for e in range(7):
-        edges = torch.linspace(0.1, 1, 2 ** (e + 1) + 1, dtype=torch.float32)
-        mids = (edges[:-1] + edges[1:]) / 2.0
-        values.extend(((10 ** (e - 6)) * mids).tolist())
-    values.extend([0.0, 1.0])
-    values.sort()
-    return torch.tensor(values, dtype=torch.float32)
-
-
 def unsigned_dynamic_map(device: torch.device | str | None = None) -> torch.Tensor:
     """bitsandbytes' ``create_dynamic_map(signed=False)``: float32 [256] in [0, 1], ascending (the map of ``v``).
 
@@ -95,7 +82,7 @@ def unsigned_dynamic_map(device: torch.device | str | None = None) -> torch.Tens
     device = torch.device(device or "cpu")
     if device.type != "cpu":
         return _nf4._cached(("udynamic8", device), lambda: unsigned_dynamic_map("cpu").to(device))
-    return _nf4._cached(("udynamic8", device), _build_unsigned_map)
+    return _nf4._cached(("udynamic8", device), lambda: _nf4._build_dynamic_code(signed=False))
 
 
 def state_blocks(numel: int) -> int:
@@ -301,12 +288,11 @@ def _doctor_case(device: torch.device, dtype: torch.dtype) -> dict:
     }
 
 
-def doctor_checks(dtypes=(torch.float32, torch.bfloat16)) -> list:
-    """``npu-ft doctor`` rows for ``adamw8bit_update`` (one per dtype): see :func:`_doctor_case`."""
-    from npu_ft.doctor import Check
-
+def doctor_checks(dtypes=(torch.float32, torch.bfloat16)) -> list[dict]:
+    """``npu-ft doctor`` rows for ``adamw8bit_update``, one per dtype (see :func:`_doctor_case`), as
+    keyword arguments of ``npu_ft.doctor.Check`` (this module does not import the doctor)."""
     return [
-        Check("adamw8bit_update x3", dtype, f"{_DOCTOR_NUMEL} bs{STATE_BLOCKSIZE}", _doctor_case,
-              (ADAMW8BIT_UPDATE,))
+        dict(op="adamw8bit_update x3", dtype=dtype, shape=f"{_DOCTOR_NUMEL} bs{STATE_BLOCKSIZE}", run=_doctor_case,
+             kernel_ops=(ADAMW8BIT_UPDATE,))
         for dtype in dtypes
     ]

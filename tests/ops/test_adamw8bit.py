@@ -144,7 +144,7 @@ def test_bad_arguments_name_the_argument(change, message):
 def test_doctor_rows_pass_on_cpu():
     from npu_ft import doctor
 
-    checks = A.doctor_checks()
+    checks = [doctor.Check(**spec) for spec in A.doctor_checks()]
     assert {c.dtype for c in checks} == {torch.float32, torch.bfloat16}
     for check in checks:
         result = doctor.run_check(check, torch.device("cpu"))
@@ -161,7 +161,7 @@ def test_doctor_row_fails_on_a_wrong_kernel(monkeypatch):
         real(p, g * 0.9, *args, **kwargs)
 
     monkeypatch.setattr(A, "adamw8bit_update", drifting)
-    result = doctor.run_check(A.doctor_checks((torch.float32,))[0], torch.device("cpu"))
+    result = doctor.run_check(doctor.Check(**A.doctor_checks((torch.float32,))[0]), torch.device("cpu"))
     assert not result.passed
 
 

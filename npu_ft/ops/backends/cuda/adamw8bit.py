@@ -27,7 +27,7 @@ from npu_ft.ops import _registry
 
 from ...adamw8bit import ADAMW8BIT_UPDATE, STATE_BLOCKSIZE
 from ._common import needs_bf16_rounding, round_to_bf16_rne
-from .nf4 import lut_8bit
+from .nf4 import lut_8bit, store_blockwise_8bit
 
 #: blocks of 256 elements per program
 ROWS = 4
@@ -45,21 +45,6 @@ def _lut(code: torch.Tensor) -> torch.Tensor:
             _LUTS.clear()
         hit = _LUTS[key] = (code, lut_8bit(code).contiguous())
     return hit[1]
-
-
-@triton.jit
-def _requantize(x, row_ok, ok, rows, absmax_ptr, lut_ptr, q_ptr, offs):
-    """Store each row's absmax of ``x`` and its 8-bit codes (as the blockwise quantize kernel does)."""
-    absmax = tl.max(tl.abs(x), axis=1)
-    tl.store(absmax_ptr + rows, absmax, mask=row_ok)
-    zero = absmax == 0.0
-    inv = tl.where(zero, 0.0, tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.where(zero, 1.0, absmax)))
-    s = x * inv[:, None]
-    s = tl.minimum(tl.maximum(s, -1.0), 1.0)
-    t = ((s + 1.0) * 0.5) * 65535.0 + 0.5
-    code = tl.load(lut_ptr + t.to(tl.int32), mask=ok, other=0)
-    code = tl.where(zero[:, None], 0, code)
-    tl.store(q_ptr + offs, code.to(tl.uint8), mask=ok)
 
 
 @triton.jit
@@ -94,8 +79,8 @@ def _adamw8bit_kernel(
         p = round_to_bf16_rne(p)
     tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=ok)
 
-    _requantize(m, row_ok, ok, rows, a1_ptr, lut1_ptr, s1_ptr, offs)
-    _requantize(v, row_ok, ok, rows, a2_ptr, lut2_ptr, s2_ptr, offs)
+    store_blockwise_8bit(m, row_ok, ok, rows, offs, a1_ptr, lut1_ptr, s1_ptr)
+    store_blockwise_8bit(v, row_ok, ok, rows, offs, a2_ptr, lut2_ptr, s2_ptr)
 
 
 def _f32(x: float) -> float:
