@@ -232,3 +232,18 @@ def test_unsupported_models_and_attention_are_refused():
     with pytest.raises(ValueError, match="shift_attn: attn_implementation 'flash_attention_2' not supported"):
         S.enable_shift_attn(model)
     assert "npu_ft.modules.shift_attn" in sys.modules
+
+
+def test_gradient_checkpointing_recomputes_the_same_sparse_attention():
+    ids, mask = _batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    grads = []
+    for checkpointing in (False, True):
+        model = S.enable_shift_attn(_model("qwen2", "sdpa"))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(ids, attention_mask=mask, labels=labels).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, **FP32, msg=lambda m: f"{name}: {m}")
