@@ -32,9 +32,8 @@ class HostStates:
     # -- allocation ------------------------------------------------------------------------------
     def zeros(self, shape, dtype: torch.dtype, param: torch.Tensor) -> torch.Tensor:
         """A zero tensor in host memory for a state of ``param`` (pinned when the runtime allows)."""
-        if param.device.type == "cpu":
-            return torch.zeros(shape, dtype=dtype)
-        return self.place(torch.zeros(shape, dtype=dtype), param)
+        pin = param.device.type != "cpu" and self._can_pin(param.device)
+        return torch.zeros(shape, dtype=dtype, pin_memory=pin)
 
     def place(self, value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         """``value`` as a host tensor for ``param``'s states (pinned where possible)."""
