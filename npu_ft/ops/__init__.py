@@ -8,9 +8,11 @@ see ``nf4`` and ``lora`` below and docs/ops.md.
 from __future__ import annotations
 
 # isort: off
-# defining the ops: nf4 (NF4 / 8-bit blockwise) first, then lora (lora_linear, the fused nf4_linear)
+# defining the ops: nf4 (NF4 / 8-bit blockwise) first, then lora (lora_linear, the fused nf4_linear),
+# then adamw8bit
 from . import nf4  # noqa: F401
 from . import lora  # noqa: F401
+from . import adamw8bit  # noqa: F401  (the 8-bit AdamW step; uses the 8-bit blockwise ops)
 # isort: on
 from ._registry import kernel_calls, reset_kernel_calls
 from .backends import loaded_backends, register_available_backends

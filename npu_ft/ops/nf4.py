@@ -130,17 +130,19 @@ def nf4_bounds(device: torch.device | str | None = None) -> torch.Tensor:
     return _cached(("nf4_bounds", device), build)
 
 
-def _build_dynamic_code() -> torch.Tensor:
-    # Signed dynamic map (Dettmers 2015, "8-bit approximations for parallelism"), 8 bits, up to 7
-    # exponent bits: for exponent e = 0..6 the decade 10**(e-6) gets 2**e linearly spaced
-    # mantissas (midpoints of linspace(0.1, 1, 2**e + 1)), each with both signs; plus 0 and 1.
+def _build_dynamic_code(signed: bool = True) -> torch.Tensor:
+    # Dynamic map (Dettmers 2015, "8-bit approximations for parallelism"), 8 bits, up to 7 exponent
+    # bits: for exponent e = 0..6 the decade 10**(e-6) gets 2**e linearly spaced mantissas
+    # (midpoints of linspace(0.1, 1, 2**e + 1)) with both signs - or, unsigned, 2**(e+1) mantissas
+    # of one sign (bitsandbytes' create_dynamic_map(signed=False)); plus 0 and 1.
     values: list[float] = []
     for e in range(7):
-        edges = torch.linspace(0.1, 1, 2**e + 1, dtype=torch.float32)
+        count = 2**e if signed else 2 ** (e + 1)
+        edges = torch.linspace(0.1, 1, count + 1, dtype=torch.float32)
         mids = (edges[:-1] + edges[1:]) / 2.0
-        scaled = (10 ** (e - 6)) * mids
-        values.extend(scaled.tolist())
-        values.extend((-(10 ** (e - 6)) * mids).tolist())
+        values.extend(((10 ** (e - 6)) * mids).tolist())
+        if signed:
+            values.extend((-(10 ** (e - 6)) * mids).tolist())
     values.extend([0.0, 1.0])
     assert len(values) == 256
     values.sort()

@@ -28,7 +28,7 @@ def compile_all(arch: int = 90) -> list[str]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import lora, nf4
+    from . import adamw8bit, lora, nf4
 
     target = GPUTarget("cuda", arch, 32)
     done = []
@@ -68,6 +68,15 @@ def compile_all(arch: int = 90) -> list[str]:
         constexprs = dict(HAS_BIAS=True, HAS_SECOND=True, UPCAST=False, RNE_BF16=False,
                           PRECISION1="tf32", PRECISION2=prec2, **cfg)
         build(lora._dual_gemm_kernel, f"dual_gemm {dtype} x {ldtype} LoRA", types, constexprs, **options)
+
+    for dtype in ("fp32", "bf16"):
+        types = {name: "*u8" for name in ("s1_ptr", "s2_ptr", "lut1_ptr", "lut2_ptr")}
+        types.update({name: "*fp32" for name in ("a1_ptr", "a2_ptr", "code1_ptr", "code2_ptr")})
+        types.update({"p_ptr": "*" + dtype, "g_ptr": "*" + dtype, "n": "i64", "n_blocks": "i64"})
+        types.update({name: "fp32" for name in ("beta1", "alpha1", "beta2", "alpha2", "correction2", "eps", "decay",
+                                                "step_size")})
+        build(adamw8bit._adamw8bit_kernel, f"adamw8bit_update {dtype}", types,
+              dict(APPLY_DECAY=True, BLOCKSIZE=256, ROWS=adamw8bit.ROWS, RNE_BF16=False), enable_fp_fusion=False)
     return done
 
 

@@ -263,6 +263,13 @@ def _quantize_blockwise_8bit_kernel(
     ok = row_ok[:, None] & (cols[None, :] < blocksize) & (offs < n)
     x = tl.load(a_ptr + offs, mask=ok, other=0.0).to(tl.float32)
 
+    store_blockwise_8bit(x, row_ok, ok, rows, offs, absmax_ptr, lut_ptr, q_ptr)
+
+
+@triton.jit
+def store_blockwise_8bit(x, row_ok, ok, rows, offs, absmax_ptr, lut_ptr, q_ptr):
+    """Quantize fp32 ``x`` [ROWS, COLS] row by row (one block per row): store each row's absmax at
+    ``absmax_ptr + rows`` and its 8-bit codes (from the 65536-entry table) at ``q_ptr + offs``."""
     absmax = tl.max(tl.abs(x), axis=1)
     tl.store(absmax_ptr + rows, absmax, mask=row_ok)
     zero = absmax == 0.0
