@@ -48,10 +48,11 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda", "npu")
 #: a caught error by name, so naming one here imports nothing.
 INPUT_ERRORS: tuple[tuple[str, str], ...] = (
     ("npu_ft.config.yaml_io", "YamlError"),
+    ("npu_ft.logs", "LogLevelError"),
     ("npu_ft.config.schema", "ConfigError"),
     ("npu_ft.train.preflight", "PreflightError"),
     ("npu_ft.train.run", "TrainingError"),
-    ("npu_ft.train.checkpoint", "CheckpointError"),
+    ("npu_ft.train.run_identity", "CheckpointError"),
     ("npu_ft.train.callbacks", "NonFiniteLossError"),
     ("npu_ft.train.export_folder", "ExportError"),
     ("npu_ft.data.dataset_info", "DatasetInfoError"),

@@ -113,8 +113,9 @@ def _lf_args(case, model_dir: Path, data_dir: Path, out_dir: Path) -> dict:
         args["bf16"] = True
     elif case.dtype == "float16":
         args["fp16"] = True
-    if case.device == "cpu":
-        args["use_cpu"] = True
+    from npu_ft.device import get_backend
+
+    args.update(get_backend(case.device).training_arguments())  # CPU: use_cpu
     return args
 
 
@@ -183,7 +184,7 @@ def run_case(case) -> dict:
         # the token counts of the batches LLaMA-Factory's collator made (it pads to a multiple of 8)
         batches = make_batches(case, vocab, pad_to_multiple_of=8)
         backend = get_backend(case.device)
-        device = backend.torch_device(0) if case.device != "cpu" else "cpu"
+        device = backend.torch_device(0)
         result = {
             "case": case.to_dict(),
             "device_name": child["device_name"],

@@ -35,9 +35,8 @@ def run_case(case) -> dict:
         return runner(case)
     t_start = time.perf_counter()
     backend = get_backend(case.device)
-    device = backend.torch_device(0) if case.device != "cpu" else torch.device("cpu")
-    if case.device != "cpu":
-        backend.set_device(device)
+    device = backend.torch_device(0)
+    backend.set_device(device)
     dtype = impls.torch_dtype(case.dtype)
     cfg = model_config(case.model, case.model_overrides)
     result: dict = {"case": case.to_dict(), "device_name": backend.device_name(), **versions()}

@@ -37,6 +37,7 @@ __all__ = [
     "all_backends",
     "backend_for_tensor",
     "device_name_from_env",
+    "device_rng_runtimes",
     "get_backend",
     "select_device",
 ]
@@ -45,6 +46,17 @@ __all__ = [
 def all_backends() -> dict[str, DeviceBackend]:
     """Every known backend by name, available or not."""
     return dict(_BACKENDS)
+
+
+def device_rng_runtimes() -> list[tuple[str, object]]:
+    """``[(kind, module)]`` for every available accelerator whose generators a checkpoint saves
+    (e.g. ``[("cuda", torch.cuda)]``); empty on a CPU-only machine."""
+    found = []
+    for name, backend in _BACKENDS.items():
+        runtime = backend.rng_runtime()
+        if runtime is not None:
+            found.append((name, runtime))
+    return found
 
 
 def _kind(name: str) -> str:

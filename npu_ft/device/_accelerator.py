@@ -31,6 +31,13 @@ class AcceleratorBackend(DeviceBackend):
     def set_device(self, device: torch.device) -> None:
         self.runtime().set_device(device)
 
+    def total_memory_bytes(self) -> int | None:
+        try:
+            rt = self.runtime()
+            return int(rt.get_device_properties(rt.current_device()).total_memory)
+        except Exception:  # noqa: BLE001 - an unknown total only means no memory warning
+            return None
+
     def supports_bf16(self) -> bool:
         fn = getattr(self.runtime(), "is_bf16_supported", None)
         return bool(fn()) if fn is not None else True
@@ -43,6 +50,9 @@ class AcceleratorBackend(DeviceBackend):
             return str(self.runtime().get_device_name())
         except Exception:  # noqa: BLE001 - a name is cosmetic; never fail a report over it
             return self.name
+
+    def rng_runtime(self) -> ModuleType | None:
+        return self.runtime() if self.is_available() else None
 
     def synchronize(self) -> None:
         self.runtime().synchronize()

@@ -85,6 +85,29 @@ class DeviceBackend(abc.ABC):
         """Make ``device`` the current one for this process (no-op on CPU)."""
         return None
 
+    def local_process_slots(self) -> tuple[int, int]:
+        """``(most, default)`` processes one node may run on this device kind: one per visible
+        device by default (CPU: at most one per core, one by default)."""
+        count = self.device_count()
+        return count, max(count, 1)
+
+    def process_group_kwargs(self, device: torch.device) -> dict[str, Any]:
+        """Extra ``torch.distributed.init_process_group`` arguments for a worker on ``device``."""
+        return {"device_id": device}
+
+    # -- process setup ------------------------------------------------------------------------
+    def prepare_process(self, malloc_tuning: bool = True) -> list[str]:
+        """Process-wide settings before a model is built; returns what was done, for the log."""
+        return []
+
+    def training_arguments(self) -> dict[str, Any]:
+        """``transformers.TrainingArguments`` this device needs (CPU: ``use_cpu``)."""
+        return {}
+
+    def total_memory_bytes(self) -> int | None:
+        """Memory of the current device (CPU: the machine's RAM); None when unknown."""
+        return None
+
     # -- capabilities -------------------------------------------------------------------------
     @abc.abstractmethod
     def supports_bf16(self) -> bool: ...
@@ -103,6 +126,11 @@ class DeviceBackend(abc.ABC):
 
     def empty_cache(self) -> None:
         """Return cached allocator blocks to the device (no-op on CPU)."""
+        return None
+
+    def rng_runtime(self) -> Any | None:
+        """The module holding this device's random generators (``get_rng_state`` / ``set_rng_state``
+        / ``*_all``), or None where torch's CPU generator is all there is (cpu, or unavailable)."""
         return None
 
     def manual_seed(self, seed: int) -> None:

@@ -85,6 +85,26 @@ class CpuBackend(DeviceBackend):
     def device_for_local_rank(self, local_rank: int) -> torch.device:
         return torch.device("cpu")
 
+    def local_process_slots(self) -> tuple[int, int]:
+        return os.cpu_count() or 1, 1
+
+    def process_group_kwargs(self, device: torch.device) -> dict[str, object]:
+        return {}
+
+    def prepare_process(self, malloc_tuning: bool = True) -> list[str]:
+        if malloc_tuning and tune_glibc_malloc():
+            return ["cpu_malloc_tuning: glibc mmap/trim thresholds raised (per-step buffers are reused)"]
+        return []
+
+    def training_arguments(self) -> dict[str, object]:
+        return {"use_cpu": True}
+
+    def total_memory_bytes(self) -> int | None:
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+
     def supports_bf16(self) -> bool:
         return True
 

@@ -186,18 +186,7 @@ def choose_checkpoint_policy(cfg: Any, device_bytes: float, world_size: int = 1,
 
 def device_total_bytes(backend: Any) -> int | None:
     """Total memory of the backend's current device (CPU: the machine's RAM); None when unknown."""
-    if backend.name == "cpu":
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            return None
-    try:
-        import torch
-
-        module = torch.get_device_module(backend.name)
-        return int(module.get_device_properties(module.current_device()).total_memory)
-    except Exception:  # noqa: BLE001 - an unknown total only means no warning
-        return None
+    return backend.total_memory_bytes()
 
 
 def memory_warning(cfg: Any, backend: Any, world_size: int | None = None) -> str | None:

@@ -114,17 +114,12 @@ def plan_launch(device: str | None = None, env: Mapping[str, str] | None = None)
     env = os.environ if env is None else env
     backend = get_backend(None if device in (None, "auto") else device)
     visible = visible_device_ids(backend.name, env)
-    if backend.name == "cpu":
-        available = os.cpu_count() or 1
-        default_nproc = 1
-    else:
-        available = backend.device_count()
-        if visible is not None and len(visible) < available:  # pragma: no cover - runtime honours it
-            available = len(visible)
-        default_nproc = max(available, 1)
+    available, default_nproc = backend.local_process_slots()
+    if visible is not None and len(visible) < available:  # pragma: no cover - the runtime honours it
+        available = default_nproc = len(visible)
     nproc = _int_env(env, "NPROC_PER_NODE", default_nproc, 1)
     if nproc > available:
-        if backend.name == "cpu":
+        if backend.name not in VISIBLE_DEVICES_ENV:
             raise LaunchError(f"NPROC_PER_NODE={nproc} asks for more processes than this host has CPU cores "
                               f"({available}); use at most {available}")
         where = f" ({VISIBLE_DEVICES_ENV[backend.name]}={env[VISIBLE_DEVICES_ENV[backend.name]]})" \

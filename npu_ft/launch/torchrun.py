@@ -129,11 +129,9 @@ def init_worker_process_group(device: str | None = None, timeout_s: float | None
     backend, torch_device = select_device(None if device in (None, "auto") else device)
     backend.set_device(torch_device)
     if not dist.is_initialized():
-        kwargs = {}
+        kwargs = backend.process_group_kwargs(torch_device)
         if timeout_s:
             kwargs["timeout"] = datetime.timedelta(seconds=float(timeout_s))
-        if backend.name != "cpu":
-            kwargs["device_id"] = torch_device
         dist.init_process_group(backend=backend.dist_backend, **kwargs)
     return backend, torch_device
 

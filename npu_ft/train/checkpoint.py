@@ -14,6 +14,8 @@ import os
 import re
 import shutil
 
+from .run_identity import CheckpointError, read_run_file
+
 PREFIX = "checkpoint"
 TMP_PREFIX = "tmp-checkpoint"
 _CKPT_RE = re.compile(rf"^{PREFIX}-(\d+)$")
@@ -32,10 +34,6 @@ __all__ = [
     "resolve_resume",
     "tmp_checkpoint_dir",
 ]
-
-
-class CheckpointError(ValueError):
-    """resume_from_checkpoint names something that cannot be resumed from."""
 
 
 def checkpoint_dirs(output_dir: str) -> list[str]:
@@ -161,7 +159,6 @@ def _method_from_files(path: str) -> str | None:
 def checkpoint_method(path: str) -> str | None:
     """``lora`` / ``qlora`` / ``full`` as recorded in the checkpoint's run file, else ``lora`` for
     adapter files and ``full`` for model weights (None: neither)."""
-    from .run_identity import read_run_file
 
     recorded = read_run_file(path)
     if recorded is not None and recorded.method:
@@ -181,7 +178,6 @@ def check_resumable(path: str, method: str) -> None:
     LoRA and QLoRA adapters cannot be told apart; both fit either."""
     from npu_ft.model.loading import check_safetensors
 
-    from .run_identity import read_run_file
 
     recorded = read_run_file(path)
     found = checkpoint_method(path)

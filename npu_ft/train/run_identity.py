@@ -33,6 +33,11 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+
+class CheckpointError(ValueError):
+    """resume_from_checkpoint names something that cannot be resumed from (here: a checkpoint of
+    another run; :mod:`npu_ft.train.checkpoint` raises it for everything else)."""
+
 __all__ = [
     "DATA_KEYS",
     "METHOD_KEYS",
@@ -260,8 +265,6 @@ def check_same_run(checkpoint: str, identity: RunIdentity, automatic: bool) -> N
     accepted with a warning. ``automatic``: the checkpoint was picked from output_dir (the advice
     differs).
     """
-    from .checkpoint import CheckpointError
-
     recorded = read_run_file(checkpoint)
     if recorded is None:
         logger.warning("%s has no %s (written by LLaMA-Factory or an older npu-ft): resuming it without checking "

@@ -72,6 +72,7 @@ class SftTrainer(Trainer):
         nan_guard: the :class:`NonFiniteLossGuard` (one is made when not given).
         run_identity: written into every checkpoint as ``npu_ft_run.json``.
         method: ``lora`` / ``qlora`` / ``full``; a checkpoint of another method is refused on load.
+        model_card: ``fn(folder, state)`` writing ``README.md`` into every checkpoint.
     """
 
     def __init__(
@@ -82,6 +83,7 @@ class SftTrainer(Trainer):
         nan_guard: NonFiniteLossGuard | None = None,
         run_identity: RunIdentity | None = None,
         method: str | None = None,
+        model_card: Callable[[str, Any], None] | None = None,
         **kwargs: Any,
     ) -> None:
         self._adapter_saver = save_adapter
@@ -89,6 +91,7 @@ class SftTrainer(Trainer):
         self.nan_guard = nan_guard or NonFiniteLossGuard()
         self.run_identity = run_identity
         self.method = method or ("full" if save_adapter is None else "lora")
+        self.model_card = model_card
         self._staging_root: str | None = None
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if not any(cb is self.nan_guard for cb in callbacks):
@@ -122,6 +125,8 @@ class SftTrainer(Trainer):
             super()._save_checkpoint(model, trial)
             if self.args.should_save:
                 folder = os.path.join(staging, name)
+                if self.model_card is not None:
+                    self.model_card(folder, self.state)
                 fix_modes(folder)  # safetensors writes 0600 files
                 if self.run_identity is not None:
                     write_run_file(folder, self.run_identity, snapshot_files(folder))
@@ -226,12 +231,9 @@ class SftTrainer(Trainer):
         return os.path.join(folder, name)
 
     def _rng_devices(self) -> list[tuple[str, Any]]:
-        from transformers.utils import is_torch_npu_available
+        from npu_ft.device import device_rng_runtimes
 
-        devices = [("cuda", torch.cuda)] if torch.cuda.is_available() else []
-        if is_torch_npu_available():
-            devices.append(("npu", torch.npu))  # type: ignore[attr-defined]
-        return devices
+        return device_rng_runtimes()
 
     def _save_rng_state(self, output_dir: str) -> None:
         if not self._own_state_files():

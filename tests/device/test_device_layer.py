@@ -137,6 +137,11 @@ def test_dist_backend_names():
 
 # -- CPU memory per phase ----------------------------------------------------------------------
 def _phase_peak(nbytes: int):
+    from npu_ft.bench.measure import trim_heap
+
+    # an earlier in-process training run may have raised glibc's trim threshold (cpu_malloc_tuning):
+    # hand the free heap back first, so this phase's pages are new ones
+    trim_heap()
     cpu = get_backend("cpu")
     cpu.reset_peak_memory()
     baseline = cpu.memory().current_bytes

@@ -42,7 +42,7 @@ def test_cards_needed():
 
 
 # -- measured on CPU ---------------------------------------------------------------------------
-# The estimator's CPU terms (the 40 MiB runtime, the backward working layer, the full fine-tuning
+# The estimator's CPU terms (the 32 MiB runtime, the backward working layer, the full fine-tuning
 # gradient buffers) were set from a 3-layer hidden-384 shape (docs/recipes.md); it is checked here on
 # a shape and settings it was not tuned on: 4 layers, hidden 320, 5 heads / 1 KV head, vocabulary 10000.
 OVERRIDES = dict(hidden_size=320, intermediate_size=896, num_hidden_layers=4, num_attention_heads=5,

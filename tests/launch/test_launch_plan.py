@@ -14,6 +14,7 @@ import pytest
 import npu_ft.device
 from npu_ft.cli_common import UsageError
 from npu_ft.config import build_config
+from npu_ft.device import DeviceBackend
 from npu_ft.launch import LaunchError, LaunchPlan, launch_or_init, plan_launch, pop_launch_flags, torchrun_command
 from npu_ft.launch.checks import check_launch, zero_offload, zero_stage
 
@@ -31,6 +32,9 @@ class FakeAccelerator:
 
     def device_count(self) -> int:
         return self.count
+
+    # the device layer's rule (one process per visible device), read through device_count above
+    local_process_slots = DeviceBackend.local_process_slots
 
 
 @pytest.fixture
@@ -342,7 +346,7 @@ def test_launcher_loads_the_tokenizer(tmp_path, capsys, inputs):
     rec = Recorder()
     assert launch_or_init([str(recipe)], env={"NPROC_PER_NODE": "2"}, run=rec) == 1
     err = capsys.readouterr().err
-    assert rec.calls == [] and "cannot load a tokenizer" in err and err.count("\n") == 1, err
+    assert rec.calls == [] and "cannot load its tokenizer" in err and err.count("\n") == 1, err
 
 
 def test_hook_usage_errors_exit_2(tmp_path, capsys, inputs):
