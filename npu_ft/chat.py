@@ -104,7 +104,7 @@ class ChatModel:
 
         from npu_ft.data.templates import fix_tokenizer_for_template, get_template
         from npu_ft.device import select_device
-        from npu_ft.model.loading import load_model, resolve_dtype, resolve_model_path
+        from npu_ft.model.loading import load_model, load_tokenizer, resolve_dtype, resolve_model_path
         from npu_ft.train.adapter_io import load_adapter, read_adapter_config
 
         hf_logging.disable_progress_bar()  # the weight-loading bar is noise in a chat
@@ -125,7 +125,7 @@ class ChatModel:
             load_adapter(model, adapter, strict=True)
         self.model = model.to(device).eval()
         self.device = device
-        self.tokenizer = _load_tokenizer(folder, chat.trust_remote_code)
+        self.tokenizer = load_tokenizer(folder, chat.trust_remote_code)
         name = chat.template or ("qwen3" if getattr(model.config, "model_type", "") == "qwen3" else "qwen")
         self.template = get_template(name, chat.default_system, chat.enable_thinking)
         fix_tokenizer_for_template(self.template, self.tokenizer)
@@ -179,15 +179,6 @@ def _config_dtype(folder: Path):
         return resolve_dtype(str(config.get("dtype") or config.get("torch_dtype") or "float32"))
     except ValueError:
         return torch.float32
-
-
-def _load_tokenizer(folder: Path, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ChatError(f"model folder '{folder}': cannot load its tokenizer ({exc})") from None
 
 
 def _interactive(model: ChatModel) -> int:

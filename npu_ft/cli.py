@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if name in DEVICE_COMMANDS and not wants_help(rest):
             _check_device_env()
+        if not wants_help(rest):
+            from npu_ft.logs import setup_logging
+
+            setup_logging()  # INFO by default, $NPU_FT_VERBOSITY (npu-ft train also takes --log-level)
         func = getattr(importlib.import_module(module_name), func_name)
         return int(func(rest) or 0)
     except KeyboardInterrupt:

@@ -50,7 +50,6 @@ class LlamaFactoryCompat:
     new_special_tokens_config: Any = _unsupported(None, 'YAML of special tokens with descriptions.', 'model')
     init_special_tokens: Any = _ignored('noise_init', 'Initialisation of new special tokens.', 'model')
     rope_scaling: Any = _unsupported(None, 'RoPE scaling strategy (linear, dynamic, yarn, llama3).', 'model')
-    shift_attn: Any = _unsupported(False, 'LongLoRA shift short attention.', 'model')
     mixture_of_depths: Any = _unsupported(None, 'Mixture-of-depths conversion.', 'model')
     use_unsloth: Any = _unsupported(False, 'Unsloth LoRA optimisations.', 'model')
     use_unsloth_gc: Any = _unsupported(False, 'Unsloth gradient checkpointing.', 'model')

@@ -40,3 +40,8 @@ class ModelArguments:
     quantization_type: Literal["nf4"] = config_field("nf4", "4-bit data type.",
                                                      unsupported_values=not_yet("quantization_type", "fp4"))
     double_quantization: bool = config_field(True, "Quantize the absmax constants again (bnb nested).")
+    shift_attn: bool = config_field(
+        False, "LongLoRA's shifted sparse attention (S2-Attn) in training: attention inside groups of a quarter "
+               "of the sequence, half of the heads shifted by half a group (Qwen2/Qwen3, eager or sdpa); "
+               "evaluation, generation and export use full attention. With LongLoRA's trainable embedding and "
+               "norms: additional_target: embed_tokens,norm.")

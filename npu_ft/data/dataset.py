@@ -23,7 +23,8 @@ from .readers import list_data_files, read_records, select_samples
 from .supervised import process_supervised
 from .templates import Template, fix_tokenizer_for_template, get_template
 
-__all__ = ["SFTSplits", "build_sft_dataset", "build_sft_splits", "load_converted", "encode_examples"]
+__all__ = ["SFTSplits", "build_prompt_split", "build_sft_dataset", "build_sft_splits", "encode_examples",
+           "load_converted"]
 
 logger = logging.getLogger("npu_ft.data")
 
@@ -97,6 +98,23 @@ def build_sft_splits(args: DataArguments, tokenizer, seed: int = 42) -> SFTSplit
     train = encode_examples(examples, args, template, tokenizer)
     evals = encode_examples(eval_examples, args, template, tokenizer) if eval_examples is not None else None
     return SFTSplits(train=train, eval=evals)
+
+
+def build_prompt_split(args: DataArguments, tokenizer, seed: int = 42) -> list[dict[str, Any]]:
+    """The evaluation examples as prompts for generation (``do_predict`` + ``predict_with_generate``):
+    ``input_ids`` the prompt, ``labels`` the expected answer (LLaMA-Factory's unsupervised processor).
+    The examples are those of :func:`build_sft_splits`'s eval split (``val_size`` or ``eval_dataset``)."""
+    from .unsupervised import process_unsupervised
+
+    template = get_template(args.template, args.default_system, args.enable_thinking, args.preserve_thinking)
+    fix_tokenizer_for_template(template, tokenizer)
+    if args.val_size > 1e-6:
+        _, examples = _train_test_split(load_converted(args.dataset or [], args, seed), args.val_size, seed)
+    elif args.eval_dataset:
+        examples = load_converted(args.eval_dataset, args, seed)
+    else:
+        raise ValueError("prediction needs eval_dataset or val_size > 0")
+    return process_unsupervised(examples, template, tokenizer, args.cutoff_len)
 
 
 def build_sft_dataset(args: DataArguments, tokenizer, seed: int = 42) -> list[dict[str, Any]]:

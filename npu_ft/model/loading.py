@@ -23,6 +23,9 @@ __all__ = [
     "check_safetensors",
     "compute_dtype",
     "load_model",
+    "TOKENIZER_FILES",
+    "has_tokenizer_files",
+    "load_tokenizer",
     "resolve_dtype",
     "resolve_model_path",
 ]
@@ -48,11 +51,7 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
         raise ModelLoadError("model_name_or_path is not set: give the path of a local model folder")
     folder = Path(os.path.expanduser(str(path)))
     if not folder.exists():
-        looks_like_hub_id = not folder.is_absolute() and str(path).count("/") == 1 and not str(path).startswith(".")
-        hint = (f" It looks like a hub id; npu-ft does not download models. Fetch it first (for example "
-                f"`huggingface-cli download {path} --local-dir models/{Path(str(path)).name}`) and point "
-                f"model_name_or_path at that folder." if looks_like_hub_id else "")
-        raise ModelLoadError(f"model_name_or_path '{path}' does not exist (not a local folder).{hint}")
+        raise ModelLoadError(f"model_name_or_path '{path}' does not exist (not a local folder).{_download_hint(path)}")
     if not folder.is_dir():
         raise ModelLoadError(f"model_name_or_path '{path}' is a file; expected a model folder")
     if not (folder / "config.json").is_file():
@@ -68,6 +67,48 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
         if problem:
             raise ModelLoadError(f"model folder '{path}': {weights.name} is truncated or corrupt ({problem})")
     return folder
+
+
+def _download_hint(path: str | os.PathLike) -> str:
+    """How to fetch the model into ``path``: a hub id as given, or Qwen/<folder name> for a Qwen folder."""
+    text = str(path).rstrip("/")
+    name = Path(text).name
+    is_hub_id = (not Path(text).is_absolute() and text.count("/") == 1 and not text.startswith(".")
+                 and text.split("/")[0] not in ("models", "saves", "data", "output", "outputs"))
+    repo = text if is_hub_id else (f"Qwen/{name}" if name.lower().startswith("qwen") else None)
+    if repo is None:
+        return ""
+    target = f"models/{name}" if is_hub_id else text
+    return (f" npu-ft does not download models: fetch it first with `hf download {repo} --local-dir {target}` "
+            f"(or `modelscope download --model {repo} --local_dir {target}`) and point model_name_or_path at "
+            f"'{target}'.")
+
+
+#: files of which a model folder needs one for its tokenizer to load (without them transformers
+#: builds an empty tokenizer, and training would run on nothing)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "*.tiktoken")
+
+
+def has_tokenizer_files(folder: str | os.PathLike) -> bool:
+    return any(any(Path(folder).glob(pattern)) for pattern in TOKENIZER_FILES)
+
+
+def load_tokenizer(folder: str | os.PathLike, trust_remote_code: bool = False, use_fast: bool = True,
+                   **init_kwargs: Any):
+    """The tokenizer saved in a local model folder; :class:`ModelLoadError` naming the folder when it
+    has no tokenizer files or they do not load. ``init_kwargs`` are kept by transformers and saved
+    into tokenizer_config.json."""
+    from transformers import AutoTokenizer
+
+    if not has_tokenizer_files(folder):
+        raise ModelLoadError(f"model folder '{folder}' has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+                             "put the tokenizer next to the weights")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code,
+                                             use_fast=use_fast, **init_kwargs)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"model folder '{folder}': cannot load its tokenizer ({exc}); put the tokenizer files "
+                             "next to the weights") from None
 
 
 #: the safetensors format's limit on the JSON header

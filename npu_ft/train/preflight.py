@@ -25,7 +25,7 @@ from typing import Any
 
 from npu_ft.config.trackers import check_trackers_installed
 
-__all__ = ["TOKENIZER_FILES", "PreflightError", "check_inputs", "check_run_keys", "check_tokenizer"]
+__all__ = ["PreflightError", "check_inputs", "check_run_keys", "check_tokenizer"]
 
 class PreflightError(ValueError):
     """A recipe input that cannot work; the message names the recipe file and the key."""
@@ -51,19 +51,14 @@ def check_run_keys(cfg: Any) -> None:
         raise PreflightError(f"{cfg.source}: key 'stage': only sft is supported, got {cfg.stage!r}")
 
 
-#: files of which a model folder needs one for its tokenizer to load (without them transformers
-#: builds an empty tokenizer, and training would run on nothing)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "*.tiktoken")
-
-
 def _check_model_folder(cfg: Any) -> None:
-    from npu_ft.model.loading import ModelLoadError, resolve_model_path
+    from npu_ft.model.loading import TOKENIZER_FILES, ModelLoadError, has_tokenizer_files, resolve_model_path
 
     try:
         folder = resolve_model_path(cfg.model_name_or_path)
     except ModelLoadError as exc:
         raise PreflightError(f"{cfg.source}: {exc}") from None
-    if not any(any(folder.glob(pattern)) for pattern in TOKENIZER_FILES):
+    if not has_tokenizer_files(folder):
         raise PreflightError(f"{cfg.source}: model folder '{cfg.model_name_or_path}' has no tokenizer files (one of "
                              f"{', '.join(TOKENIZER_FILES)}); put the tokenizer next to the weights")
 
@@ -84,7 +79,6 @@ def _check_data(cfg: Any) -> None:
     from npu_ft.data.dataset import load_converted
     from npu_ft.data.templates import get_template
 
-    
     try:
         args = cfg.data_arguments()
     except (ValueError, NotImplementedError) as exc:
@@ -108,9 +102,9 @@ def _check_data(cfg: Any) -> None:
 
 def check_tokenizer(cfg: Any) -> None:
     """The tokenizer loads from the model folder and has a vocabulary (imports transformers: seconds)."""
-    from .run import load_tokenizer
+    from .model_setup import load_run_tokenizer
 
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_run_tokenizer(cfg)
     if len(tokenizer) < 2:
         raise PreflightError(f"{cfg.source}: model folder '{cfg.model_name_or_path}': the tokenizer loads with "
                              f"{len(tokenizer)} token(s); check its tokenizer files")

@@ -36,7 +36,8 @@ _RUN_NAMES = frozenset({
     "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json", "config.json",
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
     "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    ".tmp-final-model",
+    ".tmp-final-model", "README.md", "running_log.txt", "generated_predictions.jsonl",
+    "generated_predictions.jsonl.tmp",
 })
 _RUN_PATTERNS = re.compile(
     r"^(?:(?:tmp-)?checkpoint-\d+|model-\d+-of-\d+\.safetensors|pytorch_model-\d+-of-\d+\.bin|training_[\w.-]+\.png"

@@ -1,8 +1,9 @@
 """``run_sft(cfg)``: one supervised fine-tuning run, in LLaMA-Factory's order.
 
-device (device layer) -> tokenizer -> dataset -> model -> method (lora | qlora | full) -> fused
-linear cross-entropy loss (``fused_cross_entropy``, default on) ->
-:class:`~npu_ft.train.trainer.SftTrainer` (transformers' Trainer) -> outputs.
+checks (run keys, trackers, output_dir) -> device -> resume point -> tokenizer -> dataset -> run
+identity -> memory estimate -> model + method + features (:mod:`.model_setup`) -> the plan in the
+log (:mod:`.run_report`) -> :class:`~npu_ft.train.trainer.SftTrainer` (transformers' Trainer) ->
+outputs -> evaluation and prediction.
 
 Everything that can be wrong with the inputs (config, device, tokenizer, data files, the model
 folder) is checked *before* anything is written, so a bad recipe leaves no output behind. Outputs
@@ -22,16 +23,17 @@ in docs/training.md ("Guarantees").
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from npu_ft.logs import add_run_log, remove_run_log
 
 from .callbacks import LogCallback, NonFiniteLossError, NonFiniteLossGuard, plot_loss
 from .checkpoint import (
@@ -49,7 +51,7 @@ from .run_identity import RUN_FILE, RunIdentity, check_same_run, compute_identit
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SftResult", "TrainingError", "build_data_arguments", "enable_fused_loss", "prepare_model", "run_sft"]
+__all__ = ["SftResult", "TrainingError", "run_sft"]
 
 #: files whose presence means "a model/adapter was already trained here" (LF's CHECKPOINT_NAMES)
 _OUTPUT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors",
@@ -82,95 +84,6 @@ class SftResult:
 # ---------------------------------------------------------------------------------------------
 # pieces
 # ---------------------------------------------------------------------------------------------
-def build_data_arguments(cfg: Any):
-    """:class:`npu_ft.data.DataArguments` from the data keys of a config."""
-    from npu_ft.data import DataArguments
-
-    kwargs = {}
-    for f in dataclasses.fields(DataArguments):
-        if f.name in cfg:
-            value = cfg.get(f.name)
-            if value is None and f.default is not None and f.default is not dataclasses.MISSING:
-                continue
-            kwargs[f.name] = value
-    return DataArguments(**kwargs)
-
-
-def load_tokenizer(cfg: Any):
-    """The tokenizer saved in the model folder (LLaMA-Factory loads it from model_name_or_path)."""
-    from transformers import AutoTokenizer
-
-    from npu_ft.model.loading import resolve_model_path
-
-    folder = resolve_model_path(cfg.model_name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(folder), local_files_only=True, trust_remote_code=bool(cfg.get("trust_remote_code", False)),
-            use_fast=bool(cfg.get("use_fast_tokenizer", True)),
-        )
-    except (OSError, ValueError, TypeError) as exc:
-        raise TrainingError(f"model_name_or_path {cfg.model_name_or_path!r}: cannot load a tokenizer from the "
-                            f"folder ({exc}). Put the tokenizer files next to the weights.") from exc
-    tokenizer.padding_side = "right"
-    return tokenizer
-
-
-def prepare_model(cfg: Any, device: torch.device, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Load the model and apply the method: LoRA, QLoRA (NF4 base) or full fine-tuning."""
-    from npu_ft.model.loading import compute_dtype as _compute_dtype
-    from npu_ft.model.loading import load_model
-    from npu_ft.modules.inject import apply_lora, apply_qlora
-
-    dtype = compute_dtype or _compute_dtype(cfg)
-    model = load_model(cfg, device=None, dtype=dtype)
-    method = cfg.method
-    lora_kwargs = dict(r=int(cfg.lora_rank), alpha=cfg.lora_alpha, dropout=float(cfg.lora_dropout),
-                       use_rslora=bool(cfg.use_rslora), additional_target=cfg.additional_target)
-    try:
-        if method == "lora":
-            apply_lora(model, cfg.lora_target, **lora_kwargs)
-        elif method == "qlora":
-            if str(cfg.get("quantization_type", "nf4")).lower() != "nf4":
-                raise TrainingError(f"quantization_type: only nf4 is supported, got {cfg.quantization_type!r}")
-            model = model.to(device)  # quantize where we train (same NF4 codes on any device)
-            apply_qlora(model, cfg.lora_target, double_quant=bool(cfg.double_quantization), compute_dtype=dtype,
-                        **lora_kwargs)
-        else:  # full: LLaMA-Factory trains fp32 master weights unless pure_bf16
-            model.requires_grad_(True)
-            if not cfg.get("pure_bf16", False):
-                for param in model.parameters():
-                    if param.dtype != torch.float32:
-                        param.data = param.data.to(torch.float32)
-    except ValueError as exc:
-        key = next((k for k in ("lora_rank", "lora_target", "additional_target") if str(exc).startswith(k)),
-                   "finetuning_type")
-        raise TrainingError(f"{cfg.source}: key '{key}': {exc}") from exc
-    model = model.to(device)
-    model.config.use_cache = False
-    if cfg.gradient_checkpointing_enabled:
-        from npu_ft.modules.checkpointing import enable_gradient_checkpointing
-
-        use_reentrant = bool(cfg.get("use_reentrant_gc", True))
-        policy = cfg.get("gradient_checkpointing_policy", "full")
-        enable_gradient_checkpointing(model, policy, use_reentrant,
-                                      input_require_grads=method != "full" or use_reentrant)
-        logger.info("gradient checkpointing: policy %s", policy)
-    return model
-
-
-def enable_fused_loss(cfg: Any, model: torch.nn.Module) -> bool:
-    """``fused_cross_entropy: true`` (the default): patch the model's forward so its training loss is
-    the chunked fused linear + cross-entropy (:mod:`npu_ft.modules.fused_loss`). Returns whether the
-    model now uses it; what happened is logged once (here or by the patch)."""
-    if not bool(cfg.get("fused_cross_entropy", True)):
-        logger.info("fused_cross_entropy: false -> transformers' loss (full [tokens, vocab] logits)")
-        return False
-    from npu_ft.modules.fused_loss import enable_fused_cross_entropy
-
-    # enable_fused_cross_entropy logs whether it applies (and why not): one line, not two
-    return enable_fused_cross_entropy(model)
-
-
 def _adapter_fns(cfg: Any, method: str):
     if method == "full":
         return None, None
@@ -196,7 +109,8 @@ def _check_output_dir(cfg: Any, resume: str | None) -> str | None:
         raise TrainingError(f"{cfg.source}: key 'output_dir': {out!r} already holds a trained model; set "
                             "overwrite_output_dir: true to train over it, or choose another output_dir")
     if last is not None:
-        logger.info("Resuming training from %s (output_dir has checkpoints; overwrite_output_dir is false)", last)
+        logger.info("output_dir has checkpoints and overwrite_output_dir is false: resuming from %s if it belongs to "
+                    "this run", last)
     return last
 
 
@@ -241,46 +155,23 @@ def _finish_finished(cfg: Any, trainer, resume: str, step: int, total: int, iden
 # ---------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------
-def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: dict[str, Any] | None = None
-            ) -> SftResult:
-    """Fine-tune as the recipe says; returns an :class:`SftResult`.
-
-    Raises :class:`TrainingError` (bad inputs), :class:`~npu_ft.device.DeviceUnavailableError`,
-    :class:`~npu_ft.train.config.ConfigError`, the data errors of :mod:`npu_ft.data`, or
-    :class:`~npu_ft.train.callbacks.NonFiniteLossError` (loss became NaN/inf; the last good
-    checkpoint is kept and named in the message).
-    """
-    from npu_ft.data import SFTDataCollator, build_sft_splits
+def _select_device(cfg: Any) -> tuple[Any, torch.device, torch.dtype]:
+    """The device layer's backend and device for the recipe, the process set up for it, the compute dtype."""
     from npu_ft.device import select_device
-    from npu_ft.model.loading import compute_dtype as _compute_dtype
+    from npu_ft.model.loading import compute_dtype
 
-    from .config import to_training_arguments
-    from .trainer import SftTrainer
-
-    if not cfg.do_train:
-        raise TrainingError(f"{cfg.source}: key 'do_train': nothing to do (set do_train: true to train)")
-    if not cfg.output_dir:
-        raise TrainingError(f"{cfg.source}: key 'output_dir': is required")
-    if cfg.get("stage", "sft") != "sft":
-        raise TrainingError(f"{cfg.source}: key 'stage': only sft is supported, got {cfg.stage!r}")
-    try:
-        check_output_dir(cfg.output_dir, cfg.model_name_or_path)
-    except OutputDirError as exc:
-        raise TrainingError(f"{cfg.source}: key 'output_dir': {exc}") from None
-
-    # 1. device (raises DeviceUnavailableError for a device asked for but absent)
     backend, device = select_device(None if cfg.device == "auto" else cfg.device)
     backend.set_device(device)
-    if backend.name == "cpu" and bool(cfg.get("cpu_malloc_tuning", True)):
-        from npu_ft.device.cpu import tune_glibc_malloc
-
-        if tune_glibc_malloc():
-            logger.info("cpu_malloc_tuning: glibc mmap/trim thresholds raised (per-step buffers are reused)")
-    dtype = _compute_dtype(cfg)
+    for note in backend.prepare_process(malloc_tuning=bool(cfg.cpu_malloc_tuning)):
+        logger.info(note)
+    dtype = compute_dtype(cfg)
     if dtype == torch.bfloat16 and not backend.supports_bf16():
         raise TrainingError(f"{cfg.source}: key 'bf16': {backend.name} ({backend.device_name()}) has no bf16")
+    return backend, device, dtype
 
-    # 2. where to resume from (no writes yet): a complete checkpoint of this method
+
+def _find_resume(cfg: Any) -> tuple[str | None, bool | str | None, str]:
+    """``(checkpoint to resume from, what the recipe asked, the key an error names)``; nothing written."""
     asked = parse_resume(cfg.resume_from_checkpoint)
     # not asked: a checkpoint may still be picked from output_dir (LLaMA-Factory's rule); errors name output_dir
     resume_key = "output_dir" if asked is None else "resume_from_checkpoint"
@@ -290,12 +181,14 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
             check_resumable(resume, cfg.method)
     except CheckpointError as exc:
         raise TrainingError(f"{cfg.source}: key '{resume_key}': {exc}") from None
+    return resume, asked, resume_key
 
-    # 3. tokenizer and data (every data error surfaces here, before any output exists)
-    tokenizer = load_tokenizer(cfg)
-    data_args = build_data_arguments(cfg)
-    from npu_ft.data import DataFileError, DataFormatError, DatasetInfoError
 
+def _build_splits(cfg: Any, tokenizer):
+    """Train (and eval) items; every data error surfaces here, before any output exists."""
+    from npu_ft.data import DataFileError, DataFormatError, DatasetInfoError, build_sft_splits
+
+    data_args = cfg.data_arguments()
     try:
         splits = build_sft_splits(data_args, tokenizer, seed=int(cfg.seed))
     except (DataFileError, DataFormatError, DatasetInfoError):
@@ -314,6 +207,71 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
     if with_target < len(splits.train):
         logger.warning("%d of %d training examples have no target token left after cutoff_len=%s",
                        len(splits.train) - with_target, len(splits.train), cfg.cutoff_len)
+    return splits
+
+
+def _check_prediction(cfg: Any) -> None:
+    """``do_predict`` needs examples to predict, and ``predict_with_generate`` the metrics extra."""
+    if not cfg.do_predict:
+        return
+    if cfg.eval_dataset is None and cfg.val_size <= 1e-6:
+        raise TrainingError(f"{cfg.where('do_predict')}: key 'do_predict': needs eval_dataset or val_size > 0")
+    if cfg.predict_with_generate:
+        import importlib.util
+
+        missing = [m for m in ("jieba", "nltk", "rouge_chinese") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise TrainingError(f"{cfg.where('predict_with_generate')}: key 'predict_with_generate': BLEU/ROUGE need "
+                                f"{', '.join(missing)}: pip install \"npu-ft[metrics]\"")
+
+
+def _features(cfg: Any, fused_loss: bool) -> list[str]:
+    """The npu-ft training features that are on, for the log."""
+    on = [f"fused_cross_entropy {'on' if fused_loss else 'off'}"]
+    on.append(f"gradient checkpointing {cfg.gradient_checkpointing_policy}" if cfg.gradient_checkpointing_enabled
+              else "gradient checkpointing off")
+    if cfg.shift_attn:
+        on.append("shift_attn (S2-Attn)")
+    from npu_ft.optim import is_npu_ft_optim
+
+    if is_npu_ft_optim(cfg.optim):
+        on.append(f"optim {cfg.optim} (npu-ft)")
+    return on
+
+
+def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: dict[str, Any] | None = None
+            ) -> SftResult:
+    """Fine-tune as the recipe says; returns an :class:`SftResult`.
+
+    Raises :class:`TrainingError` (bad inputs), :class:`~npu_ft.device.DeviceUnavailableError`,
+    :class:`~npu_ft.config.ConfigError`, the data errors of :mod:`npu_ft.data`, or
+    :class:`~npu_ft.train.callbacks.NonFiniteLossError` (loss became NaN/inf; the last good
+    checkpoint is kept and named in the message).
+    """
+    from npu_ft.config import to_training_arguments
+    from npu_ft.config.trackers import check_trackers_installed
+    from npu_ft.launch.budget import check_before_loading
+    from npu_ft.optim import is_npu_ft_optim, trainer_optimizer
+
+    from .model_setup import SetupError, enable_fused_loss, load_run_tokenizer, prepare_model
+    from .preflight import check_run_keys
+    from .run_report import log_run_plan
+    from .trainer import SftTrainer
+
+    # 0. what can be checked without any work
+    check_run_keys(cfg)
+    check_trackers_installed(cfg.report_to, cfg.where("report_to"))
+    _check_prediction(cfg)
+    try:
+        check_output_dir(cfg.output_dir, cfg.model_name_or_path)
+    except OutputDirError as exc:
+        raise TrainingError(f"{cfg.source}: key 'output_dir': {exc}") from None
+
+    # 1. device, 2. where to resume from, 3. tokenizer and data (no writes yet)
+    backend, device, dtype = _select_device(cfg)
+    resume, asked, resume_key = _find_resume(cfg)
+    tokenizer = load_run_tokenizer(cfg)
+    splits = _build_splits(cfg, tokenizer)
 
     # 3b. which run this is; a checkpoint of another run is refused
     identity = compute_identity(cfg)
@@ -326,25 +284,31 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
     # 4. model + method (seeded first, as LLaMA-Factory does, so LoRA init is reproducible)
     from transformers import set_seed
 
+    check_before_loading(cfg, backend)  # warns when the estimate exceeds the device; resolves policy "auto"
     set_seed(int(cfg.seed))
-    model = prepare_model(cfg, device, dtype)
+    try:
+        model = prepare_model(cfg, device, dtype)
+    except SetupError as exc:
+        raise TrainingError(str(exc)) from None
     trainer_kwargs = dict(trainer_kwargs or {})
-    enable_fused_loss(cfg, model)
+    fused_loss = enable_fused_loss(cfg, model)
+    _align_special_tokens(model, tokenizer)
 
     # 5. trainer
-    changes: dict[str, Any] = {"output_dir": cfg.output_dir}
-    if backend.name == "cpu":
-        changes["use_cpu"] = True
+    changes: dict[str, Any] = {"output_dir": cfg.output_dir, **backend.training_arguments()}
     changes.setdefault("disable_tqdm", False)
-    if cfg.get("disable_shuffling", False):
+    if cfg.disable_shuffling:
         changes["train_sampling_strategy"] = "sequential"
     args = to_training_arguments(cfg, **changes)
+    if is_npu_ft_optim(args.optim):
+        trainer_kwargs.setdefault("optimizer_cls_and_kwargs", trainer_optimizer(args.optim, args, model))
+    from npu_ft.data import SFTDataCollator
+
     collator = SFTDataCollator(
         pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=8, neat_packing=bool(cfg.neat_packing),
         compute_dtype=dtype,
     )
     save_adapter, load_adapter = _adapter_fns(cfg, cfg.method)
-    guard = NonFiniteLossGuard()
     trainer = SftTrainer(
         model=model,
         args=args,
@@ -355,14 +319,21 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
         callbacks=[LogCallback(), *(callbacks or [])],
         save_adapter=save_adapter,
         load_adapter=load_adapter,
-        nan_guard=guard,
+        nan_guard=NonFiniteLossGuard(),
         run_identity=identity,
         method=cfg.method,
+        model_card=lambda folder, state: _write_model_card(cfg, folder, state.log_history, args.world_size),
         **trainer_kwargs,
     )
+    total_steps = _planned_steps(trainer)
+
+    def announce() -> None:
+        log_run_plan(cfg, model, backend, device, dtype, args.world_size, total_steps, splits.train, tokenizer,
+                     _features(cfg, fused_loss))
+
     result = SftResult(output_dir=cfg.output_dir, method=cfg.method, resumed_from=resume, device=str(device))
     try:
-        _train_and_save(cfg, trainer, resume, identity, splits, result)
+        _train_and_save(cfg, trainer, resume, identity, splits, result, total_steps, announce)
     except Exception as exc:  # writers report a full disk as OSError, SafetensorError, or (tokenizers) Exception
         if isinstance(exc, (NonFiniteLossError, TrainingError)) or not is_disk_full(exc, cfg.output_dir):
             raise
@@ -375,19 +346,50 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
     return result
 
 
+def _align_special_tokens(model: torch.nn.Module, tokenizer) -> None:
+    """Give the model config and generation config the tokenizer's pad/bos/eos ids, as the Trainer would
+    (it warns about it; for a Qwen tokenizer whose pad token is <|endoftext|> that is expected)."""
+    from transformers.trainer_utils import align_special_tokens
+
+    before = {k: getattr(model.config, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    notices = logging.getLogger("transformers.trainer_utils")
+    level = notices.level
+    notices.setLevel(logging.ERROR)
+    try:
+        align_special_tokens(model, tokenizer)
+    finally:
+        notices.setLevel(level)
+    changed = {k: getattr(model.config, k, None) for k in before if getattr(model.config, k, None) != before[k]}
+    if changed:
+        logger.info("model config aligned with the tokenizer's special tokens: %s", changed)
+
+
+def _write_model_card(cfg: Any, folder: str, log_history: Sequence[dict[str, Any]], world_size: int) -> None:
+    from .outputs import chmod_like_open
+    from .run_report import MODEL_CARD, model_card_text
+
+    path = os.path.join(folder, MODEL_CARD)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(model_card_text(cfg, log_history, world_size))
+    chmod_like_open(path)
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _train_and_save(cfg: Any, trainer, resume: str | None, identity: RunIdentity, splits, result: SftResult) -> None:
-    """Steps 6 and 7 of :func:`run_sft`: train (or see the run is finished), then write the outputs."""
+def _train_and_save(cfg: Any, trainer, resume: str | None, identity: RunIdentity, splits, result: SftResult,
+                    total: int, announce: Callable[[], None]) -> None:
+    """Steps 6 and 7 of :func:`run_sft`: train (or see the run is finished), then write the outputs;
+    ``announce`` logs the run's plan (into ``running_log.txt`` too)."""
     out = cfg.output_dir
     if resume is not None:
-        step, total = checkpoint_step(resume), _planned_steps(trainer)
+        step = checkpoint_step(resume)
         if step > total:
             raise TrainingError(f"{cfg.source}: key 'resume_from_checkpoint': {resume} is at step {step}, past "
                                 f"the end of this run ({total} steps)")
         if step == total:
+            announce()
             _finish_finished(cfg, trainer, resume, step, total, identity)
             result.global_step, result.already_finished = step, True
             result.log_history = list(trainer.state.log_history)
@@ -400,6 +402,20 @@ def _train_and_save(cfg: Any, trainer, resume: str | None, identity: RunIdentity
             set_aside_previous_run(out, keep=(str(cfg.model_name_or_path), str(cfg.get("dataset_dir") or "")))
         os.makedirs(out, exist_ok=True)
         write_run_file(out, identity)
+    run_log = add_run_log(out) if trainer.args.should_save else None
+    try:
+        announce()
+        if resume is not None:
+            logger.info("Resuming from %s (step %d of %d)", os.path.basename(resume), checkpoint_step(resume), total)
+        _train_evaluate_predict(cfg, trainer, resume, identity, splits, result)
+    finally:
+        if run_log is not None:
+            remove_run_log(run_log)
+
+
+def _train_evaluate_predict(cfg: Any, trainer, resume: str | None, identity: RunIdentity, splits,
+                            result: SftResult) -> None:
+    out = cfg.output_dir
     started = time.time()
     try:
         train_result = trainer.train(resume_from_checkpoint=resume)
@@ -418,9 +434,37 @@ def _train_and_save(cfg: Any, trainer, resume: str | None, identity: RunIdentity
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
-    if trainer.is_world_process_zero() and cfg.get("plot_loss", False):
+    if cfg.do_predict:
+        metrics.update(_predict(cfg, trainer, splits))
+    if trainer.is_world_process_zero() and cfg.plot_loss:
         plot_loss(out, keys=("loss", "eval_loss"))
     if trainer.args.should_save:
+        _write_model_card(cfg, out, trainer.state.log_history, trainer.args.world_size)
         _record_outputs(out, identity)
     result.metrics, result.global_step = metrics, trainer.state.global_step
     result.log_history = list(trainer.state.log_history)
+
+
+def _predict(cfg: Any, trainer, splits) -> dict[str, float]:
+    """``do_predict``: with ``predict_with_generate`` generate answers for the eval prompts, write
+    ``generated_predictions.jsonl`` and BLEU/ROUGE; else the prediction loss on the eval split. The
+    metrics go to ``predict_results.json``."""
+    if cfg.predict_with_generate:
+        from npu_ft.data.dataset import build_prompt_split
+        from npu_ft.data.templates import get_template
+
+        from .predict import predict_and_score
+
+        tokenizer = trainer.processing_class
+        items = build_prompt_split(cfg.data_arguments(), tokenizer, seed=int(cfg.seed))
+        stop_ids = [tokenizer.convert_tokens_to_ids(word) for word in get_template(cfg.template).stop_words]
+        metrics = predict_and_score(trainer.model, tokenizer, items, cfg.output_dir, cfg.generation_kwargs(),
+                                    batch_size=int(cfg.per_device_eval_batch_size), stop_token_ids=stop_ids,
+                                    skip_special_tokens=bool(cfg.skip_special_tokens))
+        logger.info("wrote %s (%d predictions)", os.path.join(cfg.output_dir, "generated_predictions.jsonl"),
+                    len(items))
+    else:
+        metrics = trainer.predict(splits.eval, metric_key_prefix="predict").metrics
+    trainer.log_metrics("predict", metrics)
+    trainer.save_metrics("predict", metrics)
+    return metrics

@@ -112,13 +112,15 @@ def test_set_aside_deletes_only_what_npu_ft_wrote(tmp_path, env):
     write_run_file(str(out), identity, snapshot_files(str(out)))
     (out / "trainer_state.json").write_text('{"changed": 1}')  # no longer what npu-ft wrote
     (out / "config.json").write_text("{}")  # a run-file name npu-ft did not write
-    (out / "README.md").write_text("mine")
+    (out / "README.md").write_text("mine")  # a run-file name (the model card) npu-ft did not write: moved
+    (out / "notes.txt").write_text("mine")  # not a run file: stays
     keep = out / "checkpoint-9"  # e.g. the model folder itself
     keep.mkdir()
     done = set_aside_previous_run(str(out), keep=[str(keep)])
     assert sorted(done.deleted) == sorted(["checkpoint-2", "adapter_model.safetensors", RUN_FILE])
-    assert sorted(done.moved) == ["config.json", "trainer_state.json"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", "checkpoint-9", Path(done.moved_to).name])
+    assert sorted(done.moved) == ["README.md", "config.json", "trainer_state.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["notes.txt", "checkpoint-9", Path(done.moved_to).name])
+    assert (Path(done.moved_to) / "README.md").read_text() == "mine"
     assert json.loads((Path(done.moved_to) / "trainer_state.json").read_text()) == {"changed": 1}
     assert is_run_file("model-00001-of-00002.safetensors") and not is_run_file("previous-run-20260101-000000")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from npu_ft.config import load_config, to_training_arguments
-from npu_ft.train.run import build_data_arguments, run_sft
+from npu_ft.train.run import run_sft
 
 from ._sft_helpers import base_recipe, step_losses, tiny_model_dir, write_dataset, write_recipe
 
@@ -32,7 +32,7 @@ def _reference_losses(cfg, model, out_dir) -> list[float]:
     from npu_ft.data import SFTDataCollator, build_sft_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, local_files_only=True)
-    train = build_sft_dataset(build_data_arguments(cfg), tokenizer, seed=cfg.seed)
+    train = build_sft_dataset(cfg.data_arguments(), tokenizer, seed=cfg.seed)
     args = to_training_arguments(cfg, output_dir=str(out_dir), use_cpu=True, save_strategy="no", disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                       data_collator=SFTDataCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=8))
