@@ -56,7 +56,8 @@ def test_no_shipped_recipe_trusts_remote_code(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert "trust_remote_code" not in yaml.safe_load(path.read_text())
     assert "trust_remote_code" not in path.read_text()
-    if "export_dir" not in yaml.safe_load(path.read_text()):  # `npu-ft export` recipes are not training configs
+    data = yaml.safe_load(path.read_text())
+    if "export_dir" not in data and not path.name.startswith("chat"):  # export / chat recipes: not training configs
         assert load_config(path).trust_remote_code is False
 
 
@@ -84,6 +85,38 @@ def test_recipe_loads_and_passes_the_launch_checks(recipe, monkeypatch):
         assert cfg.deepspeed is None
     cards, est = recipe.estimate_cards()
     assert cards is not None and est.total_gib <= 64 * 0.9
+
+
+@pytest.mark.parametrize("model", GENERATOR.MODELS_TABLE, ids=lambda m: m.key)
+def test_merge_and_chat_recipes_follow_the_training_recipes(model):
+    """merge_<m>.yaml merges what <m>.yaml trained; chat_<m>.yaml talks to it; every key is one that
+    `npu-ft export` / `npu-ft chat` reads."""
+    from npu_ft.config import OPTIONS
+    from npu_ft.config.chat_args import ChatArguments
+    from npu_ft.config.schema import parse_fields
+    from npu_ft.train.export import EXPORT_KEYS
+
+    folder = ROOT / "recipes" / model.key
+    trained = {m: yaml.safe_load((folder / f"{m}.yaml").read_text()) for m in METHOD_NAMES}
+    for method in ("lora", "qlora"):
+        merge = yaml.safe_load((folder / f"merge_{method}.yaml").read_text())
+        assert set(merge) <= set(EXPORT_KEYS) | set(OPTIONS)
+        assert merge["model_name_or_path"] == trained[method]["model_name_or_path"]
+        assert merge["adapter_name_or_path"] == trained[method]["output_dir"]
+        assert merge.get("quantization_bit") == trained[method].get("quantization_bit")
+        assert merge["export_dir"] != merge["adapter_name_or_path"] and merge["template"] == model.template
+    for method in ("lora", "full"):
+        chat = yaml.safe_load((folder / f"chat_{method}.yaml").read_text())
+        keys = {k: v for k, v in chat.items() if k != "infer_backend"}  # LLaMA-Factory's key, ignored by npu-ft
+        values = parse_fields(ChatArguments, keys, "chat.yaml", {})
+        if method == "full":
+            assert values["model_name_or_path"] == trained["full"]["output_dir"]
+        else:
+            assert values["adapter_name_or_path"] == [trained["lora"]["output_dir"]]
+            assert values["model_name_or_path"] == trained["lora"]["model_name_or_path"]
+
+
+METHOD_NAMES = ("lora", "qlora", "full")
 
 
 @pytest.mark.parametrize("name, stage, offload", [("ds_z2_config.json", 2, (False, False)),
