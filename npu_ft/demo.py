@@ -233,9 +233,19 @@ def demo_main(argv: list[str] | None = None) -> int:
         print(f"  {'ok ' if ok else 'BAD'} {task:<26} {inp:<42} {expected:<8} {got!r}")
     print()
     print(f"training: {res['train_s']:.0f} s; whole demo: {res['total_s']:.0f} s wall, {res['cpu_s']:.0f} s CPU on "
-          f"{res['device']} ({res['threads']} threads). Run folder: {res['run_dir']} (trainer_log.jsonl, "
-          "training_loss.png, model)")
+          f"{res['device']} ({res['threads']} threads). Run folder: {res['run_dir']} ({_run_files(res['run_dir'])})")
     return 0
+
+
+#: what a reader looks for in the run folder, in this order (only those the run wrote are named)
+_NOTABLE = ("trainer_log.jsonl", "running_log.txt", "training_loss.png", "model.safetensors",
+            "adapter_model.safetensors", "README.md")
+
+
+def _run_files(run_dir: Path) -> str:
+    """The notable files the run wrote into ``run_dir``, e.g. ``"trainer_log.jsonl, model.safetensors"``."""
+    present = [name for name in _NOTABLE if (Path(run_dir) / name).is_file()]
+    return ", ".join(present) or "no files"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,6 +21,8 @@ CALLS = []
 def init_adapter(config, model, model_args, finetuning_args, is_trainable):
     from peft import LoraConfig, get_peft_model
     CALLS.append(("init_adapter", getattr(model, "quantization_method", None)))
+    if getattr(finetuning_args, "finetuning_type", "lora") == "full":  # LLaMA-Factory: every weight trains
+        return model
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
 '''
 FAKE_PATCHER = '''
@@ -150,6 +152,29 @@ def test_fused_loss_on_the_model_inside_peft(fake_lf, monkeypatch):
     model, _ = _load()
     assert not fused_cross_entropy_enabled(model.get_base_model())
     assert counters()["fused_cross_entropy"] is False
+
+
+def test_fused_loss_for_full_fine_tuning(fake_lf):
+    """finetuning_type: full has no PEFT model: the fused loss goes on the causal LM itself, with the
+    same loss and gradients as transformers' loss."""
+    fake_lf("0.9.5")
+    from npu_ft.modules.fused_loss import CALLS, fused_cross_entropy_enabled
+    from npu_ft_llamafactory import apply_npu_ft_to_llamafactory, counters
+
+    apply_npu_ft_to_llamafactory(fallback=False)
+    model, _ = _load(finetuning_args=types.SimpleNamespace(finetuning_type="full"))
+    assert not hasattr(model, "get_base_model") and fused_cross_entropy_enabled(model)
+    reference = model_from_config(tiny_config("qwen2", hidden_size=32, layers=1, heads=4, kv_heads=2, intermediate=48,
+                                              vocab=97), seed=0)
+    ids = torch.randint(0, 97, (2, 6))
+    CALLS.clear()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    ref_loss = reference(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    assert CALLS == {"fused": 1} and counters()["fused_cross_entropy"] is True
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.lm_head.weight.grad, reference.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_checkpoint_policy_from_the_apply_call(fake_lf, monkeypatch):
@@ -383,7 +408,7 @@ def test_lf_train_without_llamafactory(capsys, monkeypatch):
     monkeypatch.setattr(metadata, "version", version)
     from npu_ft.cli import main
 
-    assert main(["lf-train", "config.yaml"]) == 2
+    assert main(["lf-train", "config.yaml"]) == 1  # an unavailable dependency is exit 1, as a missing device
     err = capsys.readouterr().err
     assert "LLaMA-Factory is not installed" in err and "pip install llamafactory==0.9.5" in err
     assert main(["lf-train", "--help"]) == 0
