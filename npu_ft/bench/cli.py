@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+from npu_ft.cli_common import positive_int, report
+
 
 def _run_main(argv: list[str]) -> int:
-    from npu_ft.cli_common import positive_int
-
     from .runner import run_suite
     from .suite import SuiteError, load_suite
 
@@ -32,9 +32,8 @@ def _run_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         suite = load_suite(args.suite, check_devices=not args.list)
-    except SuiteError as exc:
-        print(f"npu-ft bench: {exc}", file=sys.stderr)
-        return 2
+    except SuiteError as exc:  # bad input: exit 1, one line naming the file and key
+        return report("npu-ft bench", exc)
     if args.list:
         for c in suite.cases:
             if (not args.only or args.only in c.case_id) and not any(s in c.case_id for s in args.skip):
@@ -44,8 +43,7 @@ def _run_main(argv: list[str]) -> int:
     try:
         results = run_suite(suite, out, repeats=args.repeats, only=args.only, skip=args.skip, jobs=args.jobs)
     except ValueError as exc:
-        print(f"npu-ft bench: {exc}", file=sys.stderr)
-        return 2
+        return report("npu-ft bench", exc)
     from .report import aggregate, parity
 
     rows = aggregate(results)
@@ -68,9 +66,8 @@ def _compare_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         df = compare(args.a, args.b)
-    except (OSError, ValueError) as exc:
-        print(f"npu-ft bench compare: {exc}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as exc:  # a missing or malformed results.csv: bad input, exit 1
+        return report("npu-ft bench compare", exc)
     md = to_markdown(df, args.a, args.b)
     print(md)
     if args.out:

@@ -89,5 +89,5 @@ def test_reports_and_compare(tmp_path, capsys):
 def test_compare_rejects_a_foreign_csv(tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("x,y\n1,2\n")
-    assert bench_main(["compare", str(bad), str(bad)]) == 2
+    assert bench_main(["compare", str(bad), str(bad)]) == 1
     assert "missing columns" in capsys.readouterr().err

@@ -83,13 +83,15 @@ def test_not_a_mapping_and_bad_yaml(tmp_path):
         load_suite(tmp_path / "nope.yaml")
 
 
-def test_cli_reports_the_error_and_exits_2(tmp_path, capsys):
+def test_cli_reports_the_error_and_exits_1(tmp_path, capsys):
     p = _write(tmp_path, """
         models: [tiny]
         methods: [lora, prompt-tuning]
         implementations: [npu-ft]
     """)
-    assert bench_main([str(p), "--out", str(tmp_path / "out")]) == 2
+    assert bench_main([str(p), "--out", str(tmp_path / "out")]) == 1  # bad input, not usage
     err = capsys.readouterr().err
-    assert "prompt-tuning" in err and str(p) in err
+    assert "prompt-tuning" in err and str(p) in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+    assert bench_main(["compare", str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]) == 1
+    assert "a.csv" in capsys.readouterr().err

@@ -93,16 +93,16 @@ def lf_train_main(argv: list[str]) -> int:
     try:
         # counters are written below by the process that trains (this one, or each torchrun worker)
         info = lf_patch.apply_npu_ft_to_llamafactory(**replace(options, counters_path=None).as_kwargs())
-    except NpuFtLlamaFactoryError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
+    except NpuFtLlamaFactoryError as exc:  # LLaMA-Factory missing or an unsupported version: exit 1
+        print(f"npu-ft lf-train: error: {exc}", file=sys.stderr)
+        return 1
     workers = bool(info.get("patched")) and _would_launch_torchrun()
     if info.get("patched"):
         os.environ[ENV_ENABLE] = "1"  # torchrun workers patch themselves through the .pth hook
         if workers and not hook.hook_status()["installed"]:
             print("npu-ft lf-train: LLaMA-Factory would start torchrun workers, which are patched only through the "
                   "import hook; run `npu-ft lf-train --install-hook` once in this environment", file=sys.stderr)
-            return 2
+            return 1
         print(f"[npu-ft] LLaMA-Factory {info['llamafactory']} patched: PEFT LoRA -> npu_ft::lora_linear, "
               "bitsandbytes 4-bit -> npu-ft NF4", file=sys.stderr)
     from llamafactory.cli import main as lf_main
@@ -111,8 +111,8 @@ def lf_train_main(argv: list[str]) -> int:
     try:
         lf_main()
     except NpuFtLlamaFactoryError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
+        print(f"npu-ft lf-train: error: {exc}", file=sys.stderr)
+        return 1
     finally:
         if options.counters_path and not workers:
             lf_patch.write_counters(options.counters_path)
