@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 RATIO = 2.0
 ROUNDS = 3
-SUBCOMMANDS = ("train", "export", "bench", "doctor", "demo", "env", "k8s", "lf-train")
+SUBCOMMANDS = ("train", "export", "bench", "doctor", "demo", "chat", "env", "k8s", "lf-train", "estimate", "plan")
 
 
 @pytest.fixture(scope="module")
