@@ -350,7 +350,7 @@ def _nf4_dequantize_op(packed, absmax, blocksize, shape, dtype):
     return nf4_dequantize(packed, absmax, blocksize, shape, dtype)
 
 
-KERNELS = {
+KERNELS: _registry.KernelTable = {
     "nf4_quantize": nf4_quantize,
     "nf4_dequantize": _nf4_dequantize_op,
     "quantize_blockwise_8bit": quantize_blockwise_8bit,

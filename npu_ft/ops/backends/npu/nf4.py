@@ -180,7 +180,7 @@ def quantize_blockwise_8bit_npu(
     return q.reshape(-1)[:n].to(torch.uint8).reshape(A.shape), absmax
 
 
-KERNELS = {
+KERNELS: _registry.KernelTable = {
     "nf4_quantize": nf4_quantize_npu,
     "nf4_dequantize": nf4_dequantize_npu,
     "quantize_blockwise_8bit": quantize_blockwise_8bit_npu,
