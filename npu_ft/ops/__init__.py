@@ -1,9 +1,9 @@
 """npu_ft ops: schemas, fake kernels, autograd and pure-torch reference kernels, plus the faster
 per-device kernels that :mod:`npu_ft.ops.backends` registers where their device can run.
 
-``import npu_ft`` imports this package: every ``torch.ops.npu_ft.*`` op is defined and the cpu
-kernels are registered, without probing any device; cuda / npu kernels register on first use (see
-:mod:`npu_ft.ops.backends`). Public API (Python entry points that check their arguments, then call
+``import npu_ft`` imports this package once torch is imported: every ``torch.ops.npu_ft.*`` op is
+defined and the cpu kernels are registered, without probing any device; cuda / npu kernels register
+on first use (see :mod:`npu_ft.ops.backends`). Public API (Python entry points that check their arguments, then call
 ``torch.ops.npu_ft.*``): see ``nf4`` and ``lora`` below and docs/ops.md.
 """
 

@@ -48,14 +48,21 @@ def test_native_kernels_build_where_a_compiler_is():
     assert _native.unavailable_reason() is None
 
 
-def test_import_defines_the_ops_without_probing_or_building(tmp_path):
-    """``import npu_ft`` (as ``import bitsandbytes``): every op with its schema, fake and reference
-    kernels and autograd; no device probe, no heavy library, no build; neither ``npu-ft --help`` nor
-    a config error builds anything."""
-    code = """
+@pytest.mark.parametrize("first", ["npu_ft", "torch"])
+def test_import_defines_the_ops_without_probing_or_building(tmp_path, first):
+    """``import npu_ft`` (as ``import bitsandbytes``) gives every op its schema, fake and reference
+    kernels, autograd and cpu kernel, whether torch is imported before or after it; ``import npu_ft``
+    alone imports no torch; nothing probes a device, imports a heavy library or builds, and neither
+    ``npu-ft --help`` nor a config error builds anything."""
+    code = f"""
         import sys
-        import torch
-        import npu_ft
+        if {first!r} == "npu_ft":
+            import npu_ft
+            assert "torch" not in sys.modules, "import npu_ft imported torch"
+            import torch
+        else:
+            import torch
+            import npu_ft
         ops = ["nf4_quantize", "nf4_dequantize", "quantize_blockwise_8bit", "dequantize_blockwise_8bit",
                "lora_linear", "lora_linear_backward", "nf4_linear", "nf4_linear_backward"]
         for name in ops:
@@ -63,6 +70,7 @@ def test_import_defines_the_ops_without_probing_or_building(tmp_path):
             for key in ("CompositeExplicitAutograd", "CPU", "Meta"):
                 assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key), (name, key)
         assert torch._C._dispatch_has_kernel_for_dispatch_key("npu_ft::lora_linear", "Autograd")
+        assert torch.__spec__.loader is torch.__loader__ and type(torch.__loader__).__name__ == "SourceFileLoader"
         heavy = [m for m in ("transformers", "peft", "bitsandbytes", "triton", "torch_npu", "npu_ft.device",
                              "torch.utils.cpp_extension") if m in sys.modules]
         assert not heavy, heavy

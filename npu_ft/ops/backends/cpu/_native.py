@@ -19,6 +19,7 @@ kernels in this package call them through :func:`native_ops`.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import logging
 import os
 import platform
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 ENV_NATIVE = "NPU_FT_CPU_NATIVE"
 ENV_CACHE = "NPU_FT_CACHE_DIR"
 NAMESPACE = "npu_ft_cpu"
-SOURCE_DIR = Path(__file__).resolve().parents[3] / "csrc" / "cpu"
+SOURCE_DIR = Path(str(importlib.resources.files("npu_ft") / "csrc" / "cpu"))  # package data
 
 # -O3 plus the flags that keep every float operation rounding exactly as torch's does (no fused
 # multiply-add, no fast-math); OpenMP so at::parallel_for uses torch's intra-op threads.
