@@ -215,15 +215,13 @@ void nf4_quant_blocks(const In* A, const float* bounds, float* absmax, uint8_t* 
         if (am != am) amc = am;
         absmax[b] = partial ? amc : am;
         const float inv = 1.0f / amc;
-        auto scaled = [&](i64 i) {
+        auto code = [&](i64 i) {
             const float x = load_f32(A[i]);
-            return partial ? x / amc : x * inv;
+            return nf4_code_of(partial ? x / amc : x * inv, bounds);
         };
         i64 i = start;
-        for (; i + 1 < end; i += 2) {
-            packed[i >> 1] = static_cast<uint8_t>((nf4_code_of(scaled(i), bounds) << 4) | nf4_code_of(scaled(i + 1), bounds));
-        }
-        if (i < end) packed[i >> 1] = static_cast<uint8_t>((nf4_code_of(scaled(i), bounds) << 4) | 7);  // pad: code of 0.0
+        for (; i + 1 < end; i += 2) packed[i >> 1] = static_cast<uint8_t>((code(i) << 4) | code(i + 1));
+        if (i < end) packed[i >> 1] = static_cast<uint8_t>((code(i) << 4) | 7);  // pad: the code of 0.0
     }
 }
 
@@ -266,91 +264,88 @@ void q8_dequant_blocks(const uint8_t* q, const float* absmax, const float* code,
 }
 
 // ------------------------------------------------------------------------------------------------
-// dtype dispatch + checks, then the blocks in parallel
+// checks, then the blocks in parallel, per dtype
 // ------------------------------------------------------------------------------------------------
 
-// Calls fn(T{}) with T the C++ type of a float32 / bfloat16 / float16 tensor.
+// Runs fn(T{}, b0, b1) over the block ranges of n values, in parallel, with T the C++ type of a
+// float32 / bfloat16 / float16 tensor of dtype ``dtype`` (the argument called ``name``).
 template <typename F>
-void dispatch_float(at::ScalarType dtype, const char* name, const F& fn) {
+void for_each_float_block_range(at::ScalarType dtype, const char* name, i64 n, i64 blocksize, const F& fn) {
+    auto run = [&](auto tag) { for_each_block_range(n, blocksize, [&](i64 b0, i64 b1) { fn(tag, b0, b1); }); };
     switch (dtype) {
-        case at::kFloat: fn(float{}); break;
-        case at::kBFloat16: fn(BFloat16{}); break;
-        case at::kHalf: fn(Half{}); break;
+        case at::kFloat: run(float{}); break;
+        case at::kBFloat16: run(BFloat16{}); break;
+        case at::kHalf: run(Half{}); break;
         default: TORCH_CHECK(false, name, ": dtype ", dtype, " not supported (expected float32, bfloat16, float16)");
     }
 }
 
 i64 num_blocks(i64 n, i64 blocksize) { return (n + blocksize - 1) / blocksize; }
 
+// The buffers of a dequantize primitive: out (n values), codes (min_codes bytes), one absmax per
+// block, a code table of table_size floats.
+void check_dequantize_args(const at::Tensor& codes, const char* codes_name, i64 min_codes, const at::Tensor& absmax,
+                           const at::Tensor& code, i64 table_size, int64_t blocksize, const at::Tensor& out) {
+    check_blocksize(blocksize);
+    TORCH_CHECK(out.device().is_cpu() && out.is_contiguous(), "out: expected a contiguous CPU tensor");
+    check_buffer(codes, codes_name, at::kByte, min_codes);
+    check_buffer(absmax, "absmax", at::kFloat, num_blocks(out.numel(), blocksize));
+    check_buffer(code, "code", at::kFloat, table_size);
+}
+
+// The buffers of a quantize primitive: A (n values), a float32 or uint8 table, codes (min_codes
+// bytes), one absmax per block.
+void check_quantize_args(const at::Tensor& A, const at::Tensor& table, const char* table_name,
+                         at::ScalarType table_dtype, i64 table_size, int64_t blocksize, const at::Tensor& codes,
+                         const char* codes_name, i64 min_codes, const at::Tensor& absmax) {
+    check_blocksize(blocksize);
+    TORCH_CHECK(A.device().is_cpu() && A.is_contiguous(), "A: expected a contiguous CPU tensor");
+    check_buffer(table, table_name, table_dtype, table_size);
+    check_buffer(codes, codes_name, at::kByte, min_codes);
+    check_buffer(absmax, "absmax", at::kFloat, num_blocks(A.numel(), blocksize));
+}
+
 void nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
                     const at::Tensor& out) {
-    check_blocksize(blocksize);
     const i64 n = out.numel();
-    check_buffer(packed, "packed", at::kByte, (n + 1) / 2);
-    check_buffer(absmax, "absmax", at::kFloat, num_blocks(n, blocksize));
-    check_buffer(code, "code", at::kFloat, 16);
-    TORCH_CHECK(out.device().is_cpu() && out.is_contiguous(), "out: expected a contiguous CPU tensor");
-    const uint8_t* p = packed.data_ptr<uint8_t>();
-    const float* a = absmax.data_ptr<float>();
-    const float* c = code.data_ptr<float>();
-    dispatch_float(out.scalar_type(), "out", [&](auto tag) {
+    check_dequantize_args(packed, "packed", (n + 1) / 2, absmax, code, 16, blocksize, out);
+    for_each_float_block_range(out.scalar_type(), "out", n, blocksize, [&](auto tag, i64 b0, i64 b1) {
         using Out = decltype(tag);
-        Out* o = static_cast<Out*>(out.data_ptr());
-        for_each_block_range(n, blocksize, [&](i64 b0, i64 b1) { nf4_dequant_blocks<Out>(p, a, c, o, n, blocksize, b0, b1); });
-    });
-}
-
-void nf4_quantize(const at::Tensor& A, const at::Tensor& bounds, int64_t blocksize, const at::Tensor& packed,
-                  const at::Tensor& absmax) {
-    check_blocksize(blocksize);
-    const i64 n = A.numel();
-    TORCH_CHECK(A.device().is_cpu() && A.is_contiguous(), "A: expected a contiguous CPU tensor");
-    check_buffer(bounds, "bounds", at::kFloat, 15);
-    check_buffer(packed, "packed", at::kByte, (n + 1) / 2);
-    check_buffer(absmax, "absmax", at::kFloat, num_blocks(n, blocksize));
-    const float* bd = bounds.data_ptr<float>();
-    float* am = absmax.data_ptr<float>();
-    uint8_t* p = packed.data_ptr<uint8_t>();
-    dispatch_float(A.scalar_type(), "A", [&](auto tag) {
-        using In = decltype(tag);
-        const In* x = static_cast<const In*>(A.data_ptr());
-        for_each_block_range(n, blocksize, [&](i64 b0, i64 b1) { nf4_quant_blocks<In>(x, bd, am, p, n, blocksize, b0, b1); });
-    });
-}
-
-void quantize_blockwise_8bit(const at::Tensor& A, const at::Tensor& lut, int64_t blocksize, const at::Tensor& q,
-                             const at::Tensor& absmax) {
-    check_blocksize(blocksize);
-    const i64 n = A.numel();
-    TORCH_CHECK(A.device().is_cpu() && A.is_contiguous(), "A: expected a contiguous CPU tensor");
-    check_buffer(lut, "lut", at::kByte, 65536);
-    check_buffer(q, "q", at::kByte, n);
-    check_buffer(absmax, "absmax", at::kFloat, num_blocks(n, blocksize));
-    const uint8_t* l = lut.data_ptr<uint8_t>();
-    float* am = absmax.data_ptr<float>();
-    uint8_t* o = q.data_ptr<uint8_t>();
-    dispatch_float(A.scalar_type(), "A", [&](auto tag) {
-        using In = decltype(tag);
-        const In* x = static_cast<const In*>(A.data_ptr());
-        for_each_block_range(n, blocksize, [&](i64 b0, i64 b1) { q8_quant_blocks<In>(x, l, am, o, n, blocksize, b0, b1); });
+        nf4_dequant_blocks<Out>(packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code.data_ptr<float>(),
+                                static_cast<Out*>(out.data_ptr()), n, blocksize, b0, b1);
     });
 }
 
 void dequantize_blockwise_8bit(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
                                int64_t blocksize, const at::Tensor& out) {
-    check_blocksize(blocksize);
     const i64 n = out.numel();
-    check_buffer(q, "q", at::kByte, n);
-    check_buffer(absmax, "absmax", at::kFloat, num_blocks(n, blocksize));
-    check_buffer(code, "code", at::kFloat, 256);
-    TORCH_CHECK(out.device().is_cpu() && out.is_contiguous(), "out: expected a contiguous CPU tensor");
-    const uint8_t* qq = q.data_ptr<uint8_t>();
-    const float* a = absmax.data_ptr<float>();
-    const float* c = code.data_ptr<float>();
-    dispatch_float(out.scalar_type(), "out", [&](auto tag) {
+    check_dequantize_args(q, "q", n, absmax, code, 256, blocksize, out);
+    for_each_float_block_range(out.scalar_type(), "out", n, blocksize, [&](auto tag, i64 b0, i64 b1) {
         using Out = decltype(tag);
-        Out* o = static_cast<Out*>(out.data_ptr());
-        for_each_block_range(n, blocksize, [&](i64 b0, i64 b1) { q8_dequant_blocks<Out>(qq, a, c, o, n, blocksize, b0, b1); });
+        q8_dequant_blocks<Out>(q.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code.data_ptr<float>(),
+                               static_cast<Out*>(out.data_ptr()), n, blocksize, b0, b1);
+    });
+}
+
+void nf4_quantize(const at::Tensor& A, const at::Tensor& bounds, int64_t blocksize, const at::Tensor& packed,
+                  const at::Tensor& absmax) {
+    const i64 n = A.numel();
+    check_quantize_args(A, bounds, "bounds", at::kFloat, 15, blocksize, packed, "packed", (n + 1) / 2, absmax);
+    for_each_float_block_range(A.scalar_type(), "A", n, blocksize, [&](auto tag, i64 b0, i64 b1) {
+        using In = decltype(tag);
+        nf4_quant_blocks<In>(static_cast<const In*>(A.data_ptr()), bounds.data_ptr<float>(), absmax.data_ptr<float>(),
+                             packed.data_ptr<uint8_t>(), n, blocksize, b0, b1);
+    });
+}
+
+void quantize_blockwise_8bit(const at::Tensor& A, const at::Tensor& lut, int64_t blocksize, const at::Tensor& q,
+                             const at::Tensor& absmax) {
+    const i64 n = A.numel();
+    check_quantize_args(A, lut, "lut", at::kByte, 65536, blocksize, q, "q", n, absmax);
+    for_each_float_block_range(A.scalar_type(), "A", n, blocksize, [&](auto tag, i64 b0, i64 b1) {
+        using In = decltype(tag);
+        q8_quant_blocks<In>(static_cast<const In*>(A.data_ptr()), lut.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
+                            q.data_ptr<uint8_t>(), n, blocksize, b0, b1);
     });
 }
 

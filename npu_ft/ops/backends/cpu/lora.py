@@ -29,7 +29,7 @@ import torch
 from ... import _checks, _lora_fused, _registry
 from . import nf4 as _cpu_nf4
 
-__all__ = ["register", "release_workspace", "workspace_bytes", "ENV_WORKSPACE"]
+__all__ = ["KERNELS", "release_workspace", "workspace_bytes", "ENV_WORKSPACE"]
 
 ENV_WORKSPACE = "NPU_FT_NF4_WORKSPACE"
 
@@ -90,6 +90,3 @@ KERNELS: _registry.KernelTable = {
     "nf4_linear_backward": nf4_linear_backward_cpu,
 }
 
-
-def register() -> list[str]:
-    return _registry.register_kernels("cpu", KERNELS)

@@ -167,6 +167,3 @@ KERNELS: _registry.KernelTable = {
     "dequantize_blockwise_8bit": dequantize_blockwise_8bit_cpu,
 }
 
-
-def register() -> list[str]:
-    return _registry.register_kernels("cpu", KERNELS)

@@ -291,7 +291,3 @@ KERNELS: _registry.KernelTable = {
     "nf4_linear_backward": nf4_linear_backward,
 }
 
-
-def register() -> list[str]:
-    """Register the kernels above as the CUDA kernels of the ops that exist; returns their names."""
-    return _registry.register_kernels("cuda", KERNELS)

@@ -357,7 +357,3 @@ KERNELS: _registry.KernelTable = {
     "dequantize_blockwise_8bit": dequantize_blockwise_8bit,
 }
 
-
-def register() -> list[str]:
-    """Register the kernels above as the CUDA kernels of the ops that exist; returns their names."""
-    return _registry.register_kernels("cuda", KERNELS)

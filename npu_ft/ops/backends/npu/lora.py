@@ -27,12 +27,7 @@ on real Ascend hardware only by ``npu-ft doctor`` / the ``ascend``-marked tests 
 
 from __future__ import annotations
 
-from ... import _registry
 from ..._lora_fused import KERNELS
 
-__all__ = ["register"]
+__all__ = ["KERNELS"]
 
-
-def register() -> list[str]:
-    """Register the fused kernels on the PrivateUse1 ("npu") key for the ops that exist."""
-    return _registry.register_kernels("npu", KERNELS)
