@@ -208,3 +208,26 @@ def test_npu_kernels_register_on_the_first_npu_call():
     if out.startswith("SKIP"):
         pytest.skip(out)
     assert out.strip().endswith("OK"), out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounding_to_16_bits_matches_torch_over_every_exponent(dtype):
+    """The native kernels' float32 -> bf16 / fp16 rounding (ties, subnormals, overflow, NaN) gives
+    torch's bits: every sign / exponent / top-7-mantissa-bit prefix, with low bits at and around
+    the rounding tie and at random."""
+    ops = _native.native_ops()
+    if ops is None:
+        pytest.skip(f"native CPU kernels unavailable: {_native.unavailable_reason()}")
+    prefixes = torch.arange(1 << 16, dtype=torch.int64) << 16
+    gen = torch.Generator().manual_seed(0)
+    low = [0x0000, 0x7FFF, 0x8000, 0x8001, 0x0FFF, 0x1000, 0x1001, 0x2000, 0xFFFF]
+    low += torch.randint(0, 1 << 16, (3,), generator=gen).tolist()
+    bits = torch.cat([prefixes | v for v in low])
+    values = (bits - ((bits >> 31) << 32)).to(torch.int32).view(torch.float32)  # the float32 patterns
+    # dequantize_blockwise_8bit with every code 1.0: out = 1.0 * absmax[block], rounded to dtype
+    code, q = torch.ones(256), torch.zeros(values.numel() * 64, dtype=torch.uint8)
+    out = torch.empty(q.numel(), dtype=dtype)
+    ops.dequantize_blockwise_8bit(q, values, code, 64, out)
+    expected = values.to(dtype).repeat_interleave(64)
+    same = (out.view(torch.int16) == expected.view(torch.int16)) | (out.isnan() & expected.isnan())
+    assert bool(same.all()), values.repeat_interleave(64)[~same][:8]

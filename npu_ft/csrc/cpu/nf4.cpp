@@ -8,9 +8,9 @@
 //   dequantize_blockwise_8bit(q u8, absmax f32, code f32[256], blocksize, out f32|bf16|f16)
 //   advise_hugepages(buffer) -> bool
 //
-// Exactness: every float operation is the one torch does (float32 multiply or divide, then the
-// round-to-nearest-even cast of c10::BFloat16 / c10::Half); the build uses -ffp-contract=off so no
-// multiply-add is fused. Blocks are split over torch's intra-op threads with at::parallel_for.
+// Exactness: every float operation is the one torch does (float32 multiply or divide, then a
+// round-to-nearest-even cast giving the bits of c10::BFloat16 / c10::Half); the build uses
+// -ffp-contract=off so no multiply-add is fused. Blocks are split over torch's intra-op threads with at::parallel_for.
 
 #include "common.h"
 
@@ -39,6 +39,52 @@ inline float load_f32(float x) { return x; }
 inline float load_f32(BFloat16 x) { return static_cast<float>(x); }
 inline float load_f32(Half x) { return static_cast<float>(x); }
 
+inline uint32_t f32_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+
+inline float f32_from_bits(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// float32 -> bfloat16 / float16 bits, round to nearest even, NaN -> the quiet NaN: the bits
+// c10::BFloat16(f) / c10::Half(f) (torch's casts) give, in branch-light integer arithmetic that the
+// compiler vectorizes (dequantize builds a 16-entry table per block with it).
+inline uint16_t bf16_bits(float f) {
+    uint32_t u = f32_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return static_cast<uint16_t>(u >> 16);
+}
+
+inline uint16_t f16_bits(float f) {
+    const uint32_t x = f32_bits(f);
+    const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+    uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return sign | 0x7e00;  // NaN
+    if (ax >= 0x477ff000u) return sign | 0x7c00;  // >= 65520 rounds to inf
+    if (ax < 0x38800000u) {  // below 2^-14: subnormal or zero; ulp(0.5) == 2^-24 == the fp16 subnormal step
+        const float a = f32_from_bits(ax) + 0.5f;
+        return sign | static_cast<uint16_t>(f32_bits(a) - 0x3f000000u);
+    }
+    ax += 0xc8000fffu + ((ax >> 13) & 1u);  // rebias the exponent, round half to even
+    return sign | static_cast<uint16_t>(ax >> 13);
+}
+
+// ``v`` rounded into an output element of type Out (float32, bfloat16, float16).
+template <typename Out>
+Out round_to(float v);
+template <>
+inline float round_to<float>(float v) { return v; }
+template <>
+inline BFloat16 round_to<BFloat16>(float v) { return BFloat16(bf16_bits(v), BFloat16::from_bits()); }
+template <>
+inline Half round_to<Half>(float v) { return Half(f16_bits(v), Half::from_bits()); }
+
 // ------------------------------------------------------------------------------------------------
 // NF4 dequantize. Per block: t[k] = cast(code[k] * absmax[b]) for the 16 codes, then two table
 // lookups per packed byte (high nibble = even element). The last block may be partial and n odd.
@@ -50,7 +96,7 @@ void nf4_dequant_scalar(const uint8_t* packed, const float* absmax, const float*
     Out t[16];
     for (i64 b = b0; b < b1; ++b) {
         const float s = absmax[b];
-        for (int k = 0; k < 16; ++k) t[k] = Out(code[k] * s);
+        for (int k = 0; k < 16; ++k) t[k] = round_to<Out>(code[k] * s);
         const i64 start = b * blocksize, end = std::min(start + blocksize, n);
         const i64 pairs = (end >> 1) - (start >> 1);
         const uint8_t* p = packed + (start >> 1);
@@ -91,7 +137,7 @@ __attribute__((target("avx2"))) void nf4_dequant_16_simd(const uint8_t* packed, 
             continue;
         }
         const float s = absmax[b];
-        for (int k = 0; k < 16; ++k) t[k] = Out(code[k] * s).x;
+        for (int k = 0; k < 16; ++k) t[k] = round_to<Out>(code[k] * s).x;
         const __m128i t0 = _mm_load_si128(reinterpret_cast<const __m128i*>(t));
         const __m128i t1 = _mm_load_si128(reinterpret_cast<const __m128i*>(t + 8));
         const __m128i plo = _mm_unpacklo_epi64(_mm_shuffle_epi8(t0, even), _mm_shuffle_epi8(t1, even));
@@ -259,7 +305,7 @@ void q8_dequant_blocks(const uint8_t* q, const float* absmax, const float* code,
     for (i64 b = b0; b < b1; ++b) {
         const i64 start = b * blocksize, end = std::min(start + blocksize, n);
         const float s = absmax[b];
-        for (i64 i = start; i < end; ++i) out[i] = Out(code[q[i]] * s);
+        for (i64 i = start; i < end; ++i) out[i] = round_to<Out>(code[q[i]] * s);
     }
 }
 
