@@ -2,9 +2,10 @@
 
 This is how a user proves a real box (an Ascend 910B node, a GPU) gives the results npu-ft's
 reference kernels give. For each check, inputs are made on the CPU from a fixed seed. The
-*reference* is the op's pure-torch reference kernel run on the CPU in float32 (for gradients: torch
-autograd through that reference). The *result* is the public op run on the chosen device in the
-check's dtype. The kernel that served the call is read from the op registry's call counters.
+*reference* is the op's pure-torch oracle run on the CPU in float32 (for gradients: torch
+autograd through that oracle). The *result* is the public op run on the chosen device in the
+check's dtype. The kernel that served the call is read from the op registry's call counters, and
+the tolerance from the op registry's table (``npu_ft.ops.tolerance``), which the op tests use too.
 
 Exit code: 0 when every check passes, 1 otherwise.
 """
@@ -21,12 +22,6 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-#: (rtol, atol) of results against the float32 reference, by the dtype the op ran in. A result
-#: passes when max|result - reference| <= atol + rtol * max|reference| over each output tensor:
-#: relative to the tensor's scale, because accumulated gradients have elements near zero whose
-#: elementwise relative error says nothing about a low-precision kernel (bf16 eps = 2**-8).
-TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 1e-3), torch.float16: (4e-3, 1e-4)}
-
 
 @dataclass
 class CheckResult:
@@ -42,14 +37,15 @@ class CheckResult:
 
 @dataclass
 class Check:
-    """One row of the table. ``run(device, dtype)`` returns {name: (result, reference)} pairs."""
+    """One row of the table. ``run(device, dtype)`` returns {name: (result, reference)} pairs,
+    compared with the op registry's tolerance of ``tolerance_op`` in the row's dtype."""
 
     op: str
     dtype: torch.dtype
     shape: str
     run: Callable[[torch.device, torch.dtype], dict]
     kernel_ops: tuple[str, ...]
-    exact: bool = False
+    tolerance_op: str
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -206,14 +202,17 @@ def build_checks(dtypes=(torch.float32, torch.bfloat16)) -> list[Check]:
     checks = []
     for dtype in dtypes:
         checks += [
-            Check("nf4_quantize", dtype, f"{shape_w} bs{_BLOCKSIZE}", _nf4_quantize, ("nf4_quantize",), exact=True),
-            Check("nf4_dequantize", dtype, f"{shape_w} bs{_BLOCKSIZE}", _nf4_dequantize, ("nf4_dequantize",)),
+            Check("nf4_quantize", dtype, f"{shape_w} bs{_BLOCKSIZE}", _nf4_quantize, ("nf4_quantize",),
+                  "nf4_quantize"),
+            Check("nf4_dequantize", dtype, f"{shape_w} bs{_BLOCKSIZE}", _nf4_dequantize, ("nf4_dequantize",),
+                  "nf4_dequantize"),
             Check(
                 "blockwise_8bit",
                 dtype,
                 "1000 bs256",
                 _blockwise_8bit,
                 ("quantize_blockwise_8bit", "dequantize_blockwise_8bit"),
+                "dequantize_blockwise_8bit",
             ),
             Check(
                 "lora_linear fwd+bwd",
@@ -221,6 +220,7 @@ def build_checks(dtypes=(torch.float32, torch.bfloat16)) -> list[Check]:
                 f"x {shape_x} W {shape_w} r{_RANK}",
                 _lora_linear,
                 ("lora_linear", "lora_linear_backward"),
+                "lora_linear_backward",
             ),
             Check(
                 "nf4_linear fwd+bwd",
@@ -228,6 +228,7 @@ def build_checks(dtypes=(torch.float32, torch.bfloat16)) -> list[Check]:
                 f"x {shape_x} W {shape_w} r{_RANK} dq",
                 _nf4_linear,
                 ("nf4_linear", "nf4_linear_backward"),
+                "nf4_linear_backward",
             ),
             Check(
                 "linear_cross_entropy fwd+bwd",
@@ -235,6 +236,7 @@ def build_checks(dtypes=(torch.float32, torch.bfloat16)) -> list[Check]:
                 f"h {_CE_N}x{_CE_H} W {_CE_V}x{_CE_H} chunk{_CE_CHUNK}",
                 _linear_cross_entropy,
                 (),
+                "linear_cross_entropy",
             ),
         ]
     return checks
@@ -257,10 +259,9 @@ def _kernel_summary(ops: tuple[str, ...]) -> str:
 
 
 def run_check(check: Check, device: torch.device) -> CheckResult:
-    from npu_ft.ops import reset_kernel_calls
+    from npu_ft.ops import reset_kernel_calls, tolerance
 
-    rtol, atol = (0.0, 0.0) if check.exact else TOLERANCES[check.dtype]
-    tolerance = "exact" if check.exact else f"{atol:g}+{rtol:g}*max|ref|"
+    tol = tolerance(check.tolerance_op, check.dtype)
     reset_kernel_calls()
     try:
         pairs = check.run(device, check.dtype)
@@ -270,11 +271,16 @@ def run_check(check: Check, device: torch.device) -> CheckResult:
             if result.shape != reference.shape:
                 raise AssertionError(f"shape {tuple(result.shape)} != reference {tuple(reference.shape)}")
             err = float((result - reference).abs().max()) if result.numel() else 0.0
-            scale = float(reference.abs().max()) if reference.numel() else 0.0
             worst = max(worst, err)
-            passed &= err <= atol + rtol * scale
+            passed &= tol.passes(result, reference)
         return CheckResult(
-            check.op, _dtype_name(check.dtype), check.shape, _kernel_summary(check.kernel_ops), worst, tolerance, passed
+            check.op,
+            _dtype_name(check.dtype),
+            check.shape,
+            _kernel_summary(check.kernel_ops),
+            worst,
+            tol.describe(),
+            passed,
         )
     except Exception as exc:  # noqa: BLE001 - a failing op is a table row, not a crash
         return CheckResult(
@@ -283,7 +289,7 @@ def run_check(check: Check, device: torch.device) -> CheckResult:
             check.shape,
             _kernel_summary(check.kernel_ops),
             float("nan"),
-            tolerance,
+            tol.describe(),
             False,
             f"{type(exc).__name__}: {exc}",
         )

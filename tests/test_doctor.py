@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from npu_ft import doctor
-from npu_ft.ops import lora
+from npu_ft.ops import lora, tolerance
 
 
 def test_doctor_passes_on_cpu_and_reports_kernels(tmp_path, capsys):
@@ -24,6 +24,11 @@ def test_doctor_passes_on_cpu_and_reports_kernels(tmp_path, capsys):
     assert {dtype for _, dtype in rows} == {"fp32", "bf16"}
     # the CPU backend registers its own lora kernels: the doctor must say they served the call
     assert rows[("lora_linear fwd+bwd", "fp32")]["kernel"] == "cpu"
+    # tolerances come from the op registry's table, the one the op tests use
+    assert rows[("nf4_quantize", "bf16")]["tolerance"] == "exact"
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        expected = tolerance("lora_linear_backward", dtype).describe()
+        assert rows[("lora_linear fwd+bwd", name)]["tolerance"] == expected
     assert all(r["passed"] for r in report["results"])
     assert report["environment"]["chosen_device"] == "cpu"
 

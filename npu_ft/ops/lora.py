@@ -19,7 +19,13 @@ dtype. ``nf4_linear`` = ``peft.tuners.lora.bnb.Linear4bit``: the branch's result
 first, then added. The NF4 weight is dequantized to x's dtype (as bitsandbytes' ``matmul_4bit``).
 
 Each op returns ``(y, h)`` with ``h = x_lora @ A.T`` ([..., r], kept for backward); the Python entry
-points return ``y`` only. Backward is a separate op per family (``lora_linear_backward``,
+points return ``y`` only.
+
+Kernels: one pure-torch implementation (:mod:`npu_ft.ops._lora_fused`, fused ``addmm`` calls) is
+the reference kernel that serves any device, and the cpu and npu backends register it on their own
+keys. The ``*_reference`` functions below are the readable statement of PEFT's math: the **oracle**
+the tests and ``npu-ft doctor`` compare every kernel against (differentiable by torch autograd);
+they are not registered. Backward is a separate op per family (``lora_linear_backward``,
 ``nf4_linear_backward``) so every device can bring its own backward kernel. Backward saves x,
 x_lora, h and references to the frozen weight (the NF4 op saves packed/absmax and dequantizes again);
 it never saves a copy of W nor a full-size output, and the frozen weight gets no gradient.
@@ -31,7 +37,7 @@ import math
 
 import torch
 
-from . import _checks, _registry
+from . import _checks, _lora_fused, _registry
 
 __all__ = [
     "lora_linear",
@@ -123,12 +129,17 @@ _registry.register_fake(NF4_LINEAR, _nf4_linear_fake)
 _registry.register_fake(NF4_LINEAR_BACKWARD, _nf4_linear_backward_fake)
 
 # --------------------------------------------------------------------------------------------------
-# reference kernels (pure torch, any device)
+# reference kernels: the fused pure-torch implementation, on every device without a kernel of its own
 # --------------------------------------------------------------------------------------------------
 
+_registry.register_reference(LORA_LINEAR, _lora_fused.lora_linear_fused)
+_registry.register_reference(LORA_LINEAR_BACKWARD, _lora_fused.lora_linear_backward_fused)
+_registry.register_reference(NF4_LINEAR, _lora_fused.nf4_linear_fused)
+_registry.register_reference(NF4_LINEAR_BACKWARD, _lora_fused.nf4_linear_backward_fused)
 
-def _dequantize(packed, absmax, blocksize, weight_shape, dtype):
-    return torch.ops.npu_ft.nf4_dequantize(packed, absmax, blocksize, list(weight_shape), dtype)
+# --------------------------------------------------------------------------------------------------
+# the oracle: PEFT's math written plainly (tests and npu-ft doctor compare kernels against it)
+# --------------------------------------------------------------------------------------------------
 
 
 def _forward_reference(x, weight, bias, lora_A, lora_B, scaling, x_lora, cast_branch_first):
@@ -150,14 +161,12 @@ def _backward_reference(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora,
     in_features = x.shape[-1]
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     dx, dx_lora, dA, dB, dbias = (x.new_empty(0) for _ in range(5))  # distinct: outputs may not alias
-    dh2 = None
+    dh2: torch.Tensor | None = None  # d loss / d h, [tokens, r]
     if lora_A is not None:
         gl = g2.to(lora_A.dtype) * scaling
-        h2 = h.reshape(-1, lora_A.shape[0])
+        dh2 = gl @ lora_B
         if need_dB:
-            dB = gl.t() @ h2
-        if need_dA or need_dx_lora or (need_dx and x_lora is None):
-            dh2 = gl @ lora_B
+            dB = gl.t() @ h.reshape(-1, lora_A.shape[0])
         if need_dA:
             xl = x.to(lora_A.dtype) if x_lora is None else x_lora
             dA = dh2.t() @ xl.reshape(-1, in_features)
@@ -165,7 +174,7 @@ def _backward_reference(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora,
             dx_lora = (dh2 @ lora_A).reshape(x_lora.shape)
     if need_dx:
         dx2 = g2 @ weight
-        if lora_A is not None and x_lora is None:
+        if dh2 is not None and x_lora is None:
             dx2 = dx2 + (dh2 @ lora_A).to(dx2.dtype)
         dx = dx2.reshape(x.shape)
     if need_dbias:
@@ -174,43 +183,32 @@ def _backward_reference(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora,
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, x_lora):
-    """Pure-torch ``npu_ft::lora_linear``: returns ``(y [..., out], h [..., r])``."""
+    """Oracle of ``npu_ft::lora_linear``: returns ``(y [..., out], h [..., r])``."""
     return _forward_reference(x, weight, bias, lora_A, lora_B, scaling, x_lora, cast_branch_first=False)
 
 
 def lora_linear_backward_reference(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora, output_mask):
-    """Pure-torch ``npu_ft::lora_linear_backward``: ``(dx, dx_lora, dA, dB, dbias)``."""
+    """Oracle of ``npu_ft::lora_linear_backward``: ``(dx, dx_lora, dA, dB, dbias)``."""
     return _backward_reference(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora, output_mask)
 
 
 def nf4_linear_reference(x, packed, absmax, blocksize, weight_shape, bias, lora_A, lora_B, scaling, x_lora):
-    """Pure-torch ``npu_ft::nf4_linear``: dequantize W to x's dtype, then as PEFT's Linear4bit."""
-    weight = _dequantize(packed, absmax, blocksize, weight_shape, x.dtype)
+    """Oracle of ``npu_ft::nf4_linear``: dequantize W to x's dtype, then as PEFT's Linear4bit."""
+    weight = _lora_fused.dequantize_weight(packed, absmax, blocksize, weight_shape, x.dtype)
     return _forward_reference(x, weight, bias, lora_A, lora_B, scaling, x_lora, cast_branch_first=True)
 
 
 def nf4_linear_backward_reference(
     grad_out, x, packed, absmax, blocksize, weight_shape, lora_A, lora_B, h, scaling, x_lora, output_mask
 ):
-    """Pure-torch ``npu_ft::nf4_linear_backward``; dequantizes W again (only when dx is needed)."""
-    weight = _dequantize(packed, absmax, blocksize, weight_shape, x.dtype) if output_mask[0] else None
+    """Oracle of ``npu_ft::nf4_linear_backward``; dequantizes W again (only when dx is needed)."""
+    weight = _lora_fused.dequantize_weight(packed, absmax, blocksize, weight_shape, x.dtype) if output_mask[0] else None
     return _backward_reference(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora, output_mask)
 
-
-_registry.register_reference(LORA_LINEAR, lora_linear_reference)
-_registry.register_reference(LORA_LINEAR_BACKWARD, lora_linear_backward_reference)
-_registry.register_reference(NF4_LINEAR, nf4_linear_reference)
-_registry.register_reference(NF4_LINEAR_BACKWARD, nf4_linear_backward_reference)
 
 # --------------------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------------------
-
-
-def _cast_dbias(dbias, bias):
-    if bias is None:
-        return None
-    return dbias.to(bias.dtype)
 
 
 def _lora_linear_setup_context(ctx, inputs, output):
