@@ -198,6 +198,8 @@ def _linear_cross_entropy(device, dtype):
 
 
 def build_checks(dtypes=(torch.float32, torch.bfloat16)) -> list[Check]:
+    from npu_ft.ops import adamw8bit
+
     shape_w, shape_x = "x".join(map(str, _W_SHAPE)), "x".join(map(str, _X_SHAPE))
     checks = []
     for dtype in dtypes:
@@ -239,6 +241,7 @@ def build_checks(dtypes=(torch.float32, torch.bfloat16)) -> list[Check]:
                 "linear_cross_entropy",
             ),
         ]
+        checks += [Check(**spec) for spec in adamw8bit.doctor_checks((dtype,))]
     return checks
 
 

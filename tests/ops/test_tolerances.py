@@ -9,7 +9,8 @@ import npu_ft.ops  # noqa: F401  (defines the ops and their tables)
 from npu_ft.ops import _registry, tolerance
 
 OPS = ("nf4_quantize", "nf4_dequantize", "quantize_blockwise_8bit", "dequantize_blockwise_8bit", "lora_linear",
-       "lora_linear_backward", "nf4_linear", "nf4_linear_backward", "linear_cross_entropy")
+       "lora_linear_backward", "nf4_linear", "nf4_linear_backward", "linear_cross_entropy",
+       "adamw8bit_update")
 
 
 @pytest.mark.parametrize("op", OPS)
