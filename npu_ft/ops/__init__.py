@@ -10,10 +10,14 @@ on first use (see :mod:`npu_ft.ops.backends`). Public API (Python entry points t
 from __future__ import annotations
 
 # isort: off
-# defining the ops: nf4 (NF4 / 8-bit blockwise) first, then lora (lora_linear, the fused nf4_linear)
+# defining the ops: nf4 (NF4 / 8-bit blockwise) first, then lora (lora_linear, the fused nf4_linear),
+# then the decoder-block ops (rms_norm, rope, swiglu)
 from . import nf4  # noqa: F401
 from . import lora  # noqa: F401
 from . import linear_cross_entropy  # noqa: F401
+from . import rms_norm  # noqa: F401
+from . import rope  # noqa: F401
+from . import swiglu  # noqa: F401
 # isort: on
 from . import _registry
 from ._registry import kernel_calls, reset_kernel_calls, tolerance
