@@ -30,7 +30,9 @@ from . import _checks, _registry
 
 __all__ = ["rms_norm", "rms_norm_oracle", "rms_norm_reference", "rms_norm_backward_reference"]
 
-RMS_NORM = _registry.define("rms_norm(Tensor x, Tensor weight, float eps, Tensor? residual) -> (Tensor, Tensor, Tensor)")
+RMS_NORM = _registry.define(
+    "rms_norm(Tensor x, Tensor weight, float eps, Tensor? residual) -> (Tensor, Tensor, Tensor)"
+)
 # output_mask = [dx, dweight]; grad_h is the gradient reaching the h output (the next residual)
 RMS_NORM_BACKWARD = _registry.define(
     "rms_norm_backward(Tensor grad_y, Tensor? grad_h, Tensor h, Tensor weight, Tensor rstd, bool[2] output_mask) "
