@@ -7,7 +7,10 @@ What changes, per **instance** (classes and other models in the process are unto
 * every ``*RMSNorm`` module (the layers' two norms, Qwen3's per-head ``q_norm``/``k_norm``, the final
   norm) runs ``npu_ft::rms_norm``;
 * every decoder layer fuses the residual add after attention with its ``post_attention_layernorm``
-  (one ``rms_norm`` call with a residual, which also returns the sum: the next residual);
+  (one ``rms_norm`` call with a residual, which also returns the sum: the next residual). transformers
+  wraps a decoder layer class's ``forward`` for gradient checkpointing when the class is defined, so
+  this one patch swaps the instance's class for a subclass (same name, cached per class) whose
+  ``forward`` transformers wraps the same way;
 * every attention module applies the rotary embedding with ``npu_ft::rope`` (queries and keys in one
   call). The modeling module's ``apply_rotary_pos_emb`` is replaced by a dispatcher that calls the
   original unless a patched attention module of this kind is running (a context variable set by its
@@ -169,6 +172,30 @@ def _patch(module: nn.Module, kind: str, forward: Callable) -> None:
     object.__setattr__(module, "forward", types.MethodType(forward, module))
 
 
+#: decoder layer class -> its subclass with the fused forward
+_FUSED_LAYER_CLASSES: dict[type, type] = {}
+
+
+def _patch_layer_class(module: nn.Module) -> None:
+    """Give ``module`` a subclass of its class whose ``forward`` is :func:`_decoder_layer_forward`
+    (transformers' ``GradientCheckpointingLayer.__init_subclass__`` wraps it for checkpointing; same
+    ``__name__``, so name-based lookups such as ``_no_split_modules`` / FSDP auto-wrap still match)."""
+    if _ATTR in vars(module):
+        return
+    cls = type(module)
+    fused = _FUSED_LAYER_CLASSES.get(cls)
+    if fused is None:
+        namespace = {"forward": _decoder_layer_forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        fused = _FUSED_LAYER_CLASSES[cls] = type(cls.__name__, (cls,), namespace)
+    object.__setattr__(module, _ATTR, {"kind": "residual_rms_norm", "previous_class": cls})
+    module.__class__ = fused
+
+
+def _child(module: nn.Module, name: str) -> nn.Module:
+    child = getattr(module, name, None)
+    return child if isinstance(child, nn.Module) else nn.Identity()
+
+
 def _is_silu(act: Any) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
 
@@ -189,8 +216,9 @@ def apply_fused_kernels(model: nn.Module, rms_norm: bool = True, rope: bool = Tr
         elif rope and _family(module, "Attention") and _install_rope_dispatcher(module):
             _patch(module, "rope", _attention_forward)
             applied.add("rope")
-        elif rms_norm and _family(module, "DecoderLayer") and _family(module.post_attention_layernorm, "RMSNorm"):
-            _patch(module, "residual_rms_norm", _decoder_layer_forward)
+        elif rms_norm and _family(module, "DecoderLayer") and _family(_child(module, "post_attention_layernorm"),
+                                                                      "RMSNorm"):
+            _patch_layer_class(module)
             applied.add("residual_rms_norm")
     order = ["rms_norm", "residual_rms_norm", "rope", "swiglu"]
     result = [name for name in order if name in applied]
@@ -216,7 +244,9 @@ def remove_fused_kernels(model: nn.Module) -> int:
         state = vars(module).pop(_ATTR, None)
         if state is None:
             continue
-        if state["previous_forward"] is not None:
+        if "previous_class" in state:
+            module.__class__ = state["previous_class"]
+        elif state["previous_forward"] is not None:
             object.__setattr__(module, "forward", state["previous_forward"])
         else:
             module.__dict__.pop("forward", None)

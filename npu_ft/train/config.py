@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import os
 import re
@@ -176,7 +177,9 @@ _CURATED: list[Option] = [
     _unsup("mixture_of_depths", "model", None, "Mixture-of-depths conversion."),
     _unsup("use_unsloth", "model", False, "Unsloth LoRA optimisations."),
     _unsup("use_unsloth_gc", "model", False, "Unsloth gradient checkpointing."),
-    _unsup("enable_liger_kernel", "model", False, "Liger kernels (npu-ft has its own fused ops)."),
+    _o("enable_liger_kernel", "model", "bool", False,
+       "LLaMA-Factory's switch for Liger-Kernel's patched modules (needs liger-kernel installed, else the recipe is "
+       "refused); npu-ft's own fused kernels (fused_kernels) are then not applied."),
     _unsup("moe_aux_loss_coef", "model", None, "MoE router auxiliary loss coefficient."),
     _unsup("upcast_layernorm", "model", False, "Keep layer norms in fp32."),
     _unsup("upcast_lmhead_output", "model", False, "Upcast lm_head output to fp32."),
@@ -389,6 +392,12 @@ _CURATED: list[Option] = [
        "faster steps; +53 KiB per token per layer in fp32 for that shape; same numerics). Needs "
        "non-reentrant checkpointing, which it then uses whatever use_reentrant_gc says.",
        choices=("full", "selective"), lf=False),
+    _o("fused_kernels", "npu_ft", "bool", True,
+       "npu-ft: run the decoder blocks of Qwen2/Qwen3 (and Llama/Mistral) models on npu-ft's fused ops: RMSNorm "
+       "(with the residual add before it), RoPE on q and k in one call, SwiGLU; native CPU kernels, Triton on "
+       "CUDA, torch_npu's npu_rms_norm / npu_rotary_mul / npu_swiglu on Ascend. Same loss and gradients "
+       "(fp32: 1e-5 relative), less kept for backward, fewer passes over memory. false: transformers' modules. "
+       "Ignored with enable_liger_kernel: true.", lf=False),
     _o("cpu_malloc_tuning", "npu_ft", "bool", True,
        "npu-ft: on CPU (glibc), raise malloc's mmap/trim thresholds before training so the large "
        "per-step buffers (embedding/head gradients, activations) are reused instead of being "
@@ -712,6 +721,9 @@ def _derive_and_check(v: dict[str, Any], where) -> None:
                 fail(key, f"{key} is only valid for finetuning_type: lora")
     if v["mask_history"] and v["train_on_prompt"]:
         fail("mask_history", "mask_history cannot be combined with train_on_prompt")
+    if v["enable_liger_kernel"] and importlib.util.find_spec("liger_kernel") is None:
+        fail("enable_liger_kernel", "true needs Liger-Kernel, which is not installed (pip install liger-kernel); or "
+                                    "remove the key: npu-ft's own fused kernels (fused_kernels: true) cover the same ops")
     if v["neat_packing"]:
         v["packing"] = True
     if v["packing"] is None:
