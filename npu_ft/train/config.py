@@ -722,8 +722,9 @@ def _derive_and_check(v: dict[str, Any], where) -> None:
     if v["mask_history"] and v["train_on_prompt"]:
         fail("mask_history", "mask_history cannot be combined with train_on_prompt")
     if v["enable_liger_kernel"] and importlib.util.find_spec("liger_kernel") is None:
-        fail("enable_liger_kernel", "true needs Liger-Kernel, which is not installed (pip install liger-kernel); or "
-                                    "remove the key: npu-ft's own fused kernels (fused_kernels: true) cover the same ops")
+        fail("enable_liger_kernel", "true needs Liger-Kernel, which is not installed (pip install liger-kernel); "
+                                    "or remove the key: npu-ft's own fused kernels (fused_kernels: true) cover "
+                                    "the same ops")
     if v["neat_packing"]:
         v["packing"] = True
     if v["packing"] is None:
