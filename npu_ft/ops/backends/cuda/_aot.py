@@ -28,7 +28,7 @@ def compile_all(arch: int = 90) -> list[str]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import lora, nf4
+    from . import block_ops, lora, nf4
 
     target = GPUTarget("cuda", arch, 32)
     done = []
@@ -68,6 +68,7 @@ def compile_all(arch: int = 90) -> list[str]:
         constexprs = dict(HAS_BIAS=True, HAS_SECOND=True, UPCAST=False, RNE_BF16=False,
                           PRECISION1="tf32", PRECISION2=prec2, **cfg)
         build(lora._dual_gemm_kernel, f"dual_gemm {dtype} x {ldtype} LoRA", types, constexprs, **options)
+    block_ops.compile_for_target(build)
     return done
 
 
