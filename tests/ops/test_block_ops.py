@@ -315,3 +315,20 @@ def test_tolerance_tables():
         for dtype in FLOATS:
             assert not tolerance(op, dtype).exact
     assert "rms_norm" in npu_ft.ops._registry.REGISTERED and "cpu" in npu_ft.ops._registry.REGISTERED["swiglu"]
+
+
+@pytest.mark.parametrize("module,fn", [(rn, "rms_norm"), (rp, "rope"), (sw, "swiglu")])
+def test_doctor_catches_a_wrong_block_op(monkeypatch, capsys, module, fn):
+    """``npu-ft doctor`` compares each block op with the oracle: results off by 1e-3 fail its row."""
+    from npu_ft import doctor
+
+    real = getattr(module, fn)
+
+    def off(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return tuple(t * (1 + 1e-3) for t in out) if isinstance(out, tuple) else out * (1 + 1e-3)
+
+    monkeypatch.setattr(module, fn, off)
+    assert doctor.doctor_main(["--device", "cpu", "--dtype", "fp32"]) == 1
+    failing = [line for line in capsys.readouterr().out.splitlines() if "FAIL" in line]
+    assert len(failing) == 1 and failing[0].startswith(fn), failing
