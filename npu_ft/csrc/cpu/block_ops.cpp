@@ -485,29 +485,34 @@ void rms_norm_backward(const at::Tensor& grad_y, const std::optional<at::Tensor>
     });
 }
 
+// Rows are (batch, position) pairs; each covers every head of that position, so the position's
+// cos/sin stay in L1 and, in transformers' [B, S, heads, D] memory layout, x is read in order.
 template <typename T>
 void rope_rows(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool transpose,
                const at::Tensor& out) {
     const i64 B = x.size(0), heads = x.size(1), S = x.size(2), D = x.size(3);
-    const i64 rows = B * heads * S;
     const bool shared = cos.size(0) == 1, simd = has_avx2();
     const T* px = static_cast<const T*>(x.data_ptr());
     const T* pc = static_cast<const T*>(cos.data_ptr());
     const T* ps = static_cast<const T*>(sin.data_ptr());
     T* po = static_cast<T*>(out.data_ptr());
-    at::parallel_for(0, rows, std::max<i64>(1, kValuesPerTask / D), [&](i64 r0, i64 r1) {
+    const i64 sxb = x.stride(0), sxh = x.stride(1), sxs = x.stride(2);
+    const i64 sob = out.stride(0), soh = out.stride(1), sos = out.stride(2);
+    at::parallel_for(0, B * S, std::max<i64>(1, kValuesPerTask / (D * heads)), [&](i64 r0, i64 r1) {
         for (i64 r = r0; r < r1; ++r) {
-            const i64 b = r / (heads * S), hh = (r / S) % heads, t = r % S;
+            const i64 b = r / S, t = r % S;
             const i64 cs = ((shared ? 0 : b) * S + t) * D;
-            const T* xr = px + b * x.stride(0) + hh * x.stride(1) + t * x.stride(2);
-            T* outr = po + b * out.stride(0) + hh * out.stride(1) + t * out.stride(2);
+            for (i64 hh = 0; hh < heads; ++hh) {
+                const T* xr = px + b * sxb + hh * sxh + t * sxs;
+                T* outr = po + b * sob + hh * soh + t * sos;
 #ifdef NPU_FT_X86
-            if (simd) {
-                rope_row_avx2<T>(xr, pc + cs, ps + cs, D / 2, transpose, outr);
-                continue;
-            }
+                if (simd) {
+                    rope_row_avx2<T>(xr, pc + cs, ps + cs, D / 2, transpose, outr);
+                    continue;
+                }
 #endif
-            rope_row<T>(xr, pc + cs, ps + cs, D / 2, transpose, outr, 0);
+                rope_row<T>(xr, pc + cs, ps + cs, D / 2, transpose, outr, 0);
+            }
         }
     });
     (void)simd;
