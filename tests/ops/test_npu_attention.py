@@ -23,8 +23,9 @@ LENGTHS = [[5, 3, 4], [6, 2]]  # two rows of packed examples
 
 @pytest.mark.parametrize(
     "flash_attn,device,plan",
-    [("auto", "npu", AttentionPlan("flash_attention_2", True)), ("fa2", "npu", AttentionPlan("flash_attention_2", True)),
-     ("sdpa", "npu", AttentionPlan("sdpa", False)), ("disabled", "npu", AttentionPlan("eager", False)),
+    [("auto", "npu", AttentionPlan("flash_attention_2", True)),
+     ("fa2", "npu", AttentionPlan("flash_attention_2", True)), ("sdpa", "npu", AttentionPlan("sdpa", False)),
+     ("disabled", "npu", AttentionPlan("eager", False)),
      ("auto", "cpu", AttentionPlan(None, False)), ("fa2", "cuda", AttentionPlan("flash_attention_2", False)),
      (None, "cuda", AttentionPlan(None, False))],
 )
@@ -77,7 +78,8 @@ def test_flattening_needs_the_attention_ids():
     with pytest.raises(ValueError, match="^features: packed features with position_ids"):
         VarlenPackedCollator(SFTDataCollator(pad_token_id=0))([{"input_ids": [3, 4], "labels": [3, 4]}])
     batch = flatten_packed_batch({"input_ids": torch.tensor([[5, 6, 0]]), "labels": torch.tensor([[5, 6, -100]]),
-                                  "attention_mask": torch.tensor([[1, 1, 0]]), "position_ids": torch.tensor([[0, 1, 0]])})
+                                  "attention_mask": torch.tensor([[1, 1, 0]]),
+                                  "position_ids": torch.tensor([[0, 1, 0]])})
     assert batch["input_ids"].tolist() == [[5, 6]] and batch["position_ids"].tolist() == [[0, 1]]
 
 
