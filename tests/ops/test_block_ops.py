@@ -1,5 +1,5 @@
-"""The decoder-block ops (npu_ft::rms_norm, rope, swiglu): every CPU kernel (the pure-torch
-reference, the native C++ one, the public op through autograd) against the oracle (transformers'
+"""The decoder-block ops (npu_ft::rms_norm, rope, swiglu): the CPU kernels (native C++, and with
+NPU_FT_CPU_NATIVE=0 the pure-torch reference; the public op through autograd) against the oracle (transformers'
 formulas, torch autograd) on awkward shapes in fp32, bf16 and fp16 with the registry's tolerances;
 opcheck; what each op keeps for backward; argument errors."""
 
@@ -13,20 +13,10 @@ from npu_ft.ops import kernel_calls, reset_kernel_calls, tolerance
 from npu_ft.ops import rms_norm as rn
 from npu_ft.ops import rope as rp
 from npu_ft.ops import swiglu as sw
-from npu_ft.ops.backends.cpu import _native
 from npu_ft.ops.backends.cpu import block_ops as cpu
+from tests.ops.test_nf4 import cpu_path  # noqa: F401  (the cpu kernels through native code and through torch)
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@pytest.fixture(params=["native", "reference"])
-def kernel(request, monkeypatch):
-    """The cpu kernel through its native code, or (NPU_FT_CPU_NATIVE=0) through the reference."""
-    if request.param == "reference":
-        monkeypatch.setenv(_native.ENV_NATIVE, "0")
-    elif _native.native_ops() is None:
-        pytest.skip(f"native CPU kernels unavailable: {_native.unavailable_reason()}")
-    return request.param
 
 
 def _randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
@@ -58,7 +48,7 @@ NORM_SHAPES = [((1, 1), 37), ((3, 5), 129), ((2, 9), 896), ((1, 2049), 64), ((7,
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 @pytest.mark.parametrize("lead,hidden", NORM_SHAPES, ids=str)
-def test_rms_norm_kernels_match_the_oracle(lead, hidden, dtype, residual, kernel):
+def test_rms_norm_kernels_match_the_oracle(lead, hidden, dtype, residual, cpu_path):
     x = _randn(*lead, hidden, dtype=dtype, seed=hidden)
     res = _randn(*lead, hidden, dtype=dtype, seed=hidden + 1) if residual else None
     w = _randn(hidden, dtype=dtype, seed=hidden + 2, scale=0.5) + 1
@@ -126,7 +116,7 @@ ROPE_CASES = [(1, 1, 1, 1, 2, False), (2, 14, 2, 7, 64, True), (1, 16, 8, 3, 128
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 @pytest.mark.parametrize("case", ROPE_CASES, ids=str)
-def test_rope_kernels_match_the_oracle(case, dtype, kernel):
+def test_rope_kernels_match_the_oracle(case, dtype, cpu_path):
     batch, hq, hk, seq, dim, per_batch = case
     q, k = _heads(batch, hq, seq, dim, dtype, 1), _heads(batch, hk, seq, dim, dtype, 2)
     rows = batch if per_batch else 1
@@ -144,7 +134,7 @@ def test_rope_kernels_match_the_oracle(case, dtype, kernel):
     _close("rope_backward", dk, grads["k"], dtype, "dk")
 
 
-def test_rope_long_packed_sequence_matches_transformers(kernel):
+def test_rope_long_packed_sequence_matches_transformers(cpu_path):
     """Three sequences packed into 2050 positions (position ids restarting), Qwen2.5-0.5B heads,
     cos/sin from transformers' own Qwen2RotaryEmbedding; fp32 is bit-exact with apply_rotary_pos_emb."""
     from transformers import Qwen2Config
@@ -172,7 +162,7 @@ SWIGLU_SHAPES = [(1,), (7,), (3, 17), (2, 5, 4867), (1, 1, 4864), (2, 9, 100)]
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 @pytest.mark.parametrize("shape", SWIGLU_SHAPES, ids=str)
-def test_swiglu_kernels_match_the_oracle(shape, dtype, kernel):
+def test_swiglu_kernels_match_the_oracle(shape, dtype, cpu_path):
     gate, up = _randn(*shape, dtype=dtype, seed=11, scale=3), _randn(*shape, dtype=dtype, seed=12)
     out = cpu.swiglu_cpu(gate, up)
     grad = _randn(*shape, dtype=dtype, seed=13)
@@ -185,7 +175,7 @@ def test_swiglu_kernels_match_the_oracle(shape, dtype, kernel):
     assert only_up[0].numel() == 0 and torch.equal(only_up[1], dup)
 
 
-def test_swiglu_extreme_gates(kernel):
+def test_swiglu_extreme_gates(cpu_path):
     """exp's range ends: large |gate| saturate as torch's silu does; inf and NaN propagate."""
     gate = torch.tensor([-200.0, -100.0, -88.5, -87.5, -20.0, 0.0, 20.0, 87.5, 88.5, 100.0, 200.0,
                          float("inf"), float("-inf"), float("nan")] * 2)
