@@ -204,8 +204,9 @@ def main(argv=None) -> int:
         cases = build_cases(old)
         _check_same_results(cases)
         times = run(cases, args.rounds, args.warmup)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds (medians), "
-          f"old = {args.old_rev}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds, old = {args.old_rev}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs at the end")
     print("| case | old median ms | new median ms | old / new (medians) | old / new (minima) |")
     print("|---|---|---|---|---|")
     for name, sides in times.items():

@@ -231,3 +231,28 @@ def test_rounding_to_16_bits_matches_torch_over_every_exponent(dtype):
     expected = values.to(dtype).repeat_interleave(64)
     same = (out.view(torch.int16) == expected.view(torch.int16)) | (out.isnan() & expected.isnan())
     assert bool(same.all()), values.repeat_interleave(64)[~same][:8]
+
+
+def test_when_imported_runs_after_the_module_or_at_once(tmp_path, monkeypatch):
+    """The post-import hook behind ``import npu_ft``: the callback runs once, right after the
+    module's own code (which sees no callback yet), or at once if the module is already imported;
+    the module keeps its own loader."""
+    from npu_ft._import_hook import when_imported
+
+    (tmp_path / "npu_ft_probe_module.py").write_text("import sys\nSEEN_AT_IMPORT = list(sys.modules['events'])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    events: list[str] = []
+    monkeypatch.setitem(sys.modules, "events", events)  # the module reads it while it runs
+    when_imported("npu_ft_probe_module", lambda: events.append("hook"))
+    assert events == []
+    import npu_ft_probe_module  # noqa: E402
+
+    try:
+        assert npu_ft_probe_module.SEEN_AT_IMPORT == [] and events == ["hook"]
+        assert type(npu_ft_probe_module.__loader__).__name__ == "SourceFileLoader"
+        assert npu_ft_probe_module.__spec__.loader is npu_ft_probe_module.__loader__
+        when_imported("npu_ft_probe_module", lambda: events.append("again"))
+        assert events == ["hook", "again"]
+        assert not any(type(f).__name__ == "_PostImportFinder" for f in sys.meta_path)
+    finally:
+        sys.modules.pop("npu_ft_probe_module", None)

@@ -176,7 +176,7 @@ def test_cpu_kernel_is_dispatched():
 
 
 def test_cpu_multithreaded_split_matches_single_thread():
-    w = _weight((256, 1024), torch.bfloat16, seed=9)  # above the fan-out threshold
+    w = _weight((1024, 1024), torch.bfloat16, seed=9)  # above the fan-out thresholds (2**16, 2**19 values)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

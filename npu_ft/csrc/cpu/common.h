@@ -16,17 +16,20 @@ namespace npu_ft_cpu {
 
 using i64 = int64_t;
 
-// A parallel task covers at least this many values: below 2x this a call runs on one thread
-// (fanning out costs more than it saves), above it the blocks are split over torch's intra-op
-// threads (torch.get_num_threads()).
-constexpr i64 kValuesPerTask = 1 << 15;
+// Work per parallel task, in values: a call with fewer than twice this many runs on the calling
+// thread (a parallel region costs ~10 us on an idle machine, and a scheduler time slice on a busy
+// one, where every thread of the region must get a core). Dequantizing costs ~0.3 ns per value, so
+// its tasks are larger; torch's own elementwise grain is 32768.
+constexpr i64 kTaskValues = 1 << 15;
+constexpr i64 kCheapTaskValues = 1 << 18;
 
 // Calls fn(b0, b1) over the block ranges [b0, b1) covering all ceil(n / blocksize) blocks, split
-// over torch's intra-op thread pool (at::parallel_for).
+// over torch's intra-op thread pool (at::parallel_for, torch.get_num_threads() threads) in tasks of
+// at least values_per_task values.
 template <typename F>
-inline void for_each_block_range(i64 n, i64 blocksize, const F& fn) {
+inline void for_each_block_range(i64 n, i64 blocksize, i64 values_per_task, const F& fn) {
     const i64 nblocks = (n + blocksize - 1) / blocksize;
-    const i64 grain = std::max<i64>(1, kValuesPerTask / blocksize);
+    const i64 grain = std::max<i64>(1, values_per_task / blocksize);
     at::parallel_for(0, nblocks, grain, fn);
 }
 

@@ -262,11 +262,14 @@ void q8_dequant_blocks(const uint8_t* q, const float* absmax, const float* code,
 // checks, then the blocks in parallel, per dtype
 // ------------------------------------------------------------------------------------------------
 
-// Runs fn(T{}, b0, b1) over the block ranges of n values, in parallel, with T the C++ type of a
-// float32 / bfloat16 / float16 tensor of dtype ``dtype`` (the argument called ``name``).
+// Runs fn(T{}, b0, b1) over the block ranges of n values, in parallel tasks of values_per_task, with
+// T the C++ type of a float32 / bfloat16 / float16 tensor of dtype ``dtype`` (argument ``name``).
 template <typename F>
-void for_each_float_block_range(at::ScalarType dtype, const char* name, i64 n, i64 blocksize, const F& fn) {
-    auto run = [&](auto tag) { for_each_block_range(n, blocksize, [&](i64 b0, i64 b1) { fn(tag, b0, b1); }); };
+void for_each_float_block_range(at::ScalarType dtype, const char* name, i64 n, i64 blocksize, i64 values_per_task,
+                                const F& fn) {
+    auto run = [&](auto tag) {
+        for_each_block_range(n, blocksize, values_per_task, [&](i64 b0, i64 b1) { fn(tag, b0, b1); });
+    };
     switch (dtype) {
         case at::kFloat: run(float{}); break;
         case at::kBFloat16: run(BFloat16{}); break;
@@ -304,7 +307,7 @@ void nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, const at
                     const at::Tensor& out) {
     const i64 n = out.numel();
     check_dequantize_args(packed, "packed", (n + 1) / 2, absmax, code, 16, blocksize, out);
-    for_each_float_block_range(out.scalar_type(), "out", n, blocksize, [&](auto tag, i64 b0, i64 b1) {
+    for_each_float_block_range(out.scalar_type(), "out", n, blocksize, kCheapTaskValues, [&](auto tag, i64 b0, i64 b1) {
         using Out = decltype(tag);
         nf4_dequant_blocks<Out>(packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code.data_ptr<float>(),
                                 static_cast<Out*>(out.data_ptr()), n, blocksize, b0, b1);
@@ -315,7 +318,7 @@ void dequantize_blockwise_8bit(const at::Tensor& q, const at::Tensor& absmax, co
                                int64_t blocksize, const at::Tensor& out) {
     const i64 n = out.numel();
     check_dequantize_args(q, "q", n, absmax, code, 256, blocksize, out);
-    for_each_float_block_range(out.scalar_type(), "out", n, blocksize, [&](auto tag, i64 b0, i64 b1) {
+    for_each_float_block_range(out.scalar_type(), "out", n, blocksize, kCheapTaskValues, [&](auto tag, i64 b0, i64 b1) {
         using Out = decltype(tag);
         q8_dequant_blocks<Out>(q.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code.data_ptr<float>(),
                                static_cast<Out*>(out.data_ptr()), n, blocksize, b0, b1);
@@ -326,7 +329,7 @@ void nf4_quantize(const at::Tensor& A, const at::Tensor& bounds, int64_t blocksi
                   const at::Tensor& absmax) {
     const i64 n = A.numel();
     check_quantize_args(A, bounds, "bounds", at::kFloat, 15, blocksize, packed, "packed", (n + 1) / 2, absmax);
-    for_each_float_block_range(A.scalar_type(), "A", n, blocksize, [&](auto tag, i64 b0, i64 b1) {
+    for_each_float_block_range(A.scalar_type(), "A", n, blocksize, kTaskValues, [&](auto tag, i64 b0, i64 b1) {
         using In = decltype(tag);
         nf4_quant_blocks<In>(static_cast<const In*>(A.data_ptr()), bounds.data_ptr<float>(), absmax.data_ptr<float>(),
                              packed.data_ptr<uint8_t>(), n, blocksize, b0, b1);
@@ -337,7 +340,7 @@ void quantize_blockwise_8bit(const at::Tensor& A, const at::Tensor& lut, int64_t
                              const at::Tensor& absmax) {
     const i64 n = A.numel();
     check_quantize_args(A, lut, "lut", at::kByte, 65536, blocksize, q, "q", n, absmax);
-    for_each_float_block_range(A.scalar_type(), "A", n, blocksize, [&](auto tag, i64 b0, i64 b1) {
+    for_each_float_block_range(A.scalar_type(), "A", n, blocksize, kTaskValues, [&](auto tag, i64 b0, i64 b1) {
         using In = decltype(tag);
         q8_quant_blocks<In>(static_cast<const In*>(A.data_ptr()), lut.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
                             q.data_ptr<uint8_t>(), n, blocksize, b0, b1);
