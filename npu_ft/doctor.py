@@ -197,6 +197,61 @@ def _linear_cross_entropy(device, dtype):
     )
 
 
+#: the decoder-block checks: rows x hidden (odd), attention heads/positions/head dim, MLP width (odd)
+_NORM_SHAPE, _ROPE_SHAPE, _MLP_SHAPE = (3, 37, 129), (2, 14, 2, 37, 64), (3, 37, 131)
+
+
+def _flat(*tensors: torch.Tensor) -> torch.Tensor:
+    """Several outputs as one vector (one backward with one gradient)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _rms_norm(device, dtype):
+    from npu_ft.ops import rms_norm as rn
+
+    gen = torch.Generator().manual_seed(6)
+    x, res, w = _rand(gen, *_NORM_SHAPE), _rand(gen, *_NORM_SHAPE), 1 + _rand(gen, _NORM_SHAPE[-1]) / 4
+
+    def ref_fn(x, residual, weight):
+        return _flat(*rn.rms_norm_oracle(x, weight, 1e-6, residual))
+
+    def op_fn(x, residual, weight):  # y and h = x + residual (the next residual): both get a gradient
+        return _flat(*rn.rms_norm(x, weight, 1e-6, residual))
+
+    return _compare_grads(device, dtype, op_fn, ref_fn, trainable={"x": x, "residual": res, "weight": w}, fixed={},
+                          grad=_rand(gen, 2 * x.numel()))
+
+
+def _rope(device, dtype):
+    from npu_ft.ops import rope as rp
+
+    batch, hq, hk, seq, dim = _ROPE_SHAPE
+    gen = torch.Generator().manual_seed(7)
+    q, k = _rand(gen, batch, seq, hq, dim).transpose(1, 2), _rand(gen, batch, seq, hk, dim).transpose(1, 2)
+    positions = torch.cat([torch.arange(20), torch.arange(seq - 20)]).expand(batch, -1)  # two packed sequences
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    angles = positions[..., None].float() * inv_freq
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+
+    def ref_fn(q, k, cos, sin):
+        return _flat(*rp.rope_oracle(q, k, cos, sin))
+
+    def op_fn(q, k, cos, sin):
+        return _flat(*rp.rope(q, k, cos.to(q.dtype), sin.to(q.dtype)))
+
+    return _compare_grads(device, dtype, op_fn, ref_fn, trainable={"q": q, "k": k}, fixed={"cos": cos, "sin": sin},
+                          grad=_rand(gen, q.numel() + k.numel()))
+
+
+def _swiglu(device, dtype):
+    from npu_ft.ops import swiglu as sw
+
+    gen = torch.Generator().manual_seed(8)
+    gate, up = _rand(gen, *_MLP_SHAPE) * 3, _rand(gen, *_MLP_SHAPE)
+    return _compare_grads(device, dtype, sw.swiglu, sw.swiglu_oracle, trainable={"gate": gate, "up": up}, fixed={},
+                          grad=_rand(gen, *_MLP_SHAPE))
+
+
 def build_checks(dtypes=(torch.float32, torch.bfloat16)) -> list[Check]:
     from npu_ft.ops import adamw8bit
 
@@ -232,6 +287,12 @@ def build_checks(dtypes=(torch.float32, torch.bfloat16)) -> list[Check]:
                 ("nf4_linear", "nf4_linear_backward"),
                 "nf4_linear_backward",
             ),
+            Check("rms_norm+residual fwd+bwd", dtype, "x".join(map(str, _NORM_SHAPE)), _rms_norm,
+                  ("rms_norm", "rms_norm_backward"), "rms_norm_backward"),
+            Check("rope fwd+bwd", dtype, "B{} q{} k{} S{} D{} packed".format(*_ROPE_SHAPE), _rope,
+                  ("rope", "rope_backward"), "rope_backward"),
+            Check("swiglu fwd+bwd", dtype, "x".join(map(str, _MLP_SHAPE)), _swiglu, ("swiglu", "swiglu_backward"),
+                  "swiglu_backward"),
             Check(
                 "linear_cross_entropy fwd+bwd",
                 dtype,

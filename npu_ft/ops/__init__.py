@@ -11,10 +11,13 @@ from __future__ import annotations
 
 # isort: off
 # defining the ops: nf4 (NF4 / 8-bit blockwise) first, then lora (lora_linear, the fused nf4_linear),
-# then adamw8bit
+# then the decoder-block ops (rms_norm, rope, swiglu), then adamw8bit
 from . import nf4  # noqa: F401
 from . import lora  # noqa: F401
 from . import linear_cross_entropy  # noqa: F401
+from . import rms_norm  # noqa: F401
+from . import rope  # noqa: F401
+from . import swiglu  # noqa: F401
 from . import adamw8bit  # noqa: F401  (the 8-bit AdamW step; uses the 8-bit blockwise ops)
 # isort: on
 from . import _registry
