@@ -54,7 +54,6 @@ class LlamaFactoryCompat:
     mixture_of_depths: Any = _unsupported(None, 'Mixture-of-depths conversion.', 'model')
     use_unsloth: Any = _unsupported(False, 'Unsloth LoRA optimisations.', 'model')
     use_unsloth_gc: Any = _unsupported(False, 'Unsloth gradient checkpointing.', 'model')
-    enable_liger_kernel: Any = _unsupported(False, 'Liger kernels (npu-ft has its own fused ops).', 'model')
     moe_aux_loss_coef: Any = _unsupported(None, 'MoE router auxiliary loss coefficient.', 'model')
     upcast_layernorm: Any = _unsupported(False, 'Keep layer norms in fp32.', 'model')
     upcast_lmhead_output: Any = _unsupported(False, 'Upcast lm_head output to fp32.', 'model')

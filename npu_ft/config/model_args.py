@@ -40,3 +40,6 @@ class ModelArguments:
     quantization_type: Literal["nf4"] = config_field("nf4", "4-bit data type.",
                                                      unsupported_values=not_yet("quantization_type", "fp4"))
     double_quantization: bool = config_field(True, "Quantize the absmax constants again (bnb nested).")
+    enable_liger_kernel: bool = config_field(
+        False, "LLaMA-Factory's switch for Liger-Kernel's patched modules (needs liger-kernel installed, else the "
+               "recipe is refused); npu-ft's own fused kernels (fused_kernels) are then not applied.")

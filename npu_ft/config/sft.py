@@ -13,6 +13,7 @@ override) and the key.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -156,6 +157,7 @@ def _check_recipe(cfg: SftConfig, fail: Callable[[str, str], None]) -> None:
         fail("lora_target", "'all' cannot be combined with other module names")
     _check_length(cfg, fail)
     _check_names(cfg, fail)
+    _check_kernels(cfg, fail)
 
 
 def _check_length(cfg: SftConfig, fail: Callable[[str, str], None]) -> None:
@@ -166,6 +168,14 @@ def _check_length(cfg: SftConfig, fail: Callable[[str, str], None]) -> None:
     if cfg.max_steps < 0 and cfg.num_train_epochs <= 0:
         fail("num_train_epochs", f"num_train_epochs: {cfg.num_train_epochs:g} with no max_steps trains nothing; "
                                  "give a positive number of epochs or set max_steps")
+
+
+def _check_kernels(cfg: SftConfig, fail: Callable[[str, str], None]) -> None:
+    """Liger-Kernel must be installed when the recipe asks for it (looked up, not imported)."""
+    if cfg.enable_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        fail("enable_liger_kernel", "true needs Liger-Kernel, which is not installed (pip install liger-kernel); "
+                                    "or remove the key: npu-ft's own fused kernels (fused_kernels: true) cover "
+                                    "the same ops")
 
 
 def _one_of(value: str, names: Sequence[str]) -> str:
