@@ -11,6 +11,9 @@ from __future__ import annotations
 # defining the ops: nf4 (NF4 / 8-bit blockwise) first, then lora (lora_linear, the fused nf4_linear)
 from . import nf4  # noqa: F401
 from . import lora  # noqa: F401
+# the LoRA family built on them: DoRA (dora_linear, dora_nf4_linear) and LoRA-FA (frozen A)
+from . import dora  # noqa: F401
+from . import lora_fa  # noqa: F401
 # isort: on
 from ._registry import kernel_calls, reset_kernel_calls
 from .backends import loaded_backends, register_available_backends
