@@ -382,3 +382,77 @@ def dora_nf4_linear(
     y, _, _, _ = torch.ops.npu_ft.dora_nf4_linear(x, packed, absmax, blocksize, shape, bias, lora_A, lora_B, magnitude,
                                                   weight_sq_norm, scaling, x_lora)
     return y
+
+
+# --------------------------------------------------------------------------------------------------
+# npu-ft doctor rows
+# --------------------------------------------------------------------------------------------------
+
+
+def _doctor_reference(x, lora_A, lora_B, magnitude, weight, bias, scaling):
+    """DoRA in plain fp32 torch with the norm detached (what autograd of the op must give)."""
+    with torch.no_grad():
+        norm = dora_weight_norm_reference(weight, None, lora_A, lora_B, scaling)
+    z = torch.nn.functional.linear(x, weight) + scaling * torch.nn.functional.linear(
+        torch.nn.functional.linear(x, lora_A), lora_B)
+    return (magnitude / norm) * z + bias
+
+
+def _doctor_inputs(seed: int) -> dict:
+    from npu_ft import doctor
+
+    t = doctor._linear_inputs(seed)
+    t["magnitude"] = torch.linalg.vector_norm(t["weight"], dim=1) * 1.25
+    return t
+
+
+def _doctor_dense(device, dtype):
+    from npu_ft import doctor
+
+    t = _doctor_inputs(6)
+
+    def op_fn(x, lora_A, lora_B, magnitude, weight, bias, scaling):
+        return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm(weight), scaling)
+
+    return doctor._compare_grads(
+        device, dtype, op_fn, _doctor_reference,
+        trainable={k: t[k] for k in ("x", "lora_A", "lora_B", "magnitude")},
+        fixed={"weight": t["weight"], "bias": t["bias"], "scaling": 2.0}, grad=t["grad"])
+
+
+def _doctor_nf4(device, dtype):
+    from npu_ft import doctor
+
+    from .nf4 import dequantize_nf4, quantize_nf4
+
+    t = _doctor_inputs(7)
+    packed, state = quantize_nf4(t["weight"], blocksize=doctor._BLOCKSIZE, double_quant=True)
+    dense = dequantize_nf4(packed, state, torch.float32)
+    dev_packed, dev_state, wsq = packed.to(device), state.to(device), weight_sq_norm(dense).to(device)
+
+    def ref_fn(x, lora_A, lora_B, magnitude, bias, scaling):
+        return _doctor_reference(x, lora_A, lora_B, magnitude, dense, bias, scaling)
+
+    def op_fn(x, lora_A, lora_B, magnitude, bias, scaling):
+        return dora_nf4_linear(x, dev_packed, dev_state, bias, lora_A, lora_B, magnitude, wsq, scaling)
+
+    return doctor._compare_grads(
+        device, dtype, op_fn, ref_fn, trainable={k: t[k] for k in ("x", "lora_A", "lora_B", "magnitude")},
+        fixed={"bias": t["bias"], "scaling": 2.0}, grad=t["grad"])
+
+
+def doctor_checks(dtypes=(torch.float32, torch.bfloat16)) -> list:
+    """``npu-ft doctor`` rows of the DoRA ops (forward + backward of ``dora_linear`` / ``dora_nf4_linear``
+    on the device against fp32 torch on the CPU, norm detached): ``npu_ft.doctor.Check`` objects."""
+    from npu_ft import doctor
+
+    w, x = "x".join(map(str, doctor._W_SHAPE)), "x".join(map(str, doctor._X_SHAPE))
+    checks = []
+    for dtype in dtypes:
+        checks += [
+            doctor.Check("dora_linear fwd+bwd", dtype, f"x {x} W {w} r{doctor._RANK}", _doctor_dense,
+                         ("dora_linear", "dora_linear_backward", "dora_weight_norm")),
+            doctor.Check("dora_nf4_linear fwd+bwd", dtype, f"x {x} W {w} r{doctor._RANK} dq", _doctor_nf4,
+                         ("dora_nf4_linear", "dora_nf4_linear_backward", "dora_weight_norm")),
+        ]
+    return checks

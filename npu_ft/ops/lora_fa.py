@@ -240,3 +240,63 @@ def lora_fa_nf4_linear(
     y, _ = torch.ops.npu_ft.lora_fa_nf4_linear(x, packed, absmax, blocksize, shape, bias, lora_A, lora_B, scaling,
                                                 x_lora)
     return y
+
+
+# --------------------------------------------------------------------------------------------------
+# npu-ft doctor rows
+# --------------------------------------------------------------------------------------------------
+
+
+def _doctor_dense(device, dtype):
+    from npu_ft import doctor
+
+    t = doctor._linear_inputs(8)
+    lora_A = t["lora_A"]
+
+    def ref_fn(x, lora_B, weight, bias, scaling):
+        return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, None)[0]
+
+    def op_fn(x, lora_B, weight, bias, scaling):
+        return lora_fa_linear(x, weight, bias, lora_A.to(device=x.device, dtype=x.dtype), lora_B, scaling)
+
+    return doctor._compare_grads(device, dtype, op_fn, ref_fn, trainable={"x": t["x"], "lora_B": t["lora_B"]},
+                                 fixed={"weight": t["weight"], "bias": t["bias"], "scaling": 2.0}, grad=t["grad"])
+
+
+def _doctor_nf4(device, dtype):
+    from npu_ft import doctor
+
+    from .nf4 import quantize_nf4
+
+    t = doctor._linear_inputs(9)
+    lora_A = t["lora_A"]
+    packed, state = quantize_nf4(t["weight"], blocksize=doctor._BLOCKSIZE, double_quant=True)
+    dev_packed, dev_state = packed.to(device), state.to(device)
+
+    def ref_fn(x, lora_B, bias, scaling):
+        return nf4_linear_reference(x, packed, state.absmax_fp32(), doctor._BLOCKSIZE, list(doctor._W_SHAPE), bias,
+                                    lora_A, lora_B, scaling, None)[0]
+
+    def op_fn(x, lora_B, bias, scaling):
+        return lora_fa_nf4_linear(x, dev_packed, dev_state, bias, lora_A.to(device=x.device, dtype=x.dtype), lora_B,
+                                  scaling)
+
+    return doctor._compare_grads(device, dtype, op_fn, ref_fn, trainable={"x": t["x"], "lora_B": t["lora_B"]},
+                                 fixed={"bias": t["bias"], "scaling": 2.0}, grad=t["grad"])
+
+
+def doctor_checks(dtypes=(torch.float32, torch.bfloat16)) -> list:
+    """``npu-ft doctor`` rows of the LoRA-FA ops (forward + backward on the device, lora_A frozen,
+    against fp32 torch on the CPU): ``npu_ft.doctor.Check`` objects."""
+    from npu_ft import doctor
+
+    w, x = "x".join(map(str, doctor._W_SHAPE)), "x".join(map(str, doctor._X_SHAPE))
+    checks = []
+    for dtype in dtypes:
+        checks += [
+            doctor.Check("lora_fa_linear fwd+bwd", dtype, f"x {x} W {w} r{doctor._RANK}", _doctor_dense,
+                         ("lora_fa_linear", "lora_fa_linear_backward")),
+            doctor.Check("lora_fa_nf4_linear fwd+bwd", dtype, f"x {x} W {w} r{doctor._RANK} dq", _doctor_nf4,
+                         ("lora_fa_nf4_linear", "lora_fa_nf4_linear_backward")),
+        ]
+    return checks

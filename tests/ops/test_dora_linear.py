@@ -328,3 +328,13 @@ def test_bad_inputs_name_the_argument(name, make, exc):
     with pytest.raises(exc, match=rf"^{name}"):
         D.dora_linear(**kwargs)
     assert _registry.kernel_calls("dora_linear") == {}
+
+
+def test_doctor_rows_pass_on_cpu():
+    from npu_ft import doctor
+    from npu_ft.ops import lora_fa
+
+    results = [doctor.run_check(c, torch.device("cpu")) for c in D.doctor_checks() + lora_fa.doctor_checks()]
+    assert [r.op for r in results[:2]] == ["dora_linear fwd+bwd", "dora_nf4_linear fwd+bwd"]
+    for r in results:
+        assert r.passed and r.kernel == "cpu", r

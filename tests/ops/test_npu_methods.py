@@ -157,3 +157,13 @@ def test_lora_fa_nf4_linear(npu):
     reset_kernel_calls()
     _compare(fn_npu, fn_cpu, a, ["x", "bias", "lora_B", "x_lora"], npu, torch.bfloat16)
     _only_npu("lora_fa_nf4_linear", "lora_fa_nf4_linear_backward")
+
+
+def test_doctor_rows_pass_on_the_npu_kernels(npu):
+    from npu_ft import doctor
+    from npu_ft.ops import dora, lora_fa
+
+    results = [doctor.run_check(c, npu) for c in dora.doctor_checks() + lora_fa.doctor_checks()]
+    assert len(results) == 8
+    for r in results:
+        assert r.passed and r.kernel == "npu", r
