@@ -26,8 +26,12 @@ form it (in fp32), so tests compare the two. All DoRA arithmetic on ``g`` is fp3
 saved ``z`` are rounded to X once.
 
 Each op returns ``(y, h, z, norm)``: ``z`` (X, ``[..., out]``) and ``norm`` are saved for backward
-(``dmagnitude = sum_T(dy * z) / norm``). Backward saves x and x_lora only when lora_A needs a
-gradient (with A frozen - LoRA-FA - it keeps h, not x). The NF4 op dequantizes W to X inside the op
+(``dmagnitude = sum_T(dy * z) / norm``). Without bias and dropout ``z = y / g`` exactly up to
+rounding, so the op returns an empty ``z`` and backward keeps ``y`` instead
+(``dmagnitude = sum_T(dy * y) / magnitude``): y is the tensor the next op (SiLU, the gating product)
+keeps anyway in a Qwen MLP, so DoRA's gate/up projections cost no activation memory beyond LoRA's.
+Backward saves x and x_lora only when lora_A needs a gradient (with A frozen - LoRA-FA - it keeps h,
+not x). The NF4 op dequantizes W to X inside the op
 (and again in backward when dx is needed); ``weight_sq_norm`` is then that of the dequantized W.
 """
 
@@ -61,11 +65,12 @@ DORA_LINEAR = _registry.define(
     "dora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor magnitude, "
     "Tensor weight_sq_norm, float scaling, Tensor? x_lora) -> (Tensor, Tensor, Tensor, Tensor)"
 )
-# output_mask = [dx, dx_lora, dA, dB, dmagnitude, dbias]; x / x_lora may be None when dA is not asked
+# output_mask = [dx, dx_lora, dA, dB, dmagnitude, dbias]; x / x_lora may be None when dA is not asked;
+# z_is_y: ``z`` holds the forward's y (no bias, no dropout: the forward returned an empty z)
 DORA_LINEAR_BACKWARD = _registry.define(
     "dora_linear_backward(Tensor grad_out, Tensor? x, Tensor weight, Tensor lora_A, Tensor lora_B, "
     "Tensor magnitude, Tensor h, Tensor z, Tensor norm, float scaling, Tensor? x_lora, bool has_x_lora, "
-    "bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "bool z_is_y, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 DORA_NF4_LINEAR = _registry.define(
     "dora_nf4_linear(Tensor x, Tensor packed, Tensor absmax, int blocksize, SymInt[] weight_shape, Tensor? bias, "
@@ -75,7 +80,7 @@ DORA_NF4_LINEAR = _registry.define(
 DORA_NF4_LINEAR_BACKWARD = _registry.define(
     "dora_nf4_linear_backward(Tensor grad_out, Tensor? x, Tensor packed, Tensor absmax, int blocksize, "
     "SymInt[] weight_shape, Tensor lora_A, Tensor lora_B, Tensor magnitude, Tensor h, Tensor z, Tensor norm, "
-    "float scaling, Tensor? x_lora, bool has_x_lora, bool[6] output_mask) "
+    "float scaling, Tensor? x_lora, bool has_x_lora, bool z_is_y, bool[6] output_mask) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
@@ -88,11 +93,16 @@ def _weight_norm_fake(weight, weight_sq_norm, lora_A, lora_B, scaling):
     return weight.new_empty(weight.shape[0], dtype=torch.float32)
 
 
-def _forward_fake(x, out_features, lora_A):
+def returns_z(bias, x_lora) -> bool:
+    """Whether the forward returns z (else an empty tensor: backward keeps y, see the module docstring)."""
+    return bias is not None or x_lora is not None
+
+
+def _forward_fake(x, out_features, lora_A, bias, x_lora):
     lead = tuple(x.shape[:-1])
     y = x.new_empty(lead + (out_features,))
-    return y, lora_A.new_empty(lead + (lora_A.shape[0],)), x.new_empty(lead + (out_features,)), x.new_empty(
-        out_features, dtype=torch.float32)
+    z = x.new_empty(lead + (out_features,)) if returns_z(bias, x_lora) else x.new_empty(0)
+    return y, lora_A.new_empty(lead + (lora_A.shape[0],)), z, x.new_empty(out_features, dtype=torch.float32)
 
 
 def _backward_fake(grad_out, in_features, lora_A, lora_B, magnitude, has_x_lora, output_mask, bias_dtype=None):
@@ -109,21 +119,21 @@ def _backward_fake(grad_out, in_features, lora_A, lora_B, magnitude, has_x_lora,
 
 
 def _dora_linear_fake(x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, x_lora):
-    return _forward_fake(x, weight.shape[0], lora_A)
+    return _forward_fake(x, weight.shape[0], lora_A, bias, x_lora)
 
 
 def _dora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, magnitude, h, z, norm, scaling, x_lora,
-                               has_x_lora, output_mask):
+                               has_x_lora, z_is_y, output_mask):
     return _backward_fake(grad_out, weight.shape[1], lora_A, lora_B, magnitude, has_x_lora, output_mask)
 
 
 def _dora_nf4_linear_fake(x, packed, absmax, blocksize, weight_shape, bias, lora_A, lora_B, magnitude,
                           weight_sq_norm, scaling, x_lora):
-    return _forward_fake(x, weight_shape[0], lora_A)
+    return _forward_fake(x, weight_shape[0], lora_A, bias, x_lora)
 
 
 def _dora_nf4_linear_backward_fake(grad_out, x, packed, absmax, blocksize, weight_shape, lora_A, lora_B, magnitude,
-                                   h, z, norm, scaling, x_lora, has_x_lora, output_mask):
+                                   h, z, norm, scaling, x_lora, has_x_lora, z_is_y, output_mask):
     return _backward_fake(grad_out, weight_shape[1], lora_A, lora_B, magnitude, has_x_lora, output_mask)
 
 
@@ -161,11 +171,12 @@ def _forward_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lo
         y = y + torch.nn.functional.linear(x, weight).float() - torch.nn.functional.linear(xd, weight).float()
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype), h, z.to(x.dtype), norm
+    z = z.to(x.dtype) if returns_z(bias, x_lora) else x.new_empty(0)
+    return y.to(x.dtype), h, z, norm
 
 
 def _backward_reference(grad_out, x, weight, lora_A, lora_B, magnitude, h, z, norm, scaling, x_lora, has_x_lora,
-                        output_mask):
+                        z_is_y, output_mask):
     need_dx, need_dx_lora, need_dA, need_dB, need_dmag, need_dbias = output_mask
     in_features, out_features = weight.shape[1], weight.shape[0]
     gy = grad_out.reshape(-1, out_features).float()
@@ -187,8 +198,9 @@ def _backward_reference(grad_out, x, weight, lora_A, lora_B, magnitude, h, z, no
         outs[2] = (dh.t() @ xl).to(lora_A.dtype)
     if need_dB:
         outs[3] = (scaling * gz.t() @ h.reshape(-1, lora_A.shape[0]).float()).to(lora_B.dtype)
-    if need_dmag:
-        outs[4] = ((gy * z.reshape(-1, out_features).float()).sum(0) / norm).to(magnitude.dtype)
+    if need_dmag:  # sum(dy * z) / norm, or with y saved (z = y / g): sum(dy * y) / magnitude
+        col = (gy * z.reshape(-1, out_features).float()).sum(0)
+        outs[4] = (col / (magnitude.float() if z_is_y else norm)).to(magnitude.dtype)
     if need_dbias:
         outs[5] = gy.sum(0).to(grad_out.dtype)
     return tuple(outs)
@@ -200,10 +212,10 @@ def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, weight_sq_
 
 
 def dora_linear_backward_reference(grad_out, x, weight, lora_A, lora_B, magnitude, h, z, norm, scaling, x_lora,
-                                   has_x_lora, output_mask):
+                                   has_x_lora, z_is_y, output_mask):
     """Pure-torch ``npu_ft::dora_linear_backward``: ``(dx, dx_lora, dA, dB, dmagnitude, dbias)``."""
     return _backward_reference(grad_out, x, weight, lora_A, lora_B, magnitude, h, z, norm, scaling, x_lora,
-                               has_x_lora, output_mask)
+                               has_x_lora, z_is_y, output_mask)
 
 
 def dora_nf4_linear_reference(x, packed, absmax, blocksize, weight_shape, bias, lora_A, lora_B, magnitude,
@@ -214,11 +226,11 @@ def dora_nf4_linear_reference(x, packed, absmax, blocksize, weight_shape, bias, 
 
 
 def dora_nf4_linear_backward_reference(grad_out, x, packed, absmax, blocksize, weight_shape, lora_A, lora_B,
-                                       magnitude, h, z, norm, scaling, x_lora, has_x_lora, output_mask):
+                                       magnitude, h, z, norm, scaling, x_lora, has_x_lora, z_is_y, output_mask):
     """Pure-torch ``npu_ft::dora_nf4_linear_backward``."""
     weight = _dequantize(packed, absmax, blocksize, weight_shape, grad_out.dtype)
     return _backward_reference(grad_out, x, weight, lora_A, lora_B, magnitude, h, z, norm, scaling, x_lora,
-                               has_x_lora, output_mask)
+                               has_x_lora, z_is_y, output_mask)
 
 
 _registry.register_reference(DORA_WEIGHT_NORM, dora_weight_norm_reference)
@@ -233,12 +245,14 @@ _registry.register_reference(DORA_NF4_LINEAR_BACKWARD, dora_nf4_linear_backward_
 
 
 def _save(ctx, x, lora_A, lora_B, magnitude, x_lora, output, frozen: tuple) -> None:
-    """Save what backward needs: x / x_lora only when lora_A trains (LoRA-FA keeps h, not x)."""
-    _, h, z, norm = output
+    """Save what backward needs: x / x_lora only when lora_A trains (LoRA-FA keeps h, not x); y in
+    place of an empty z (no bias, no dropout)."""
+    y, h, z, norm = output
     keep_x = lora_A.requires_grad
     ctx.has_x_lora = x_lora is not None
-    ctx.save_for_backward(x if keep_x else None, x_lora if keep_x else None, lora_A, lora_B, magnitude, h, z, norm,
-                          *frozen)
+    ctx.z_is_y = z.numel() == 0 and y.numel() > 0
+    ctx.save_for_backward(x if keep_x else None, x_lora if keep_x else None, lora_A, lora_B, magnitude, h,
+                          y if ctx.z_is_y else z, norm, *frozen)
 
 
 def _mask(ctx, i_x, i_bias, i_A, i_B, i_mag, i_xl):
@@ -258,7 +272,7 @@ def _dora_linear_backward(ctx, grad_y, grad_h, grad_z, grad_norm):
     mask = _mask(ctx, 0, 2, 3, 4, 5, 8)
     dx, dx_lora, dA, dB, dmag, dbias = torch.ops.npu_ft.dora_linear_backward(
         grad_y.contiguous(), x, weight, lora_A, lora_B, magnitude, h, z, norm, ctx.scaling, x_lora, ctx.has_x_lora,
-        mask)
+        ctx.z_is_y, mask)
     return (dx if mask[0] else None, None, dbias.to(ctx.bias_dtype) if mask[5] else None, dA if mask[2] else None,
             dB if mask[3] else None, dmag if mask[4] else None, None, None, dx_lora if mask[1] else None)
 
@@ -278,7 +292,7 @@ def _dora_nf4_linear_backward(ctx, grad_y, grad_h, grad_z, grad_norm):
     mask = _mask(ctx, 0, 5, 6, 7, 8, 11)
     dx, dx_lora, dA, dB, dmag, dbias = torch.ops.npu_ft.dora_nf4_linear_backward(
         grad_y.contiguous(), x, packed, absmax, ctx.blocksize, ctx.weight_shape, lora_A, lora_B, magnitude, h, z,
-        norm, ctx.scaling, x_lora, ctx.has_x_lora, mask)
+        norm, ctx.scaling, x_lora, ctx.has_x_lora, ctx.z_is_y, mask)
     return (dx if mask[0] else None, None, None, None, None, dbias.to(ctx.bias_dtype) if mask[5] else None,
             dA if mask[2] else None, dB if mask[3] else None, dmag if mask[4] else None, None, None,
             dx_lora if mask[1] else None)

@@ -75,3 +75,10 @@ def nf4_args(args: dict, blocksize: int = 64):
     dense = nf4_ops.dequantize_nf4(packed, state, torch.float32)
     args["weight_sq_norm"] = dora_ops.weight_sq_norm(dense)
     return packed, state, dense.to(args["x"].dtype)
+
+
+def saved_z(forward_out) -> tuple[torch.Tensor, bool]:
+    """What DoRA's autograd keeps from a forward ``(y, h, z, norm)``: ``(z, False)``, or ``(y, True)``
+    when z came back empty (no bias, no dropout)."""
+    y, _, z, _ = forward_out
+    return (z, False) if z.numel() else (y, True)

@@ -22,7 +22,7 @@ from npu_ft.ops import _registry
 from npu_ft.ops import dora as D
 from npu_ft.ops.backends import _fused_methods as F
 
-from ._methods_helpers import DTYPE_PAIRS, SHAPES, close, method_args, nf4_args, tol_dtype
+from ._methods_helpers import DTYPE_PAIRS, SHAPES, close, method_args, nf4_args, saved_z, tol_dtype
 
 peft = pytest.importorskip("peft")
 
@@ -145,6 +145,21 @@ def test_merge_equals_forward_and_peft_merge():
         torch.testing.assert_close(merged.weight, ref.base_layer.weight, rtol=1e-6, atol=1e-6)
 
 
+def test_without_bias_backward_keeps_the_output_the_next_op_keeps_anyway():
+    """No bias, no dropout: z = y / g, so DoRA saves y itself - SiLU, which follows gate_proj in a Qwen
+    MLP, saves the same tensor, so the pair keeps one [T, out] activation, not two."""
+    layer = DoraLinear(nn.Linear(32, 48, bias=False), 4, 8)
+    x = torch.randn(10, 32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+        out = torch.nn.functional.silu(y)
+    big = {t.untyped_storage().data_ptr() for t in saved if t.shape == (10, 48)}
+    assert len(big) == 1 and y.untyped_storage().data_ptr() in big
+    out.sum().backward()
+    assert layer.lora_magnitude_vector.grad is not None
+
+
 def test_frozen_a_saves_no_activation_of_in_features():
     """DoRA + LoRA-FA: backward keeps h [T, r] and z [T, out], never x [T, in]."""
     base = nn.Linear(48, 16)
@@ -172,11 +187,13 @@ def _check_kernels(fwd, fwd_ref, bwd, bwd_ref, fwd_args, bwd_tail, args, td, dro
     out, ref = fwd(*fwd_args), fwd_ref(*fwd_args)
     for name, o, rr in zip(("y", "h", "z", "norm"), out, ref, strict=True):
         close(o, rr, td, name)
-    _, h, z, norm = ref
+    _, h, _, norm = ref
+    z, z_is_y = saved_z(ref)
+    assert z_is_y == (args["bias"] is None and not dropout)
     for mask in MASKS:
         mask = [mask[0], mask[1] and dropout, *mask[2:]]
         bargs = (args["grad"], args["x"], *bwd_tail, args["lora_A"], args["lora_B"], args["magnitude"], h, z, norm,
-                 0.75, args["x_lora"], dropout, mask)
+                 0.75, args["x_lora"], dropout, z_is_y, mask)
         got, want = bwd(*bargs), bwd_ref(*bargs)
         for name, o, rr, asked in zip(("dx", "dx_lora", "dA", "dB", "dmag", "dbias"), got, want, mask, strict=True):
             assert (o.numel() > 0) == asked, name
@@ -185,7 +202,7 @@ def _check_kernels(fwd, fwd_ref, bwd, bwd_ref, fwd_args, bwd_tail, args, td, dro
 
 @pytest.mark.parametrize("lead,in_f,out_f,r", SHAPES)
 @pytest.mark.parametrize("xd,ld", DTYPE_PAIRS)
-@pytest.mark.parametrize("bias,dropout", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("bias,dropout", [(True, False), (False, False), (False, True), (True, True)])
 def test_cpu_kernels_match_reference(lead, in_f, out_f, r, xd, ld, bias, dropout):
     a = method_args(lead, in_f, out_f, r, xd, ld, bias=bias, dropout=dropout)
     fwd_args = (a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["magnitude"], a["weight_sq_norm"], 0.75,
@@ -196,9 +213,9 @@ def test_cpu_kernels_match_reference(lead, in_f, out_f, r, xd, ld, bias, dropout
 
 @pytest.mark.parametrize("lead,in_f,out_f,r", SHAPES[1:])
 @pytest.mark.parametrize("xd,ld", DTYPE_PAIRS[:2])
-@pytest.mark.parametrize("dropout", [False, True])
-def test_cpu_nf4_kernels_match_reference(lead, in_f, out_f, r, xd, ld, dropout):
-    a = method_args(lead, in_f, out_f, r, xd, ld, dropout=dropout)
+@pytest.mark.parametrize("bias,dropout", [(True, False), (False, False), (True, True)])
+def test_cpu_nf4_kernels_match_reference(lead, in_f, out_f, r, xd, ld, bias, dropout):
+    a = method_args(lead, in_f, out_f, r, xd, ld, bias=bias, dropout=dropout)
     packed, state, _ = nf4_args(a)
     nf4 = (packed, state.absmax_fp32(), state.blocksize, list(state.shape))
     fwd_args = (a["x"], *nf4, a["bias"], a["lora_A"], a["lora_B"], a["magnitude"], a["weight_sq_norm"], 0.75,
@@ -237,9 +254,10 @@ def test_dense_kernels_never_build_an_out_by_in_tensor():
     fwd = (a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["magnitude"], a["weight_sq_norm"], 0.5, None)
     with Shapes() as mode:  # (a custom op called inside is one dispatch: its kernel is watched on its own)
         F.dora_weight_norm_fused(a["weight"], a["weight_sq_norm"], a["lora_A"], a["lora_B"], 0.5)
-        _, h, z, norm = F.dora_linear_fused(*fwd)
-        F.dora_linear_backward_fused(a["grad"], a["x"], a["weight"], a["lora_A"], a["lora_B"], a["magnitude"], h, z,
-                                     norm, 0.5, None, False, [True, False, True, True, True, True])
+        out = F.dora_linear_fused(*fwd)
+        F.dora_linear_backward_fused(a["grad"], a["x"], a["weight"], a["lora_A"], a["lora_B"], a["magnitude"], out[1],
+                                     *saved_z(out)[:1], out[3], 0.5, None, False, saved_z(out)[1],
+                                     [True, False, True, True, True, True])
     full_size = [s for s in mode.seen if s[1] == out_f * in_f]
     assert mode.seen and not full_size, full_size
     with Shapes() as mode:
@@ -283,20 +301,21 @@ def test_opcheck_dora_linear(xd, ld, bias, dropout):
                           (a["weight"], a["weight_sq_norm"], a["lora_A"], a["lora_B"], 0.5))
 
 
-@pytest.mark.parametrize("dropout", [False, True])
-def test_opcheck_dora_nf4_linear_and_backward_ops(dropout):
-    a = method_args((7,), 64, 10, 4, torch.float32, torch.float32, dropout=dropout)
+@pytest.mark.parametrize("bias,dropout", [(True, False), (False, False), (True, True)])
+def test_opcheck_dora_nf4_linear_and_backward_ops(bias, dropout):
+    a = method_args((7,), 64, 10, 4, torch.float32, torch.float32, bias=bias, dropout=dropout)
     packed, state, _ = nf4_args(a)
     nf4 = (packed, state.absmax_fp32(), state.blocksize, list(state.shape))
     fwd = (a["x"], *nf4, a["bias"], a["lora_A"], a["lora_B"], a["magnitude"], a["weight_sq_norm"], 0.5, a["x_lora"])
-    _, h, z, norm = D.dora_nf4_linear_reference(*fwd)
+    out = D.dora_nf4_linear_reference(*fwd)
+    z, z_is_y = saved_z(out)
     mask = [True, dropout, True, True, True, True]
-    tail = (a["lora_A"], a["lora_B"], a["magnitude"], h, z, norm, 0.5, a["x_lora"], dropout, mask)
+    tail = (a["lora_A"], a["lora_B"], a["magnitude"], out[1], z, out[3], 0.5, a["x_lora"], dropout, z_is_y, mask)
     torch.library.opcheck(torch.ops.npu_ft.dora_nf4_linear_backward.default, (a["grad"], a["x"], *nf4, *tail))
     torch.library.opcheck(torch.ops.npu_ft.dora_linear_backward.default, (a["grad"], a["x"], a["weight"], *tail))
     frozen_a = [True, dropout, False, True, True, False]  # LoRA-FA: no x saved
     torch.library.opcheck(torch.ops.npu_ft.dora_linear_backward.default,
-                          (a["grad"], None, a["weight"], *tail[:-3], None, dropout, frozen_a))
+                          (a["grad"], None, a["weight"], *tail[:-4], None, dropout, z_is_y, frozen_a))
     _requires_grad(a, "x", "lora_A", "lora_B", "magnitude", "x_lora")
     torch.library.opcheck(torch.ops.npu_ft.dora_nf4_linear.default, fwd)
 

@@ -16,7 +16,7 @@ from npu_ft.ops import lora as L
 from npu_ft.ops import lora_fa as FA
 from tests.fake_npu.fixtures import fake_npu  # noqa: F401  (module-scoped fixture)
 
-from ._methods_helpers import close, method_args, nf4_args, tol_dtype
+from ._methods_helpers import close, method_args, nf4_args, saved_z, tol_dtype
 
 OPS = ("dora_weight_norm", "dora_linear", "dora_linear_backward", "dora_nf4_linear", "dora_nf4_linear_backward",
        "lora_fa_linear", "lora_fa_linear_backward", "lora_fa_nf4_linear", "lora_fa_nf4_linear_backward")
@@ -70,11 +70,12 @@ def _reference_grads(a, weight_args, forward_ref, backward_ref, frozen_a):
     """Reference forward + its backward op on the CPU: {name: tensor} like the npu side's."""
     fwd = (a["x"], *weight_args, a["bias"], a["lora_A"], a["lora_B"], a["magnitude"], a["weight_sq_norm"], 0.5,
            a["x_lora"])
-    y, h, z, norm = forward_ref(*fwd)
+    out = forward_ref(*fwd)
+    y, h, _, norm = out
     dropout = a["x_lora"] is not None
-    mask = [True, dropout, not frozen_a, True, True, True]
-    grads = backward_ref(a["grad"], a["x"], *weight_args, a["lora_A"], a["lora_B"], a["magnitude"], h, z, norm, 0.5,
-                         a["x_lora"], dropout, mask)
+    mask = [True, dropout, not frozen_a, True, True, a["bias"] is not None]
+    grads = backward_ref(a["grad"], a["x"], *weight_args, a["lora_A"], a["lora_B"], a["magnitude"], h,
+                         saved_z(out)[0], norm, 0.5, a["x_lora"], dropout, saved_z(out)[1], mask)
     names = ("x", "x_lora", "lora_A", "lora_B", "magnitude", "bias")
     return {"y": y, **{n: g for n, g, asked in zip(names, grads, mask, strict=True) if asked}}
 
@@ -113,14 +114,14 @@ def test_dora_linear(npu, xd, ld, dropout):
 
 @pytest.mark.parametrize("xd", [torch.float32, torch.bfloat16])
 def test_dora_nf4_linear_with_frozen_a(npu, xd):
-    a = method_args((2, 5), 64, 24, 4, xd, torch.float32)
+    a = method_args((2, 5), 64, 24, 4, xd, torch.float32, bias=False)
     packed, state, _ = nf4_args(a)
     nf4 = (packed, state.absmax_fp32(), state.blocksize, list(state.shape))
     want = _reference_grads(a, nf4, D.dora_nf4_linear_reference, D.dora_nf4_linear_backward_reference, True)
     reset_kernel_calls()
-    got = _npu_grads(a, npu, lambda t: D.dora_nf4_linear(t["x"], packed.to(npu), state.to(npu), t["bias"], t["lora_A"],
-                                                         t["lora_B"], t["magnitude"], a["weight_sq_norm"].to(npu),
-                                                         0.5), True)
+    got = _npu_grads(a, npu, lambda t: D.dora_nf4_linear(t["x"], packed.to(npu), state.to(npu), t.get("bias"),
+                                                         t["lora_A"], t["lora_B"], t["magnitude"],
+                                                         a["weight_sq_norm"].to(npu), 0.5), True)
     _only_npu("dora_nf4_linear", "dora_nf4_linear_backward", "nf4_dequantize")
     _compare_dicts(got, want, tol_dtype(xd, torch.float32))
 

@@ -19,7 +19,7 @@ from npu_ft.ops import dora as D  # noqa: E402
 from npu_ft.ops import lora_fa as FA  # noqa: E402
 from npu_ft.ops.backends.cuda import methods as K  # noqa: E402
 
-from ._methods_helpers import close, method_args, nf4_args, tol_dtype  # noqa: E402
+from ._methods_helpers import close, method_args, nf4_args, saved_z, tol_dtype  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = [((5,), 13, 7, 3), ((2, 9), 33, 67, 5)]
@@ -46,19 +46,19 @@ def test_row_norm_scale_and_grad_kernels_against_torch():
 
 @pytest.mark.parametrize("lead,in_f,out_f,r", CASES)
 @pytest.mark.parametrize("xd,ld", PAIRS)
-@pytest.mark.parametrize("dropout", [False, True])
-def test_dora_kernels_match_reference(lead, in_f, out_f, r, xd, ld, dropout):
-    a = method_args(lead, in_f, out_f, r, xd, ld, dropout=dropout, device=DEVICE)
+@pytest.mark.parametrize("bias,dropout", [(True, False), (False, False), (False, True)])
+def test_dora_kernels_match_reference(lead, in_f, out_f, r, xd, ld, bias, dropout):
+    a = method_args(lead, in_f, out_f, r, xd, ld, bias=bias, dropout=dropout, device=DEVICE)
     td = tol_dtype(xd, ld)
     fwd = (a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["magnitude"], a["weight_sq_norm"], 0.6,
            a["x_lora"])
     ref = D.dora_linear_reference(*fwd)
     for name, o, rr in zip(("y", "h", "z", "norm"), K.dora_linear(*fwd), ref, strict=True):
         close(o, rr, td, name)
-    _, h, z, norm = ref
-    mask = [True, dropout, True, True, True, True]
-    bwd = (a["grad"], a["x"], a["weight"], a["lora_A"], a["lora_B"], a["magnitude"], h, z, norm, 0.6, a["x_lora"],
-           dropout, mask)
+    _, h, _, norm = ref
+    mask = [True, dropout, True, True, True, bias]
+    bwd = (a["grad"], a["x"], a["weight"], a["lora_A"], a["lora_B"], a["magnitude"], h, saved_z(ref)[0], norm, 0.6,
+           a["x_lora"], dropout, saved_z(ref)[1], mask)
     for name, o, rr in zip(("dx", "dx_lora", "dA", "dB", "dmag", "dbias"), K.dora_linear_backward(*bwd),
                            D.dora_linear_backward_reference(*bwd), strict=True):
         close(o, rr, td, name)
@@ -66,15 +66,15 @@ def test_dora_kernels_match_reference(lead, in_f, out_f, r, xd, ld, dropout):
 
 @pytest.mark.parametrize("xd,ld", PAIRS[:2])
 def test_dora_nf4_kernels_match_reference(xd, ld):
-    a = method_args((2, 5), 64, 33, 4, xd, ld, device=DEVICE)
+    a = method_args((2, 5), 64, 33, 4, xd, ld, bias=False, device=DEVICE)
     packed, state, _ = nf4_args(a)
     nf4 = (packed, state.absmax_fp32(), state.blocksize, list(state.shape))
     fwd = (a["x"], *nf4, a["bias"], a["lora_A"], a["lora_B"], a["magnitude"], a["weight_sq_norm"], 0.6, None)
     ref = D.dora_nf4_linear_reference(*fwd)
     for name, o, rr in zip(("y", "h", "z", "norm"), K.dora_nf4_linear(*fwd), ref, strict=True):
         close(o, rr, tol_dtype(xd, ld), name)
-    bwd = (a["grad"], None, *nf4, a["lora_A"], a["lora_B"], a["magnitude"], *ref[1:], 0.6, None, False,
-           [True, False, False, True, True, True])  # LoRA-FA over DoRA: no x
+    bwd = (a["grad"], None, *nf4, a["lora_A"], a["lora_B"], a["magnitude"], ref[1], saved_z(ref)[0], ref[3], 0.6,
+           None, False, saved_z(ref)[1], [True, False, False, True, True, False])  # LoRA-FA over DoRA: no x
     for name, o, rr in zip(("dx", "dx_lora", "dA", "dB", "dmag", "dbias"), K.dora_nf4_linear_backward(*bwd),
                            D.dora_nf4_linear_backward_reference(*bwd), strict=True):
         close(o, rr, tol_dtype(xd, ld), name)

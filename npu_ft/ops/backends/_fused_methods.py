@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from ..dora import returns_z
+
 __all__ = ["KERNELS", "dora_weight_norm_fused"]
 
 
@@ -110,12 +112,12 @@ def _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, sc
             y.add_(bias.float())
     if x_lora is not None:  # + x @ W.T - x_d @ W.T  (PEFT: the magnitude applies to the dropped input only)
         y.add_(torch.mm(x2, weight.t()).float()).sub_(torch.mm(xd2, weight.t()).float())
-    return (y.to(x.dtype).view(lead + (out_features,)), h.view(lead + (lora_A.shape[0],)),
-            z.to(x.dtype).view(lead + (out_features,)), norm)
+    z_out = z.to(x.dtype).view(lead + (out_features,)) if returns_z(bias, x_lora) else x.new_empty(0)
+    return y.to(x.dtype).view(lead + (out_features,)), h.view(lead + (lora_A.shape[0],)), z_out, norm
 
 
 def _dora_backward(grad_out, x, weight_fn, in_features, lora_A, lora_B, magnitude, h, z, norm, scaling, x_lora,
-                   has_x_lora, output_mask):
+                   has_x_lora, z_is_y, output_mask):
     need_dx, need_dx_lora, need_dA, need_dB, need_dmag, need_dbias = output_mask
     out_features = grad_out.shape[-1]
     lead = tuple(grad_out.shape[:-1])
@@ -123,8 +125,9 @@ def _dora_backward(grad_out, x, weight_fn, in_features, lora_A, lora_B, magnitud
     g = magnitude.float() / norm
     gz = g2 * g if g2.dtype == torch.float32 else (g2.float() * g).to(g2.dtype)
     dmag = dbias = None
-    if need_dmag:
-        dmag = torch.mul(g2, z.reshape(-1, out_features)).float().sum(0).div_(norm).to(magnitude.dtype)
+    if need_dmag:  # z = y / g when y was saved: sum(dy * y) / magnitude
+        col = torch.mul(g2, z.reshape(-1, out_features)).float().sum(0)
+        dmag = col.div_(magnitude.float() if z_is_y else norm).to(magnitude.dtype)
     if need_dbias:
         dbias = g2.sum(0)
     xl2 = None
@@ -156,9 +159,9 @@ def dora_linear_fused(x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm
 
 
 def dora_linear_backward_fused(grad_out, x, weight, lora_A, lora_B, magnitude, h, z, norm, scaling, x_lora,
-                               has_x_lora, output_mask):
+                               has_x_lora, z_is_y, output_mask):
     return _dora_backward(grad_out, x, lambda: weight, weight.shape[1], lora_A, lora_B, magnitude, h, z, norm,
-                          scaling, x_lora, has_x_lora, output_mask)
+                          scaling, x_lora, has_x_lora, z_is_y, output_mask)
 
 
 def dora_nf4_linear_fused(x, packed, absmax, blocksize, weight_shape, bias, lora_A, lora_B, magnitude,
@@ -168,10 +171,10 @@ def dora_nf4_linear_fused(x, packed, absmax, blocksize, weight_shape, bias, lora
 
 
 def dora_nf4_linear_backward_fused(grad_out, x, packed, absmax, blocksize, weight_shape, lora_A, lora_B, magnitude,
-                                   h, z, norm, scaling, x_lora, has_x_lora, output_mask):
+                                   h, z, norm, scaling, x_lora, has_x_lora, z_is_y, output_mask):
     return _dora_backward(grad_out, x, lambda: _dequantize(packed, absmax, blocksize, weight_shape, grad_out.dtype),
                           int(weight_shape[1]), lora_A, lora_B, magnitude, h, z, norm, scaling, x_lora, has_x_lora,
-                          output_mask)
+                          z_is_y, output_mask)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from npu_ft.ops import _registry
+from npu_ft.ops.dora import returns_z
 
 from . import lora as _lora
 from . import nf4 as _nf4
@@ -162,12 +163,12 @@ def _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, sc
     if x_lora is not None:  # + x @ W.T - x_d @ W.T: the magnitude applies to the dropped input only
         y2 = y2.add_(_lora.dual_gemm(x2, weight.t(), out_dtype=torch.float32)).sub_(
             _lora.dual_gemm(xd2, weight.t(), out_dtype=torch.float32)).to(x.dtype)
-    return (y2.reshape(lead + (out_features,)), h2.reshape(lead + (lora_A.shape[0],)),
-            z2.reshape(lead + (out_features,)), norm)
+    z_out = z2.reshape(lead + (out_features,)) if returns_z(bias, x_lora) else x.new_empty(0)
+    return y2.reshape(lead + (out_features,)), h2.reshape(lead + (lora_A.shape[0],)), z_out, norm
 
 
 def _dora_backward(grad_out, x, weight_fn, in_features, lora_A, lora_B, magnitude, h, z, norm, scaling, x_lora,
-                   has_x_lora, output_mask):
+                   has_x_lora, z_is_y, output_mask):
     need_dx, need_dx_lora, need_dA, need_dB, need_dmag, need_dbias = output_mask
     out_features = grad_out.shape[-1]
     lead = tuple(grad_out.shape[:-1])
@@ -182,8 +183,8 @@ def _dora_backward(grad_out, x, weight_fn, in_features, lora_A, lora_B, magnitud
     if need_dA:
         xl = (x_lora if x_lora is not None else x).reshape(-1, in_features).to(lora_A.dtype)
         outs[2] = dh2.t() @ xl
-    if need_dmag:
-        outs[4] = (col / norm).to(magnitude.dtype)
+    if need_dmag:  # z = y / g when y was saved: sum(dy * y) / magnitude
+        outs[4] = (col / (magnitude.float() if z_is_y else norm)).to(magnitude.dtype)
     if need_dbias:
         outs[5] = g2.sum(0)
     if need_dx or need_dx_lora:
@@ -207,10 +208,10 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scal
 
 
 def dora_linear_backward(grad_out, x, weight, lora_A, lora_B, magnitude, h, z, norm, scaling, x_lora, has_x_lora,
-                         output_mask):
+                         z_is_y, output_mask):
     """CUDA ``npu_ft::dora_linear_backward``: ``(dx, dx_lora, dA, dB, dmagnitude, dbias)``."""
     return _dora_backward(grad_out, x, lambda: weight, weight.shape[1], lora_A, lora_B, magnitude, h, z, norm,
-                          scaling, x_lora, has_x_lora, output_mask)
+                          scaling, x_lora, has_x_lora, z_is_y, output_mask)
 
 
 def dora_nf4_linear(x, packed, absmax, blocksize, weight_shape, bias, lora_A, lora_B, magnitude, weight_sq_norm,
@@ -221,11 +222,11 @@ def dora_nf4_linear(x, packed, absmax, blocksize, weight_shape, bias, lora_A, lo
 
 
 def dora_nf4_linear_backward(grad_out, x, packed, absmax, blocksize, weight_shape, lora_A, lora_B, magnitude, h, z,
-                             norm, scaling, x_lora, has_x_lora, output_mask):
+                             norm, scaling, x_lora, has_x_lora, z_is_y, output_mask):
     """CUDA ``npu_ft::dora_nf4_linear_backward``; dequantizes W again, only when dx is needed."""
     return _dora_backward(grad_out, x, lambda: _dequantize(packed, absmax, blocksize, weight_shape, grad_out.dtype),
                           int(weight_shape[1]), lora_A, lora_B, magnitude, h, z, norm, scaling, x_lora, has_x_lora,
-                          output_mask)
+                          z_is_y, output_mask)
 
 
 def _lora_fa_backward(grad_out, weight_fn, in_features, lora_A, lora_B, h, scaling, has_x_lora, output_mask):
