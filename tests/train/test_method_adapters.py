@@ -183,3 +183,30 @@ def test_apply_adapter_method_follows_the_recipe_keys():
     assert isinstance(spec, VeraSpec) and spec.r == 8 and spec.modules_to_save == ["norm"]
     pissa = make(pissa_init=True, pissa_iter=-1, lora_target="q_proj")
     assert get_lora_spec(pissa).init_lora_weights == "pissa"
+
+
+@pytest.mark.parametrize("method", ["dora", "lora_fa", "vera"])
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_checkpointing_policies_give_the_same_gradients(method, policy):
+    from npu_ft.modules.checkpointing import enable_gradient_checkpointing
+
+    def build():
+        model = tiny()
+        if method == "vera":
+            apply_vera(model, "all", r=8)
+        else:
+            apply_lora(model, "all", r=4, use_dora=method == "dora", lora_fa=method == "lora_fa")
+        perturb_trainable(model)
+        return model.train()
+
+    x = ids()
+    grads = []
+    for checkpointed in (False, True):
+        model = build()
+        if checkpointed:
+            enable_gradient_checkpointing(model, policy, use_reentrant=False)
+        model(x, labels=x).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
