@@ -19,6 +19,7 @@ names. The full-model targets (tokens/s and peak of a whole training step) are t
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -26,6 +27,9 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "micro"))
+from test_lora_linear import saved_bytes  # noqa: E402  (bytes autograd keeps, parameters and input excluded)
 
 HIDDEN, KV, INTER, R, ALPHA = 896, 128, 4864, 16, 32
 PROJ = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, KV), "v": (HIDDEN, KV), "o": (HIDDEN, HIDDEN),
@@ -100,27 +104,6 @@ def step(block: Block, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     xi = x.detach().requires_grad_(True)
     block(xi).backward(grad)
     return xi.grad
-
-
-def saved_bytes(block: Block, x: torch.Tensor, grad: torch.Tensor) -> int:
-    owned = {t.untyped_storage().data_ptr() for t in list(block.parameters()) + list(block.buffers())}
-    xi = x.detach().requires_grad_(True)
-    owned.add(xi.untyped_storage().data_ptr())
-    seen: set[int] = set()
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in owned and ptr not in seen:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = block(xi)
-    y.backward(grad)
-    return total
 
 
 def peak_bytes(block: Block, x: torch.Tensor, grad: torch.Tensor) -> int:

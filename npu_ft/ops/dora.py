@@ -40,8 +40,8 @@ from __future__ import annotations
 import torch
 
 from . import _checks, _registry
-from ._nf4_args import check_nf4_weight
-from .lora import _check_bias, _check_lora, _check_scaling, _check_x
+from ._weight_args import check_dense_lora_args, check_nf4_lora_args
+from .lora import _check_scaling, _dequantize
 
 __all__ = [
     "dora_linear",
@@ -146,10 +146,6 @@ _registry.register_fake(DORA_NF4_LINEAR_BACKWARD, _dora_nf4_linear_backward_fake
 # --------------------------------------------------------------------------------------------------
 # reference kernels (pure torch, any device; these DO form W + s*B@A, in fp32)
 # --------------------------------------------------------------------------------------------------
-
-
-def _dequantize(packed, absmax, blocksize, weight_shape, dtype):
-    return torch.ops.npu_ft.nf4_dequantize(packed, absmax, blocksize, list(weight_shape), dtype)
 
 
 def dora_weight_norm_reference(weight, weight_sq_norm, lora_A, lora_B, scaling):
@@ -354,17 +350,9 @@ def dora_linear(
     Returns:
         ``[..., out]`` in x's dtype. The norm is detached (DoRA paper section 4.3, PEFT).
     """
-    _check_x(x)
-    _checks.check_tensor("weight", weight, (x.dtype,), ndim=2)
-    out_features, in_features = weight.shape
-    _checks.check_dim("x", x.shape[-1], in_features, "in_features (last dim, must equal weight's dim 1)")
-    _check_bias(bias, x, out_features)
-    _check_lora(x, lora_A, lora_B, x_lora, in_features, out_features, {"weight": weight, "bias": bias})
+    out_features, _ = check_dense_lora_args(x, weight, bias, lora_A, lora_B, x_lora, "DoRA")
     _check_dora(x, lora_A, magnitude, weight_sq_norm, out_features)
     scaling = _check_scaling(scaling)
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError("weight: the base weight is frozen in DoRA and gets no gradient; "
-                         "call weight.requires_grad_(False)")
     y, _, _, _ = torch.ops.npu_ft.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling,
                                               x_lora)
     return y
@@ -385,13 +373,8 @@ def dora_nf4_linear(
     """QDoRA: :func:`dora_linear` over an NF4 base (``packed`` + ``state`` as in
     :func:`npu_ft.ops.lora.nf4_linear`); W is dequantized to x's dtype inside the op, never kept.
     ``weight_sq_norm`` is ``||W_i||^2`` of the dequantized weight."""
-    _check_x(x)
-    absmax, blocksize, shape = check_nf4_weight(x, packed, state)
-    out_features, in_features = shape
-    _check_bias(bias, x, out_features)
-    _check_lora(x, lora_A, lora_B, x_lora, in_features, out_features,
-                {"packed": packed, "state.absmax": absmax, "bias": bias})
-    _check_dora(x, lora_A, magnitude, weight_sq_norm, out_features)
+    absmax, blocksize, shape = check_nf4_lora_args(x, packed, state, bias, lora_A, lora_B, x_lora)
+    _check_dora(x, lora_A, magnitude, weight_sq_norm, shape[0])
     scaling = _check_scaling(scaling)
     y, _, _, _ = torch.ops.npu_ft.dora_nf4_linear(x, packed, absmax, blocksize, shape, bias, lora_A, lora_B, magnitude,
                                                   weight_sq_norm, scaling, x_lora)
@@ -420,53 +403,41 @@ def _doctor_inputs(seed: int) -> dict:
     return t
 
 
+_TRAINABLE = ("x", "lora_A", "lora_B", "magnitude")
+
+
 def _doctor_dense(device, dtype):
-    from npu_ft import doctor
+    from ._doctor_rows import compare
 
     t = _doctor_inputs(6)
 
     def op_fn(x, lora_A, lora_B, magnitude, weight, bias, scaling):
         return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm(weight), scaling)
 
-    return doctor._compare_grads(
-        device, dtype, op_fn, _doctor_reference,
-        trainable={k: t[k] for k in ("x", "lora_A", "lora_B", "magnitude")},
-        fixed={"weight": t["weight"], "bias": t["bias"], "scaling": 2.0}, grad=t["grad"])
+    return compare(device, dtype, op_fn, _doctor_reference, t, _TRAINABLE,
+                   {"weight": t["weight"], "bias": t["bias"], "scaling": 2.0})
 
 
 def _doctor_nf4(device, dtype):
-    from npu_ft import doctor
-
-    from .nf4 import dequantize_nf4, quantize_nf4
+    from ._doctor_rows import compare, nf4_base
 
     t = _doctor_inputs(7)
-    packed, state = quantize_nf4(t["weight"], blocksize=doctor._BLOCKSIZE, double_quant=True)
-    dense = dequantize_nf4(packed, state, torch.float32)
-    dev_packed, dev_state, wsq = packed.to(device), state.to(device), weight_sq_norm(dense).to(device)
+    _, _, dense, packed, state = nf4_base(t["weight"], device)
+    wsq = weight_sq_norm(dense).to(device)
 
     def ref_fn(x, lora_A, lora_B, magnitude, bias, scaling):
         return _doctor_reference(x, lora_A, lora_B, magnitude, dense, bias, scaling)
 
     def op_fn(x, lora_A, lora_B, magnitude, bias, scaling):
-        return dora_nf4_linear(x, dev_packed, dev_state, bias, lora_A, lora_B, magnitude, wsq, scaling)
+        return dora_nf4_linear(x, packed, state, bias, lora_A, lora_B, magnitude, wsq, scaling)
 
-    return doctor._compare_grads(
-        device, dtype, op_fn, ref_fn, trainable={k: t[k] for k in ("x", "lora_A", "lora_B", "magnitude")},
-        fixed={"bias": t["bias"], "scaling": 2.0}, grad=t["grad"])
+    return compare(device, dtype, op_fn, ref_fn, t, _TRAINABLE, {"bias": t["bias"], "scaling": 2.0})
 
 
 def doctor_checks(dtypes=(torch.float32, torch.bfloat16)) -> list:
     """``npu-ft doctor`` rows of the DoRA ops (forward + backward of ``dora_linear`` / ``dora_nf4_linear``
     on the device against fp32 torch on the CPU, norm detached): ``npu_ft.doctor.Check`` objects."""
-    from npu_ft import doctor
+    from ._doctor_rows import rows
 
-    w, x = "x".join(map(str, doctor._W_SHAPE)), "x".join(map(str, doctor._X_SHAPE))
-    checks = []
-    for dtype in dtypes:
-        checks += [
-            doctor.Check("dora_linear fwd+bwd", dtype, f"x {x} W {w} r{doctor._RANK}", _doctor_dense,
-                         ("dora_linear", "dora_linear_backward", "dora_weight_norm")),
-            doctor.Check("dora_nf4_linear fwd+bwd", dtype, f"x {x} W {w} r{doctor._RANK} dq", _doctor_nf4,
-                         ("dora_nf4_linear", "dora_nf4_linear_backward", "dora_weight_norm")),
-        ]
-    return checks
+    return rows(dtypes, ("dora_linear", _doctor_dense, ("dora_linear", "dora_linear_backward", "dora_weight_norm")),
+                ("dora_nf4_linear", _doctor_nf4, ("dora_nf4_linear", "dora_nf4_linear_backward", "dora_weight_norm")))

@@ -20,16 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, _registry
-from ._nf4_args import check_nf4_weight
-from .lora import (
-    _check_bias,
-    _check_lora,
-    _check_scaling,
-    _check_x,
-    lora_linear_reference,
-    nf4_linear_reference,
-)
+from . import _registry
+from ._weight_args import check_dense_lora_args, check_nf4_lora_args
+from .lora import _check_scaling, _dequantize, lora_linear_reference, nf4_linear_reference
 
 __all__ = [
     "lora_fa_linear",
@@ -121,7 +114,7 @@ def lora_fa_linear_backward_reference(grad_out, weight, lora_A, lora_B, h, scali
 def lora_fa_nf4_linear_backward_reference(grad_out, packed, absmax, blocksize, weight_shape, lora_A, lora_B, h,
                                           scaling, has_x_lora, output_mask):
     """Pure-torch ``npu_ft::lora_fa_nf4_linear_backward``; dequantizes W to dy's dtype."""
-    weight = torch.ops.npu_ft.nf4_dequantize(packed, absmax, blocksize, list(weight_shape), grad_out.dtype)
+    weight = _dequantize(packed, absmax, blocksize, weight_shape, grad_out.dtype)
     return _backward_reference(grad_out, weight, lora_A, lora_B, h, scaling, has_x_lora, output_mask)
 
 
@@ -201,17 +194,9 @@ def lora_fa_linear(
     Arguments and result as :func:`npu_ft.ops.lora.lora_linear`; ``lora_A`` must not require grad.
     Backward keeps ``h = x_lora @ lora_A.T`` ``[..., r]`` instead of x ``[..., in]``.
     """
-    _check_x(x)
-    _checks.check_tensor("weight", weight, (x.dtype,), ndim=2)
-    out_features, in_features = weight.shape
-    _checks.check_dim("x", x.shape[-1], in_features, "in_features (last dim, must equal weight's dim 1)")
-    _check_bias(bias, x, out_features)
-    _check_lora(x, lora_A, lora_B, x_lora, in_features, out_features, {"weight": weight, "bias": bias})
+    check_dense_lora_args(x, weight, bias, lora_A, lora_B, x_lora, "LoRA-FA")
     _check_frozen_a(lora_A)
     scaling = _check_scaling(scaling)
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError("weight: the base weight is frozen in LoRA and gets no gradient; "
-                         "call weight.requires_grad_(False)")
     y, _ = torch.ops.npu_ft.lora_fa_linear(x, weight, bias, lora_A, lora_B, scaling, x_lora)
     return y
 
@@ -229,12 +214,7 @@ def lora_fa_nf4_linear(
     """:func:`lora_fa_linear` over an NF4 base (``packed`` + ``state`` as in
     :func:`npu_ft.ops.lora.nf4_linear`, PEFT ``Linear4bit`` semantics); W is rebuilt in x's dtype
     inside the op and again in backward for dx."""
-    _check_x(x)
-    absmax, blocksize, shape = check_nf4_weight(x, packed, state)
-    out_features, in_features = shape
-    _check_bias(bias, x, out_features)
-    _check_lora(x, lora_A, lora_B, x_lora, in_features, out_features,
-                {"packed": packed, "state.absmax": absmax, "bias": bias})
+    absmax, blocksize, shape = check_nf4_lora_args(x, packed, state, bias, lora_A, lora_B, x_lora)
     _check_frozen_a(lora_A)
     scaling = _check_scaling(scaling)
     y, _ = torch.ops.npu_ft.lora_fa_nf4_linear(x, packed, absmax, blocksize, shape, bias, lora_A, lora_B, scaling,
@@ -250,6 +230,8 @@ def lora_fa_nf4_linear(
 def _doctor_dense(device, dtype):
     from npu_ft import doctor
 
+    from ._doctor_rows import compare
+
     t = doctor._linear_inputs(8)
     lora_A = t["lora_A"]
 
@@ -259,44 +241,32 @@ def _doctor_dense(device, dtype):
     def op_fn(x, lora_B, weight, bias, scaling):
         return lora_fa_linear(x, weight, bias, lora_A.to(device=x.device, dtype=x.dtype), lora_B, scaling)
 
-    return doctor._compare_grads(device, dtype, op_fn, ref_fn, trainable={"x": t["x"], "lora_B": t["lora_B"]},
-                                 fixed={"weight": t["weight"], "bias": t["bias"], "scaling": 2.0}, grad=t["grad"])
+    return compare(device, dtype, op_fn, ref_fn, t, ("x", "lora_B"),
+                   {"weight": t["weight"], "bias": t["bias"], "scaling": 2.0})
 
 
 def _doctor_nf4(device, dtype):
     from npu_ft import doctor
 
-    from .nf4 import quantize_nf4
+    from ._doctor_rows import compare, nf4_base
 
     t = doctor._linear_inputs(9)
     lora_A = t["lora_A"]
-    packed, state = quantize_nf4(t["weight"], blocksize=doctor._BLOCKSIZE, double_quant=True)
-    dev_packed, dev_state = packed.to(device), state.to(device)
+    _, _, dense, packed, state = nf4_base(t["weight"], device)
 
     def ref_fn(x, lora_B, bias, scaling):
-        return nf4_linear_reference(x, packed, state.absmax_fp32(), doctor._BLOCKSIZE, list(doctor._W_SHAPE), bias,
-                                    lora_A, lora_B, scaling, None)[0]
+        return lora_linear_reference(x, dense, bias, lora_A, lora_B, scaling, None)[0]
 
     def op_fn(x, lora_B, bias, scaling):
-        return lora_fa_nf4_linear(x, dev_packed, dev_state, bias, lora_A.to(device=x.device, dtype=x.dtype), lora_B,
-                                  scaling)
+        return lora_fa_nf4_linear(x, packed, state, bias, lora_A.to(device=x.device, dtype=x.dtype), lora_B, scaling)
 
-    return doctor._compare_grads(device, dtype, op_fn, ref_fn, trainable={"x": t["x"], "lora_B": t["lora_B"]},
-                                 fixed={"bias": t["bias"], "scaling": 2.0}, grad=t["grad"])
+    return compare(device, dtype, op_fn, ref_fn, t, ("x", "lora_B"), {"bias": t["bias"], "scaling": 2.0})
 
 
 def doctor_checks(dtypes=(torch.float32, torch.bfloat16)) -> list:
     """``npu-ft doctor`` rows of the LoRA-FA ops (forward + backward on the device, lora_A frozen,
     against fp32 torch on the CPU): ``npu_ft.doctor.Check`` objects."""
-    from npu_ft import doctor
+    from ._doctor_rows import rows
 
-    w, x = "x".join(map(str, doctor._W_SHAPE)), "x".join(map(str, doctor._X_SHAPE))
-    checks = []
-    for dtype in dtypes:
-        checks += [
-            doctor.Check("lora_fa_linear fwd+bwd", dtype, f"x {x} W {w} r{doctor._RANK}", _doctor_dense,
-                         ("lora_fa_linear", "lora_fa_linear_backward")),
-            doctor.Check("lora_fa_nf4_linear fwd+bwd", dtype, f"x {x} W {w} r{doctor._RANK} dq", _doctor_nf4,
-                         ("lora_fa_nf4_linear", "lora_fa_nf4_linear_backward")),
-        ]
-    return checks
+    return rows(dtypes, ("lora_fa_linear", _doctor_dense, ("lora_fa_linear", "lora_fa_linear_backward")),
+                ("lora_fa_nf4_linear", _doctor_nf4, ("lora_fa_nf4_linear", "lora_fa_nf4_linear_backward")))

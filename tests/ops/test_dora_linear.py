@@ -23,17 +23,9 @@ from npu_ft.ops import dora as D
 from npu_ft.ops.backends import _fused_methods as F
 
 from ._methods_helpers import DTYPE_PAIRS, SHAPES, close, method_args, nf4_args, saved_z, tol_dtype
+from .test_modules import _Wrap
 
 peft = pytest.importorskip("peft")
-
-
-class _Wrap(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x):
-        return self.proj(x)
 
 
 class _Wrap4bit(_Wrap):

@@ -18,17 +18,9 @@ from npu_ft.ops import lora_fa as FA
 from npu_ft.ops.backends import _fused_methods as F
 
 from ._methods_helpers import DTYPE_PAIRS, SHAPES, close, method_args, nf4_args, tol_dtype
+from .test_modules import _Wrap
 
 peft = pytest.importorskip("peft")
-
-
-class _Wrap(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x):
-        return self.proj(x)
 
 
 def _run(layer, x, gy, seed=5):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import npu_ft.ops
 from npu_ft.ops import _registry, kernel_calls, reset_kernel_calls
 from npu_ft.ops import dora as D
 from npu_ft.ops import lora as L
@@ -17,21 +16,11 @@ from npu_ft.ops import lora_fa as FA
 from tests.fake_npu.fixtures import fake_npu  # noqa: F401  (module-scoped fixture)
 
 from ._methods_helpers import close, method_args, nf4_args, saved_z, tol_dtype
+from .test_npu_backend import npu  # noqa: F401  (the fake npu, or a real one under the ascend marker)
 
 OPS = ("dora_weight_norm", "dora_linear", "dora_linear_backward", "dora_nf4_linear", "dora_nf4_linear_backward",
        "lora_fa_linear", "lora_fa_linear_backward", "lora_fa_nf4_linear", "lora_fa_nf4_linear_backward")
 PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)]
-
-
-@pytest.fixture(scope="module", params=["fake", pytest.param("ascend", marks=pytest.mark.ascend)])
-def npu(request):
-    if request.param == "fake":
-        return request.getfixturevalue("fake_npu")
-    from npu_ft.device import get_backend
-
-    device = get_backend("npu").torch_device(0)
-    npu_ft.ops.register_available_backends()
-    return device
 
 
 def _only_npu(*ops):

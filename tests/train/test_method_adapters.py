@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from npu_ft.config import build_config
-from npu_ft.model import model_from_config, tiny_config
 from npu_ft.modules.dora import DoraLinear
 from npu_ft.modules.inject import apply_adapter_method, apply_lora, get_lora_spec, merge_adapter, quantize_linears
 from npu_ft.modules.vera import VeraLinear, VeraSpec, apply_vera
@@ -24,40 +23,9 @@ from npu_ft.train.adapter_io import (
     save_pissa_init,
 )
 
-peft = pytest.importorskip("peft")
+from .test_inject_and_adapter import ids, logits, peft, peft_logits, perturb_trainable, tiny
 
-VOCAB = 256
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def tiny(arch="qwen2", seed=0):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return model_from_config(tiny_config(arch, vocab=VOCAB), seed=seed).eval()
-
-
-def ids(seed=0):
-    return torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def logits(model, x):
-    model.eval()
-    return model(x).logits
-
-
-@torch.no_grad()
-def perturb_trainable(model, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    for _, p in sorted(model.named_parameters()):
-        if p.requires_grad:
-            p.add_(0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-
-
-def peft_logits(base, adapter_dir, x):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)), x)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])

@@ -23,12 +23,9 @@ from typing import Any
 import torch
 
 from ..dora import returns_z
+from ..lora import _dequantize
 
 __all__ = ["KERNELS", "dora_weight_norm_fused"]
-
-
-def _dequantize(packed, absmax, blocksize, weight_shape, dtype):
-    return torch.ops.npu_ft.nf4_dequantize(packed, absmax, blocksize, list(weight_shape), dtype)
 
 
 def dora_weight_norm_fused(weight, weight_sq_norm, lora_A, lora_B, scaling):
