@@ -101,15 +101,19 @@ def _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, sc
         xl2 = x_lora.reshape(-1, in_features)
         xd2 = xl2.to(x.dtype)
     z, h = _lora_z(xd2, weight, lora_A, lora_B, scaling, xl2)
+    keep_z = returns_z(bias, x_lora)
     if z.dtype == torch.float32:
-        y = torch.addcmul(bias, z, g) if bias is not None else z * g
+        if bias is not None:
+            y = torch.addcmul(bias, z, g)
+        else:  # z is not returned without bias and dropout: scale it in place
+            y = z * g if keep_z else z.mul_(g)
     else:
         y = z.float() * g
         if bias is not None:
             y.add_(bias.float())
     if x_lora is not None:  # + x @ W.T - x_d @ W.T  (PEFT: the magnitude applies to the dropped input only)
         y.add_(torch.mm(x2, weight.t()).float()).sub_(torch.mm(xd2, weight.t()).float())
-    z_out = z.to(x.dtype).view(lead + (out_features,)) if returns_z(bias, x_lora) else x.new_empty(0)
+    z_out = z.to(x.dtype).view(lead + (out_features,)) if keep_z else x.new_empty(0)
     return y.to(x.dtype).view(lead + (out_features,)), h.view(lead + (lora_A.shape[0],)), z_out, norm
 
 
