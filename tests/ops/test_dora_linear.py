@@ -349,3 +349,22 @@ def test_doctor_rows_pass_on_cpu():
     assert [r.op for r in results[:2]] == ["dora_linear fwd+bwd", "dora_nf4_linear fwd+bwd"]
     for r in results:
         assert r.passed and r.kernel == "cpu", r
+
+
+def test_pissa_init_under_dora_matches_peft():
+    """DoRA + PiSSA: A, B and the residual base as PEFT's PiSSA, the magnitude from the residual + B@A."""
+    torch.manual_seed(0)
+    base = nn.Linear(40, 24)
+    torch.manual_seed(1)
+    peft_ref = peft.get_peft_model(_Wrap(copy.deepcopy(base)), peft.LoraConfig(
+        r=4, lora_alpha=9, use_dora=True, init_lora_weights="pissa", target_modules=["proj"])).base_model.model.proj
+    torch.manual_seed(1)
+    ours = DoraLinear(copy.deepcopy(base), 4, 9, init_lora_weights="pissa")
+    for got, want in ((ours.lora_A.weight, peft_ref.lora_A["default"].weight),
+                      (ours.lora_B.weight, peft_ref.lora_B["default"].weight),
+                      (ours.base_layer.weight, peft_ref.base_layer.weight),
+                      (ours.lora_magnitude_vector, peft_ref.lora_magnitude_vector["default"].weight)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), base(x), rtol=1e-4, atol=1e-5)  # PiSSA + DoRA leaves the layer as it was

@@ -178,3 +178,43 @@ def test_checkpointing_policies_give_the_same_gradients(method, policy):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_vera_over_an_nf4_base_matches_peft_over_bitsandbytes():
+    """QVeRA: VeraLinear(Nf4Linear) against PEFT's VeRA over bnb.nn.Linear4bit: output and gradients."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from torch import nn
+
+    from npu_ft.modules import Nf4Linear
+    from npu_ft.modules.vera import VeraProjections
+    from tests.ops.test_dora_linear import _Wrap4bit
+
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 80)  # rows hold whole blocks: bnb's native CPU kernel is exact then
+    q = bnb.nn.Linear4bit(128, 80, bias=True, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4", blocksize=64,
+                                 compress_statistics=True)
+    q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    q = q.to("cpu")  # quantizes
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft.get_peft_model(_Wrap4bit(q), peft.VeraConfig(r=16, target_modules=["proj"], projection_prng_key=5))
+    layer_ref = ref.base_model.model.proj
+    torch.manual_seed(1)
+    ours = VeraLinear(Nf4Linear.from_linear(lin), VeraProjections(16, 128, 80, 5), 16)
+    with torch.no_grad():
+        for mine, theirs in ((ours.vera_lambda_b, layer_ref.vera_lambda_b["default"]),
+                             (ours.vera_lambda_d, layer_ref.vera_lambda_d["default"])):
+            theirs.normal_()
+            mine.copy_(theirs)
+    x, gy = torch.randn(2, 5, 128), torch.randn(2, 5, 80)
+    out = []
+    for layer, b, d in ((ours, ours.vera_lambda_b, ours.vera_lambda_d),
+                        (layer_ref, layer_ref.vera_lambda_b["default"], layer_ref.vera_lambda_d["default"])):
+        xx = x.clone().requires_grad_(True)
+        y = layer(xx)
+        y.backward(gy)
+        out.append((y.detach(), xx.grad, b.grad, d.grad))
+    for name, got, want in zip(("y", "dx", "dlambda_b", "dlambda_d"), *out, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
