@@ -110,10 +110,6 @@ class LlamaFactoryCompat:
     kt_force_think: Any = _ignored(False, _INFERENCE, 'model')
 
     # -- method -----------------------------------------------------------------------------------------
-    use_dora: Any = _unsupported(False, 'Weight-decomposed LoRA (DoRA).', 'method')
-    pissa_init: Any = _unsupported(False, 'PiSSA adapter initialisation.', 'method')
-    pissa_iter: Any = _ignored(16, 'PiSSA FSVD iterations.', 'method')
-    pissa_convert: Any = _unsupported(False, 'Convert a PiSSA adapter to LoRA.', 'method')
     create_new_adapter: Any = _unsupported(False, 'New adapter on top of adapter_name_or_path.', 'method')
     freeze_trainable_layers: Any = _unsupported(2, 'Freeze tuning: trainable layers.', 'method')
     freeze_trainable_modules: Any = _unsupported('all', 'Freeze tuning: trainable modules.', 'method')

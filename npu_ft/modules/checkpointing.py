@@ -50,6 +50,9 @@ def saved_ops() -> list:
 
     ops = [torch.ops.npu_ft.lora_linear.default, torch.ops.npu_ft.nf4_linear.default,
            torch.ops.aten.mm.default, torch.ops.aten.addmm.default]
+    # the LoRA family's GEMM ops (DoRA, LoRA-FA, VeRA), and DoRA's weight norm (an [out, in] x [in, r] GEMM)
+    ops += [getattr(torch.ops.npu_ft, name).default for name in (
+        "dora_linear", "dora_nf4_linear", "dora_weight_norm", "lora_fa_linear", "lora_fa_nf4_linear")]
     for name in _ATTENTION_OPS:
         packet = getattr(torch.ops.aten, name, None)
         if packet is not None and hasattr(packet, "default"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 # isort: off
 # defining the ops: nf4 (NF4 / 8-bit blockwise) first, then lora (lora_linear, the fused nf4_linear),
-# then the decoder-block ops (rms_norm, rope, swiglu), then adamw8bit
+# then the fused loss, the decoder-block ops (rms_norm, rope, swiglu) and adamw8bit
 from . import nf4  # noqa: F401
 from . import lora  # noqa: F401
 from . import linear_cross_entropy  # noqa: F401
@@ -19,6 +19,9 @@ from . import rms_norm  # noqa: F401
 from . import rope  # noqa: F401
 from . import swiglu  # noqa: F401
 from . import adamw8bit  # noqa: F401  (the 8-bit AdamW step; uses the 8-bit blockwise ops)
+# the LoRA family built on them: DoRA (dora_linear, dora_nf4_linear) and LoRA-FA (frozen A)
+from . import dora  # noqa: F401
+from . import lora_fa  # noqa: F401
 # isort: on
 from . import _registry
 from ._registry import kernel_calls, reset_kernel_calls, tolerance
