@@ -377,7 +377,7 @@ void rms_norm_rows(const at::Tensor& x, const std::optional<at::Tensor>& residua
     float* ps = rstd.data_ptr<float>();
     const float e = static_cast<float>(eps);
     const bool simd = has_avx2();
-    at::parallel_for(0, rows, std::max<i64>(1, kValuesPerTask / H), [&](i64 r0, i64 r1) {
+    at::parallel_for(0, rows, std::max<i64>(1, kTaskValues / H), [&](i64 r0, i64 r1) {
         std::vector<float> hf(H);
         for (i64 r = r0; r < r1; ++r) {
             const T* rr = pr ? pr + r * H : nullptr;
@@ -409,7 +409,7 @@ void rms_norm_backward_rows(const at::Tensor& grad_y, const std::optional<at::Te
     const i64 chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
     if (pdw) std::fill(pdw, pdw + chunks * H, 0.0f);
     const bool simd = has_avx2();
-    const i64 grain = std::max<i64>(1, kValuesPerTask / (H * kRowsPerChunk));
+    const i64 grain = std::max<i64>(1, kTaskValues / (H * kRowsPerChunk));
     at::parallel_for(0, chunks, grain, [&](i64 c0, i64 c1) {
         for (i64 c = c0; c < c1; ++c) {
             const i64 end = std::min(rows, (c + 1) * kRowsPerChunk);
@@ -498,7 +498,7 @@ void rope_rows(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin
     T* po = static_cast<T*>(out.data_ptr());
     const i64 sxb = x.stride(0), sxh = x.stride(1), sxs = x.stride(2);
     const i64 sob = out.stride(0), soh = out.stride(1), sos = out.stride(2);
-    at::parallel_for(0, B * S, std::max<i64>(1, kValuesPerTask / (D * heads)), [&](i64 r0, i64 r1) {
+    at::parallel_for(0, B * S, std::max<i64>(1, kTaskValues / (D * heads)), [&](i64 r0, i64 r1) {
         for (i64 r = r0; r < r1; ++r) {
             const i64 b = r / S, t = r % S;
             const i64 cs = ((shared ? 0 : b) * S + t) * D;
@@ -561,7 +561,7 @@ void swiglu(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out)
         const T* pu = static_cast<const T*>(up.data_ptr());
         T* po = static_cast<T*>(out.data_ptr());
         const bool simd = has_avx2();
-        at::parallel_for(0, n, kValuesPerTask, [&](i64 i0, i64 i1) {
+        at::parallel_for(0, n, kTaskValues, [&](i64 i0, i64 i1) {
 #ifdef NPU_FT_X86
             if (simd) return swiglu_range_avx2<T>(pg, pu, po, i0, i1);
 #endif
@@ -585,7 +585,7 @@ void swiglu_backward(const at::Tensor& grad, const at::Tensor& gate, const at::T
         T* pdg = dgate.numel() ? static_cast<T*>(dgate.data_ptr()) : nullptr;
         T* pdu = dup.numel() ? static_cast<T*>(dup.data_ptr()) : nullptr;
         const bool simd = has_avx2();
-        at::parallel_for(0, n, kValuesPerTask, [&](i64 i0, i64 i1) {
+        at::parallel_for(0, n, kTaskValues, [&](i64 i0, i64 i1) {
 #ifdef NPU_FT_X86
             if (simd) return swiglu_backward_range_avx2<T>(pdy, pg, pu, pdg, pdu, i0, i1);
 #endif
