@@ -253,7 +253,7 @@ def _swiglu(device, dtype):
 
 
 def build_checks(dtypes=(torch.float32, torch.bfloat16)) -> list[Check]:
-    from npu_ft.ops import adamw8bit
+    from npu_ft.ops import adamw8bit, dora, lora_fa
 
     shape_w, shape_x = "x".join(map(str, _W_SHAPE)), "x".join(map(str, _X_SHAPE))
     checks = []
@@ -303,6 +303,7 @@ def build_checks(dtypes=(torch.float32, torch.bfloat16)) -> list[Check]:
             ),
         ]
         checks += [Check(**spec) for spec in adamw8bit.doctor_checks((dtype,))]
+        checks += dora.doctor_checks((dtype,)) + lora_fa.doctor_checks((dtype,))
     return checks
 
 

@@ -21,7 +21,8 @@ def test_doctor_passes_on_cpu_and_reports_kernels(tmp_path, capsys):
     ops = {op for op, _ in rows}
     assert ops == {"nf4_quantize", "nf4_dequantize", "blockwise_8bit", "lora_linear fwd+bwd", "nf4_linear fwd+bwd",
                    "rms_norm+residual fwd+bwd", "rope fwd+bwd", "swiglu fwd+bwd", "linear_cross_entropy fwd+bwd",
-                   "adamw8bit_update x3"}
+                   "adamw8bit_update x3", "dora_linear fwd+bwd", "dora_nf4_linear fwd+bwd",
+                   "lora_fa_linear fwd+bwd", "lora_fa_nf4_linear fwd+bwd"}
     assert {dtype for _, dtype in rows} == {"fp32", "bf16"}
     # the CPU backend registers its own lora kernels: the doctor must say they served the call
     assert rows[("lora_linear fwd+bwd", "fp32")]["kernel"] == "cpu"

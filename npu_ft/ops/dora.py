@@ -40,8 +40,9 @@ from __future__ import annotations
 import torch
 
 from . import _checks, _registry
+from ._lora_fused import dequantize_weight
 from ._weight_args import check_dense_lora_args, check_nf4_lora_args
-from .lora import _check_scaling, _dequantize
+from .lora import _check_scaling
 
 __all__ = [
     "dora_linear",
@@ -217,14 +218,14 @@ def dora_linear_backward_reference(grad_out, x, weight, lora_A, lora_B, magnitud
 def dora_nf4_linear_reference(x, packed, absmax, blocksize, weight_shape, bias, lora_A, lora_B, magnitude,
                               weight_sq_norm, scaling, x_lora):
     """Pure-torch ``npu_ft::dora_nf4_linear``: W dequantized to x's dtype, then as :func:`dora_linear_reference`."""
-    weight = _dequantize(packed, absmax, blocksize, weight_shape, x.dtype)
+    weight = dequantize_weight(packed, absmax, blocksize, weight_shape, x.dtype)
     return _forward_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora)
 
 
 def dora_nf4_linear_backward_reference(grad_out, x, packed, absmax, blocksize, weight_shape, lora_A, lora_B,
                                        magnitude, h, z, norm, scaling, x_lora, has_x_lora, z_is_y, output_mask):
     """Pure-torch ``npu_ft::dora_nf4_linear_backward``."""
-    weight = _dequantize(packed, absmax, blocksize, weight_shape, grad_out.dtype)
+    weight = dequantize_weight(packed, absmax, blocksize, weight_shape, grad_out.dtype)
     return _backward_reference(grad_out, x, weight, lora_A, lora_B, magnitude, h, z, norm, scaling, x_lora,
                                has_x_lora, z_is_y, output_mask)
 

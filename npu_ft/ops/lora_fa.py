@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 
 from . import _registry
+from ._lora_fused import dequantize_weight
 from ._weight_args import check_dense_lora_args, check_nf4_lora_args
-from .lora import _check_scaling, _dequantize, lora_linear_reference, nf4_linear_reference
+from .lora import _check_scaling, lora_linear_reference, nf4_linear_reference
 
 __all__ = [
     "lora_fa_linear",
@@ -114,7 +115,7 @@ def lora_fa_linear_backward_reference(grad_out, weight, lora_A, lora_B, h, scali
 def lora_fa_nf4_linear_backward_reference(grad_out, packed, absmax, blocksize, weight_shape, lora_A, lora_B, h,
                                           scaling, has_x_lora, output_mask):
     """Pure-torch ``npu_ft::lora_fa_nf4_linear_backward``; dequantizes W to dy's dtype."""
-    weight = _dequantize(packed, absmax, blocksize, weight_shape, grad_out.dtype)
+    weight = dequantize_weight(packed, absmax, blocksize, weight_shape, grad_out.dtype)
     return _backward_reference(grad_out, weight, lora_A, lora_B, h, scaling, has_x_lora, output_mask)
 
 

@@ -17,13 +17,11 @@ base, fp32 adapters) the DoRA epilogue runs in fp32 and rounds once, as the refe
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 
+from .. import _registry
+from .._lora_fused import dequantize_weight
 from ..dora import returns_z
-from ..lora import _dequantize
 
 __all__ = ["KERNELS", "dora_weight_norm_fused"]
 
@@ -167,13 +165,16 @@ def dora_linear_backward_fused(grad_out, x, weight, lora_A, lora_B, magnitude, h
 
 def dora_nf4_linear_fused(x, packed, absmax, blocksize, weight_shape, bias, lora_A, lora_B, magnitude,
                           weight_sq_norm, scaling, x_lora):
-    weight = _dequantize(packed, absmax, blocksize, weight_shape, x.dtype)
+    weight = dequantize_weight(packed, absmax, blocksize, weight_shape, x.dtype)
     return _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, x_lora)
 
 
 def dora_nf4_linear_backward_fused(grad_out, x, packed, absmax, blocksize, weight_shape, lora_A, lora_B, magnitude,
                                    h, z, norm, scaling, x_lora, has_x_lora, z_is_y, output_mask):
-    return _dora_backward(grad_out, x, lambda: _dequantize(packed, absmax, blocksize, weight_shape, grad_out.dtype),
+    def weight():
+        return dequantize_weight(packed, absmax, blocksize, weight_shape, grad_out.dtype)
+
+    return _dora_backward(grad_out, x, weight,
                           int(weight_shape[1]), lora_A, lora_B, magnitude, h, z, norm, scaling, x_lora, has_x_lora,
                           z_is_y, output_mask)
 
@@ -220,17 +221,20 @@ def lora_fa_linear_backward_fused(grad_out, weight, lora_A, lora_B, h, scaling, 
 
 
 def lora_fa_nf4_linear_fused(x, packed, absmax, blocksize, weight_shape, bias, lora_A, lora_B, scaling, x_lora):
-    weight = _dequantize(packed, absmax, blocksize, weight_shape, x.dtype)
+    weight = dequantize_weight(packed, absmax, blocksize, weight_shape, x.dtype)
     return _lora_fa_forward(x, weight, bias, lora_A, lora_B, scaling, x_lora, cast_branch_first=True)
 
 
 def lora_fa_nf4_linear_backward_fused(grad_out, packed, absmax, blocksize, weight_shape, lora_A, lora_B, h, scaling,
                                       has_x_lora, output_mask):
-    return _lora_fa_backward(grad_out, lambda: _dequantize(packed, absmax, blocksize, weight_shape, grad_out.dtype),
+    def weight():
+        return dequantize_weight(packed, absmax, blocksize, weight_shape, grad_out.dtype)
+
+    return _lora_fa_backward(grad_out, weight,
                              int(weight_shape[1]), lora_A, lora_B, h, scaling, has_x_lora, output_mask)
 
 
-KERNELS: dict[str, Callable[..., Any]] = {
+KERNELS: _registry.KernelTable = {
     "dora_weight_norm": dora_weight_norm_fused,
     "dora_linear": dora_linear_fused,
     "dora_linear_backward": dora_linear_backward_fused,

@@ -4,11 +4,6 @@ matrix), registered on the CPU key."""
 
 from __future__ import annotations
 
-from ... import _registry
 from .._fused_methods import KERNELS
 
-__all__ = ["register"]
-
-
-def register() -> list[str]:
-    return _registry.register_kernels("cpu", KERNELS)
+__all__ = ["KERNELS"]

@@ -17,9 +17,6 @@ its forward is the LoRA forward, its backward the dual GEMM ``dy @ W + dh @ A`` 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 import triton
 import triton.language as tl
@@ -28,7 +25,6 @@ from npu_ft.ops import _registry
 from npu_ft.ops.dora import returns_z
 
 from . import lora as _lora
-from . import nf4 as _nf4
 from ._common import interpreting, needs_bf16_rounding, round_to_bf16_rne
 
 
@@ -139,10 +135,6 @@ def dora_grad(gy: torch.Tensor, z: torch.Tensor, g: torch.Tensor) -> tuple[torch
 # ----------------------------------------------------------------------------------------------
 
 
-def _dequantize(packed, absmax, blocksize, weight_shape, dtype):
-    return _nf4.nf4_dequantize(packed, absmax, blocksize, [int(s) for s in weight_shape], dtype)
-
-
 def dora_weight_norm(weight, weight_sq_norm, lora_A, lora_B, scaling):
     """CUDA ``npu_ft::dora_weight_norm``: cuBLAS ``W @ A.T`` and ``B @ A @ A.T``, then :func:`dora_row_norm`."""
     wa = torch.mm(weight, lora_A.to(weight.dtype).t()).float()
@@ -217,14 +209,17 @@ def dora_linear_backward(grad_out, x, weight, lora_A, lora_B, magnitude, h, z, n
 def dora_nf4_linear(x, packed, absmax, blocksize, weight_shape, bias, lora_A, lora_B, magnitude, weight_sq_norm,
                     scaling, x_lora):
     """CUDA ``npu_ft::dora_nf4_linear``: Triton NF4 dequantize to x's dtype, then the dense kernel."""
-    weight = _dequantize(packed, absmax, blocksize, weight_shape, x.dtype)
+    weight = _lora._dequantize(packed, absmax, blocksize, weight_shape, x.dtype)
     return _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, x_lora)
 
 
 def dora_nf4_linear_backward(grad_out, x, packed, absmax, blocksize, weight_shape, lora_A, lora_B, magnitude, h, z,
                              norm, scaling, x_lora, has_x_lora, z_is_y, output_mask):
     """CUDA ``npu_ft::dora_nf4_linear_backward``; dequantizes W again, only when dx is needed."""
-    return _dora_backward(grad_out, x, lambda: _dequantize(packed, absmax, blocksize, weight_shape, grad_out.dtype),
+    def weight():
+        return _lora._dequantize(packed, absmax, blocksize, weight_shape, grad_out.dtype)
+
+    return _dora_backward(grad_out, x, weight,
                           int(weight_shape[1]), lora_A, lora_B, magnitude, h, z, norm, scaling, x_lora, has_x_lora,
                           z_is_y, output_mask)
 
@@ -259,11 +254,14 @@ def lora_fa_linear_backward(grad_out, weight, lora_A, lora_B, h, scaling, has_x_
 def lora_fa_nf4_linear_backward(grad_out, packed, absmax, blocksize, weight_shape, lora_A, lora_B, h, scaling,
                                 has_x_lora, output_mask):
     """CUDA ``npu_ft::lora_fa_nf4_linear_backward``; dequantizes W only when dx is needed."""
-    return _lora_fa_backward(grad_out, lambda: _dequantize(packed, absmax, blocksize, weight_shape, grad_out.dtype),
+    def weight():
+        return _lora._dequantize(packed, absmax, blocksize, weight_shape, grad_out.dtype)
+
+    return _lora_fa_backward(grad_out, weight,
                              int(weight_shape[1]), lora_A, lora_B, h, scaling, has_x_lora, output_mask)
 
 
-KERNELS: dict[str, Callable[..., Any]] = {
+KERNELS: _registry.KernelTable = {
     "dora_weight_norm": dora_weight_norm,
     "dora_linear": dora_linear,
     "dora_linear_backward": dora_linear_backward,
@@ -276,36 +274,15 @@ KERNELS: dict[str, Callable[..., Any]] = {
 }
 
 
-def register() -> list[str]:
-    """Register the kernels above as the CUDA kernels of the ops that exist; returns their names."""
-    return _registry.register_kernels("cuda", KERNELS)
-
-
-def compile_for_target(arch: int = 90) -> list[str]:
-    """Compile the three DoRA kernels for ``sm_<arch>`` without a GPU (as :mod:`._aot` does for the
-    other kernels); run with ``TRITON_INTERPRET`` unset. Returns one line per kernel."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from ._aot import _signature
-
-    if interpreting():
-        raise RuntimeError("unset TRITON_INTERPRET to compile for a GPU target")
-    target = GPUTarget("cuda", arch, 32)
-    done = []
+def compile_for_target(build) -> None:
+    """Compile the three DoRA kernels for a GPU target (``_aot``'s ``build(fn, label, types, constexprs)``)."""
     fp32, bf16 = "*fp32", "*bf16"
-    for fn, label, types, constexprs in (
-        (_dora_row_norm_kernel, "dora_row_norm",
-         {"wa_ptr": fp32, "bg_ptr": fp32, "b_ptr": fp32, "wsq_ptr": fp32, "out_ptr": fp32, "OUT": "i32", "R": "i32",
-          "two_s": "fp32", "s_sq": "fp32"}, {"BLOCK_O": 64, "BLOCK_R": 16}),
-        (_dora_scale_kernel, "dora_scale bf16",
-         {"z_ptr": bf16, "g_ptr": fp32, "bias_ptr": bf16, "y_ptr": bf16, "M": "i32", "N": "i32"},
-         {"HAS_BIAS": True, "RNE_BF16": False, "BLOCK_M": 64, "BLOCK_N": 128}),
-        (_dora_grad_kernel, "dora_grad bf16",
-         {"gy_ptr": bf16, "z_ptr": bf16, "g_ptr": fp32, "gz_ptr": bf16, "part_ptr": fp32, "M": "i32", "N": "i32"},
-         {"RNE_BF16": False, "BLOCK_M": 64, "BLOCK_N": 128}),
-    ):
-        src = ASTSource(fn=fn, signature=_signature(fn, types, constexprs), constexprs=constexprs)
-        kernel = triton.compile(src, target=target)
-        done.append(f"{label} (shared {kernel.metadata.shared} B)")
-    return done
+    build(_dora_row_norm_kernel, "dora_row_norm",
+          {"wa_ptr": fp32, "bg_ptr": fp32, "b_ptr": fp32, "wsq_ptr": fp32, "out_ptr": fp32, "OUT": "i32", "R": "i32",
+           "two_s": "fp32", "s_sq": "fp32"}, {"BLOCK_O": 64, "BLOCK_R": 16})
+    build(_dora_scale_kernel, "dora_scale bf16",
+          {"z_ptr": bf16, "g_ptr": fp32, "bias_ptr": bf16, "y_ptr": bf16, "M": "i32", "N": "i32"},
+          {"HAS_BIAS": True, "RNE_BF16": False, "BLOCK_M": 64, "BLOCK_N": 128})
+    build(_dora_grad_kernel, "dora_grad bf16",
+          {"gy_ptr": bf16, "z_ptr": bf16, "g_ptr": fp32, "gz_ptr": bf16, "part_ptr": fp32, "M": "i32", "N": "i32"},
+          {"RNE_BF16": False, "BLOCK_M": 64, "BLOCK_N": 128})

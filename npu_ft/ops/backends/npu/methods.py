@@ -13,11 +13,6 @@ Verified on the test suite's fake npu device against the reference; on real Asce
 
 from __future__ import annotations
 
-from ... import _registry
 from .._fused_methods import KERNELS
 
-__all__ = ["register"]
-
-
-def register() -> list[str]:
-    return _registry.register_kernels("npu", KERNELS)
+__all__ = ["KERNELS"]
