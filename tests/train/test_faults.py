@@ -16,9 +16,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from npu_ft.config import load_config
 from npu_ft.train.callbacks import NonFiniteLossError
 from npu_ft.train.cli import train_main
-from npu_ft.config import load_config
 from npu_ft.train.run import run_sft
 
 from ._sft_helpers import base_recipe, read_log, tiny_model_dir, write_dataset, write_recipe

@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from npu_ft.config import load_config
 from npu_ft.train.checkpoint import CheckpointError, atomic_publish, latest_checkpoint, resolve_resume
 from npu_ft.train.cli import train_main
-from npu_ft.config import load_config
 from npu_ft.train.run import TrainingError, run_sft
 
 from ._sft_helpers import base_recipe, read_log, step_losses, tiny_model_dir, write_dataset, write_recipe
