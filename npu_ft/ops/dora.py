@@ -41,8 +41,7 @@ import torch
 
 from . import _checks, _registry
 from ._lora_fused import dequantize_weight
-from ._weight_args import check_dense_lora_args, check_nf4_lora_args
-from .lora import _check_scaling
+from ._weight_args import check_dense_lora_args, check_nf4_lora_args, check_scaling
 
 __all__ = [
     "dora_linear",
@@ -353,7 +352,7 @@ def dora_linear(
     """
     out_features, _ = check_dense_lora_args(x, weight, bias, lora_A, lora_B, x_lora, "DoRA")
     _check_dora(x, lora_A, magnitude, weight_sq_norm, out_features)
-    scaling = _check_scaling(scaling)
+    scaling = check_scaling(scaling)
     y, _, _, _ = torch.ops.npu_ft.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling,
                                               x_lora)
     return y
@@ -376,7 +375,7 @@ def dora_nf4_linear(
     ``weight_sq_norm`` is ``||W_i||^2`` of the dequantized weight."""
     absmax, blocksize, shape = check_nf4_lora_args(x, packed, state, bias, lora_A, lora_B, x_lora)
     _check_dora(x, lora_A, magnitude, weight_sq_norm, shape[0])
-    scaling = _check_scaling(scaling)
+    scaling = check_scaling(scaling)
     y, _, _, _ = torch.ops.npu_ft.dora_nf4_linear(x, packed, absmax, blocksize, shape, bias, lora_A, lora_B, magnitude,
                                                   weight_sq_norm, scaling, x_lora)
     return y

@@ -22,8 +22,8 @@ import torch
 
 from . import _registry
 from ._lora_fused import dequantize_weight
-from ._weight_args import check_dense_lora_args, check_nf4_lora_args
-from .lora import _check_scaling, lora_linear_reference, nf4_linear_reference
+from ._weight_args import check_dense_lora_args, check_nf4_lora_args, check_scaling
+from .lora import lora_linear_reference, nf4_linear_reference
 
 __all__ = [
     "lora_fa_linear",
@@ -197,7 +197,7 @@ def lora_fa_linear(
     """
     check_dense_lora_args(x, weight, bias, lora_A, lora_B, x_lora, "LoRA-FA")
     _check_frozen_a(lora_A)
-    scaling = _check_scaling(scaling)
+    scaling = check_scaling(scaling)
     y, _ = torch.ops.npu_ft.lora_fa_linear(x, weight, bias, lora_A, lora_B, scaling, x_lora)
     return y
 
@@ -217,7 +217,7 @@ def lora_fa_nf4_linear(
     inside the op and again in backward for dx."""
     absmax, blocksize, shape = check_nf4_lora_args(x, packed, state, bias, lora_A, lora_B, x_lora)
     _check_frozen_a(lora_A)
-    scaling = _check_scaling(scaling)
+    scaling = check_scaling(scaling)
     y, _ = torch.ops.npu_ft.lora_fa_nf4_linear(x, packed, absmax, blocksize, shape, bias, lora_A, lora_B, scaling,
                                                 x_lora)
     return y
