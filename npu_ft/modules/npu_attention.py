@@ -2,7 +2,7 @@
 
 On an ``npu`` device, ``flash_attn: auto`` (the default) or ``fa2`` selects transformers'
 ``flash_attention_2``, which transformers routes on Ascend to its torch_npu integration
-(``transformers.integrations.npu_flash_attention``: ``torch_npu.npu_fusion_attention``, no
+(``transformers.integrations.npu_flash_attention``: torch_npu's ``npu_fusion_attention``, no
 flash-attn package needed). Packed sequences (``neat_packing``) then take its **varlen** path
 ("TND" layout, cumulative sequence lengths) instead of a dense ``[batch, 1, seq, seq]`` mask,
 which needs the batch flattened into one row with restarted position ids

@@ -17,7 +17,7 @@ backward pass (transformers' module chain keeps its input, its fp32 copy for bf1
 normalised tensor when the weight is trainable and 1/rms per row).
 
 Kernels: the pure-torch reference here (any device), the cpu kernel (native C++, AVX2 where the
-CPU has it), cuda (Triton) and npu (``torch_npu.npu_rms_norm`` for the plain norm). The oracle the
+CPU has it), cuda (Triton) and npu (torch_npu's ``npu_rms_norm`` for the plain norm). The oracle the
 tests and ``npu-ft doctor`` compare against is :func:`rms_norm_oracle`: transformers' formula
 written plainly, differentiated by torch autograd.
 """

@@ -18,7 +18,7 @@ one). Computation is in float32 with one rounding per output, so bf16 results ar
 accurate as transformers' three roundings.
 
 Kernels: the pure-torch reference here, cpu (native C++), cuda (Triton), npu
-(``torch_npu.npu_rotary_mul`` on the [B, S, H, D] view). Oracle: :func:`rope_oracle`
+(torch_npu's ``npu_rotary_mul`` on the [B, S, H, D] view). Oracle: :func:`rope_oracle`
 (transformers' formula, autograd).
 """
 

@@ -14,7 +14,7 @@ recomputes the sigmoid there; transformers' ``act_fn(gate) * up`` also keeps the
 tensor ``silu(gate)``. Computation is in float32 with one rounding per output.
 
 Kernels: the pure-torch reference here, cpu (native C++, AVX2 where present), cuda (Triton), npu
-(``torch_npu.npu_swiglu`` on ``cat(gate, up)``). Oracle: :func:`swiglu_oracle`
+(torch_npu's ``npu_swiglu`` on ``cat(gate, up)``). Oracle: :func:`swiglu_oracle`
 (``F.silu(gate) * up``, autograd).
 """
 

@@ -45,13 +45,13 @@ from ... import swiglu as _swiglu
 
 __all__ = ["KERNELS"]
 
-#: device names (torch.npu.get_device_name) without the SwiGlu kernel (torch_npu documents it for
+#: device names (the npu backend's device_name()) without the SwiGlu kernel (torch_npu documents it for
 #: Atlas A2/A3 training products only)
 _NO_SWIGLU = ("Ascend910A", "Ascend910ProA", "Ascend910PremiumA", "Ascend910ProB", "Ascend310")
 
 
 def _torch_npu_op(name: str):
-    """``torch_npu.<name>`` if torch_npu is imported and has it, else None."""
+    """torch_npu's ``<name>`` if torch_npu is imported and has it, else None."""
     module = sys.modules.get("torch_npu")
     return getattr(module, name, None) if module is not None else None
 
@@ -105,17 +105,16 @@ def rope_backward_npu(grad_q, grad_k, cos, sin):
     return _rope_pair(grad_q, grad_k, cos, sin, transpose=True)
 
 
-def _has_swiglu_kernel(device: torch.device) -> bool:
-    try:
-        name = str(torch.npu.get_device_name(device.index or 0))  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - no name: assume a current chip
-        return True
-    return not name.startswith(_NO_SWIGLU)
+def _has_swiglu_kernel() -> bool:
+    """Whether this chip has the SwiGlu kernel (a chip whose name is unknown is assumed to have it)."""
+    from npu_ft.device import all_backends
+
+    return not all_backends()["npu"].device_name().startswith(_NO_SWIGLU)
 
 
 def swiglu_npu(gate, up):
     npu_swiglu = _torch_npu_op("npu_swiglu")
-    if npu_swiglu is None or gate.numel() == 0 or not _has_swiglu_kernel(gate.device):
+    if npu_swiglu is None or gate.numel() == 0 or not _has_swiglu_kernel():
         return _swiglu.swiglu_reference(gate, up)
     return npu_swiglu(torch.cat((gate, up), dim=-1), dim=-1)
 

@@ -1,4 +1,4 @@
-"""npu kernels of the LoRA-family ops (``dora_*``, ``lora_fa_*``), Ascend via torch_npu.
+"""npu kernels of the LoRA-family ops (``dora_*``, ``lora_fa_*``) on Ascend, through torch_npu:
 
 The kernels of :mod:`npu_ft.ops.backends._fused_methods` are plain torch calls that torch_npu lowers
 to aclnn: every GEMM is one ``aclnnMm`` / ``aclnnAddmm`` on 2-D operands (the cube unit), the frozen
