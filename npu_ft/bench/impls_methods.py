@@ -41,8 +41,7 @@ def _vera_r(case) -> int:
 
 def _npu_ft(case, base_model_factory, device: torch.device, *, align: bool, **method: Any) -> impls.Prepared:
     from npu_ft.modules.fused_loss import enable_fused_cross_entropy
-    from npu_ft.modules.inject import apply_lora, quantize_linears
-    from npu_ft.modules.vera import apply_vera
+    from npu_ft.modules.inject import apply_lora, apply_vera, quantize_linears
 
     torch.manual_seed(case.seed)
     model = base_model_factory()

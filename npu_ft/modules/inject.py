@@ -36,13 +36,14 @@ from torch import nn
 from .dora import DoraLinear
 from .lora import LoraLinear
 from .nf4 import Nf4Linear
-from .vera import PROJECTIONS_ATTR, VeraLinear, VeraSpec, apply_vera
+from .vera import PROJECTIONS_ATTR, VeraLinear, VeraProjections, VeraSpec
 
 __all__ = [
     "LoraSpec",
     "apply_adapter_method",
     "apply_lora",
     "apply_qlora",
+    "apply_vera",
     "check_rank",
     "find_target_linear_names",
     "get_lora_spec",
@@ -364,6 +365,44 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     return model
 
 
+def apply_vera(model: nn.Module, targets: str | Sequence[str] = "all", r: int = 256, d_initial: float = 0.1,
+               projection_prng_key: int = 0, save_projection: bool = True, dropout: float = 0.0,
+               additional_target: str | Sequence[str] | None = None, upcast_trainable: bool = True) -> nn.Module:
+    """Wrap target linear layers in :class:`VeraLinear` (in place), as ``peft.get_peft_model`` with a
+    ``VeraConfig`` does; everything else is frozen but the ``additional_target`` modules (trained
+    copies, PEFT ``modules_to_save``). Returns ``model``; ``model.npu_ft_lora`` is a :class:`VeraSpec`."""
+    if get_lora_spec(model) is not None:
+        raise ValueError("this model already has adapters (apply_lora / apply_vera was called before)")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r: must be a positive integer, got {r!r}")
+    saved = _split(additional_target)
+    target_names = find_target_linear_names(model, targets)
+    saved_full = _modules_to_save_names(model, saved)
+    chosen = [(name, module) for name, module in model.named_modules()
+              if name and _is_linear(module) and _matches_target(name, target_names)
+              and not _excluded_by_modules_to_save(name, saved)]
+    if not chosen:
+        raise ValueError(f"lora_target {target_names} matched no linear layer")
+    projections = VeraProjections(r, max(m.in_features for _, m in chosen), max(m.out_features for _, m in chosen),
+                                  projection_prng_key)
+    first = chosen[0][1]
+    projections.to(first.packed.device if isinstance(first, Nf4Linear) else first.weight.device)
+    model.requires_grad_(False)
+    model.add_module(PROJECTIONS_ATTR, projections)
+    for name, module in chosen:
+        _set_submodule(model, name, VeraLinear(module, projections, r, d_initial, dropout))
+    _train_modules_to_save(model, saved_full)
+    if upcast_trainable:
+        _upcast_trainable(model)
+    spec = VeraSpec(r=r, d_initial=float(d_initial), projection_prng_key=int(projection_prng_key),
+                    save_projection=bool(save_projection), vera_dropout=float(dropout),
+                    target_modules=list(target_names), modules_to_save=saved,
+                    quantized=any(isinstance(m, Nf4Linear) for _, m in chosen),
+                    vera_module_names=[n for n, _ in chosen], saved_module_names=saved_full)
+    object.__setattr__(model, SPEC_ATTR, spec)
+    return model
+
+
 def _pissa_init_value(pissa_init: bool, pissa_iter: int) -> bool | str:
     """LLaMA-Factory's mapping: pissa_iter -1 -> exact SVD ("pissa"), else "pissa_niter_<iter>"."""
     if not pissa_init:
@@ -378,7 +417,7 @@ def apply_adapter_method(model: nn.Module, cfg: Any, device: torch.device | str 
     ``finetuning_type: lora`` -> :func:`apply_lora` with ``use_dora``, ``lora_fa``, ``pissa_init`` /
     ``pissa_iter``, ``use_rslora``; ``quantization_bit: 4`` quantizes the linear layers to NF4 first
     (QLoRA / QDoRA; on ``device`` when given: the codes are the same on any device).
-    ``finetuning_type: vera`` -> :func:`~npu_ft.modules.vera.apply_vera` with the ``vera_*`` keys
+    ``finetuning_type: vera`` -> :func:`apply_vera` with the ``vera_*`` keys
     (``lora_target``, ``lora_dropout`` and ``additional_target`` as for LoRA). ``cfg`` is an
     :class:`~npu_ft.config.SftConfig` (or anything with those attributes). Bad values raise
     ``ValueError`` starting with the key's name.

@@ -18,7 +18,6 @@ vectors come from ``dB_eff`` (``[out, r]`` work).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -28,7 +27,7 @@ from npu_ft.ops import lora_fa as _lora_fa_ops
 
 from .nf4 import Nf4Linear
 
-__all__ = ["VeraLinear", "VeraProjections", "VeraSpec", "apply_vera", "vera_modules"]
+__all__ = ["PROJECTIONS_ATTR", "VeraLinear", "VeraProjections", "VeraSpec", "vera_modules"]
 
 PROJECTIONS_ATTR = "npu_ft_vera_projections"
 
@@ -161,43 +160,3 @@ class VeraLinear(nn.Module):
 def vera_modules(model: nn.Module) -> dict[str, VeraLinear]:
     """``{full name: VeraLinear}`` in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, VeraLinear)}
-
-
-def apply_vera(model: nn.Module, targets: str | Sequence[str] = "all", r: int = 256, d_initial: float = 0.1,
-               projection_prng_key: int = 0, save_projection: bool = True, dropout: float = 0.0,
-               additional_target: str | Sequence[str] | None = None, upcast_trainable: bool = True) -> nn.Module:
-    """Wrap target linear layers in :class:`VeraLinear` (in place), as ``peft.get_peft_model`` with a
-    ``VeraConfig`` does; everything else is frozen but the ``additional_target`` modules (trained
-    copies, PEFT ``modules_to_save``). Returns ``model``; ``model.npu_ft_lora`` is a :class:`VeraSpec`."""
-    from . import inject
-
-    if inject.get_lora_spec(model) is not None:
-        raise ValueError("this model already has adapters (apply_lora / apply_vera was called before)")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r: must be a positive integer, got {r!r}")
-    saved = inject._split(additional_target)
-    target_names = inject.find_target_linear_names(model, targets)
-    saved_full = inject._modules_to_save_names(model, saved)
-    chosen = [(name, module) for name, module in model.named_modules()
-              if name and inject._is_linear(module) and inject._matches_target(name, target_names)
-              and not inject._excluded_by_modules_to_save(name, saved)]
-    if not chosen:
-        raise ValueError(f"lora_target {target_names} matched no linear layer")
-    projections = VeraProjections(r, max(m.in_features for _, m in chosen), max(m.out_features for _, m in chosen),
-                                  projection_prng_key)
-    first = chosen[0][1]
-    projections.to(first.packed.device if isinstance(first, Nf4Linear) else first.weight.device)
-    model.requires_grad_(False)
-    model.add_module(PROJECTIONS_ATTR, projections)
-    for name, module in chosen:
-        inject._set_submodule(model, name, VeraLinear(module, projections, r, d_initial, dropout))
-    inject._train_modules_to_save(model, saved_full)
-    if upcast_trainable:
-        inject._upcast_trainable(model)
-    spec = VeraSpec(r=r, d_initial=float(d_initial), projection_prng_key=int(projection_prng_key),
-                    save_projection=bool(save_projection), vera_dropout=float(dropout),
-                    target_modules=list(target_names), modules_to_save=saved,
-                    quantized=any(isinstance(m, Nf4Linear) for _, m in chosen),
-                    vera_module_names=[n for n, _ in chosen], saved_module_names=saved_full)
-    object.__setattr__(model, inject.SPEC_ATTR, spec)
-    return model

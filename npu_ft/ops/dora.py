@@ -396,9 +396,9 @@ def _doctor_reference(x, lora_A, lora_B, magnitude, weight, bias, scaling):
 
 
 def _doctor_inputs(seed: int) -> dict:
-    from npu_ft import doctor
+    from ._doctor_rows import linear_inputs
 
-    t = doctor._linear_inputs(seed)
+    t = linear_inputs(seed)
     t["magnitude"] = torch.linalg.vector_norm(t["weight"], dim=1) * 1.25
     return t
 
@@ -436,7 +436,7 @@ def _doctor_nf4(device, dtype):
 
 def doctor_checks(dtypes=(torch.float32, torch.bfloat16)) -> list:
     """``npu-ft doctor`` rows of the DoRA ops (forward + backward of ``dora_linear`` / ``dora_nf4_linear``
-    on the device against fp32 torch on the CPU, norm detached): ``npu_ft.doctor.Check`` objects."""
+    on the device against fp32 torch on the CPU, norm detached): keyword arguments of ``npu_ft.doctor.Check``."""
     from ._doctor_rows import rows
 
     return rows(dtypes, ("dora_linear", _doctor_dense, ("dora_linear", "dora_linear_backward", "dora_weight_norm")),

@@ -229,11 +229,9 @@ def lora_fa_nf4_linear(
 
 
 def _doctor_dense(device, dtype):
-    from npu_ft import doctor
+    from ._doctor_rows import compare, linear_inputs
 
-    from ._doctor_rows import compare
-
-    t = doctor._linear_inputs(8)
+    t = linear_inputs(8)
     lora_A = t["lora_A"]
 
     def ref_fn(x, lora_B, weight, bias, scaling):
@@ -247,11 +245,9 @@ def _doctor_dense(device, dtype):
 
 
 def _doctor_nf4(device, dtype):
-    from npu_ft import doctor
+    from ._doctor_rows import compare, linear_inputs, nf4_base
 
-    from ._doctor_rows import compare, nf4_base
-
-    t = doctor._linear_inputs(9)
+    t = linear_inputs(9)
     lora_A = t["lora_A"]
     _, _, dense, packed, state = nf4_base(t["weight"], device)
 
@@ -266,7 +262,7 @@ def _doctor_nf4(device, dtype):
 
 def doctor_checks(dtypes=(torch.float32, torch.bfloat16)) -> list:
     """``npu-ft doctor`` rows of the LoRA-FA ops (forward + backward on the device, lora_A frozen,
-    against fp32 torch on the CPU): ``npu_ft.doctor.Check`` objects."""
+    against fp32 torch on the CPU): keyword arguments of ``npu_ft.doctor.Check``."""
     from ._doctor_rows import rows
 
     return rows(dtypes, ("lora_fa_linear", _doctor_dense, ("lora_fa_linear", "lora_fa_linear_backward")),

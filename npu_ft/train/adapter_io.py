@@ -39,13 +39,14 @@ from torch import nn
 from npu_ft.modules.dora import DoraLinear
 from npu_ft.modules.inject import (
     apply_lora,
+    apply_vera,
     get_lora_spec,
     lora_modules,
     merge_adapter,
     modules_to_save,
 )
 from npu_ft.modules.pissa import parse_pissa_init, pissa_to_lora
-from npu_ft.modules.vera import PROJECTIONS_ATTR, VeraSpec, apply_vera, vera_modules
+from npu_ft.modules.vera import PROJECTIONS_ATTR, VeraSpec, vera_modules
 
 from .outputs import chmod_like_open
 
@@ -279,7 +280,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, strict: bool 
     """Load a PEFT-format LoRA / DoRA / PiSSA / VeRA adapter into ``model`` (ours or PEFT's files).
 
     A model without adapters gets them first (:func:`~npu_ft.modules.inject.apply_lora` or
-    :func:`~npu_ft.modules.vera.apply_vera` with the file's settings; call :func:`apply_qlora`
+    :func:`~npu_ft.modules.inject.apply_vera` with the file's settings; call :func:`apply_qlora`
     yourself beforehand for a quantized base). ``strict``: every tensor of the file must have a
     place and vice versa.
     """

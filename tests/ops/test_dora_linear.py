@@ -345,7 +345,8 @@ def test_doctor_rows_pass_on_cpu():
     from npu_ft import doctor
     from npu_ft.ops import lora_fa
 
-    results = [doctor.run_check(c, torch.device("cpu")) for c in D.doctor_checks() + lora_fa.doctor_checks()]
+    specs = D.doctor_checks() + lora_fa.doctor_checks()
+    results = [doctor.run_check(doctor.Check(**spec), torch.device("cpu")) for spec in specs]
     assert [r.op for r in results[:2]] == ["dora_linear fwd+bwd", "dora_nf4_linear fwd+bwd"]
     for r in results:
         assert r.passed and r.kernel == "cpu", r

@@ -153,7 +153,7 @@ def test_doctor_rows_pass_on_the_npu_kernels(npu):
     from npu_ft import doctor
     from npu_ft.ops import dora, lora_fa
 
-    results = [doctor.run_check(c, npu) for c in dora.doctor_checks() + lora_fa.doctor_checks()]
+    results = [doctor.run_check(doctor.Check(**c), npu) for c in dora.doctor_checks() + lora_fa.doctor_checks()]
     assert len(results) == 8
     for r in results:
         assert r.passed and r.kernel == "npu", r

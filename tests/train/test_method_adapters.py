@@ -13,8 +13,15 @@ import torch
 
 from npu_ft.config import build_config
 from npu_ft.modules.dora import DoraLinear
-from npu_ft.modules.inject import apply_adapter_method, apply_lora, get_lora_spec, merge_adapter, quantize_linears
-from npu_ft.modules.vera import VeraLinear, VeraSpec, apply_vera
+from npu_ft.modules.inject import (
+    apply_adapter_method,
+    apply_lora,
+    apply_vera,
+    get_lora_spec,
+    merge_adapter,
+    quantize_linears,
+)
+from npu_ft.modules.vera import VeraLinear, VeraSpec
 from npu_ft.train.adapter_io import (
     adapter_state_dict,
     load_adapter,
