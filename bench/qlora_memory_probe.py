@@ -62,6 +62,7 @@ def run_once(args) -> dict:
     from torch.utils.checkpoint import checkpoint
 
     from npu_ft.device import get_backend
+    from npu_ft.ops.backends.cpu import _native
     from npu_ft.ops.backends.cpu import nf4 as cpu_nf4
 
     torch.set_num_threads(args.threads)
@@ -129,7 +130,7 @@ def run_once(args) -> dict:
         "method": args.method,
         "layers": args.layers,
         "checkpoint": bool(args.checkpoint),
-        "native": cpu_nf4.native_library() is not None,
+        "native": _native.native_ops() is not None,
         "mmap_threshold_env": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "workspace": os.environ.get("NPU_FT_NF4_WORKSPACE", "1"),
         "rss_start_mib": round(rss_start / MIB, 1),

@@ -2,9 +2,10 @@
 
 This is how a user proves a real box (an Ascend 910B node, a GPU) gives the results npu-ft's
 reference kernels give. For each check, inputs are made on the CPU from a fixed seed. The
-*reference* is the op's pure-torch reference kernel run on the CPU in float32 (for gradients: torch
-autograd through that reference). The *result* is the public op run on the chosen device in the
-check's dtype. The kernel that served the call is read from the op registry's call counters.
+*reference* is the op's pure-torch oracle run on the CPU in float32 (for gradients: torch
+autograd through that oracle). The *result* is the public op run on the chosen device in the
+check's dtype. The kernel that served the call is read from the op registry's call counters, and
+the tolerance from the op registry's table (``npu_ft.ops.tolerance``), which the op tests use too.
 
 Exit code: 0 when every check passes, 1 otherwise.
 """
@@ -19,13 +20,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from npu_ft.ops._doctor_rows import BLOCKSIZE, RANK, W_SHAPE, X_SHAPE, compare_grads, linear_inputs, rand
 
-#: (rtol, atol) of results against the float32 reference, by the dtype the op ran in. A result
-#: passes when max|result - reference| <= atol + rtol * max|reference| over each output tensor:
-#: relative to the tensor's scale, because accumulated gradients have elements near zero whose
-#: elementwise relative error says nothing about a low-precision kernel (bf16 eps = 2**-8).
-TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 1e-3), torch.float16: (4e-3, 1e-4)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -42,55 +39,47 @@ class CheckResult:
 
 @dataclass
 class Check:
-    """One row of the table. ``run(device, dtype)`` returns {name: (result, reference)} pairs."""
+    """One row of the table. ``run(device, dtype)`` returns {name: (result, reference)} pairs,
+    compared with the op registry's tolerance of ``tolerance_op`` in the row's dtype."""
 
     op: str
     dtype: torch.dtype
     shape: str
     run: Callable[[torch.device, torch.dtype], dict]
     kernel_ops: tuple[str, ...]
-    exact: bool = False
+    tolerance_op: str
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
-def _rand(gen: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen, dtype=torch.float32)
-
 
 # -- the checks -----------------------------------------------------------------------------------
-
-_W_SHAPE = (67, 129)  # odd out/in: numel 8643 is not a multiple of any blocksize
-_X_SHAPE = (3, 37, 129)
-_RANK = 5
-_BLOCKSIZE = 64
-
 
 def _nf4_quantize(device, dtype):
     from npu_ft.ops import nf4
 
-    weight = _rand(torch.Generator().manual_seed(0), *_W_SHAPE).to(dtype)
-    ref_packed, ref_absmax = nf4.nf4_quantize_reference(weight, _BLOCKSIZE)
-    packed, absmax = torch.ops.npu_ft.nf4_quantize(weight.to(device), _BLOCKSIZE)
+    weight = rand(torch.Generator().manual_seed(0), *W_SHAPE).to(dtype)
+    ref_packed, ref_absmax = nf4.nf4_quantize_reference(weight, BLOCKSIZE)
+    packed, absmax = torch.ops.npu_ft.nf4_quantize(weight.to(device), BLOCKSIZE)
     return {"packed": (packed.cpu().to(torch.int16), ref_packed.to(torch.int16)), "absmax": (absmax.cpu(), ref_absmax)}
 
 
 def _nf4_dequantize(device, dtype):
     from npu_ft.ops import nf4
 
-    weight = _rand(torch.Generator().manual_seed(1), *_W_SHAPE)
-    packed, absmax = nf4.nf4_quantize_reference(weight, _BLOCKSIZE)
-    ref = nf4.nf4_dequantize_reference(packed, absmax, _BLOCKSIZE, list(_W_SHAPE), torch.float32)
-    out = torch.ops.npu_ft.nf4_dequantize(packed.to(device), absmax.to(device), _BLOCKSIZE, list(_W_SHAPE), dtype)
+    weight = rand(torch.Generator().manual_seed(1), *W_SHAPE)
+    packed, absmax = nf4.nf4_quantize_reference(weight, BLOCKSIZE)
+    ref = nf4.nf4_dequantize_reference(packed, absmax, BLOCKSIZE, list(W_SHAPE), torch.float32)
+    out = torch.ops.npu_ft.nf4_dequantize(packed.to(device), absmax.to(device), BLOCKSIZE, list(W_SHAPE), dtype)
     return {"weight": (out.cpu(), ref)}
 
 
 def _blockwise_8bit(device, dtype):
     from npu_ft.ops import nf4
 
-    values = _rand(torch.Generator().manual_seed(2), 1000)  # 1000 = 3 blocks of 256 + a partial one
+    values = rand(torch.Generator().manual_seed(2), 1000)  # 1000 = 3 blocks of 256 + a partial one
     code = nf4.dynamic_code_8bit()
     ref_q, ref_absmax = nf4.quantize_blockwise_8bit_reference(values, code, 256)
     q, absmax = torch.ops.npu_ft.quantize_blockwise_8bit(values.to(device), code.to(device), 256)
@@ -99,40 +88,10 @@ def _blockwise_8bit(device, dtype):
     return {"q": (q.cpu().to(torch.int16), ref_q.to(torch.int16)), "values": (out.cpu(), ref)}
 
 
-def _linear_inputs(seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        "x": _rand(gen, *_X_SHAPE),
-        "weight": _rand(gen, *_W_SHAPE) / 10,
-        "bias": _rand(gen, _W_SHAPE[0]),
-        "lora_A": _rand(gen, _RANK, _W_SHAPE[1]) / 10,
-        "lora_B": _rand(gen, _W_SHAPE[0], _RANK) / 10,
-        "grad": _rand(gen, *_X_SHAPE[:-1], _W_SHAPE[0]),
-    }
-
-
-def _grads(fn, leaves: dict, grad: torch.Tensor) -> dict:
-    """Forward ``fn(**leaves)``, backward with ``grad``; returns output and every leaf's gradient."""
-    leaves = {k: v.detach().requires_grad_(True) for k, v in leaves.items()}
-    out = fn(**leaves)
-    out.backward(grad.to(out.dtype))
-    return {"y": out.detach(), **{f"d{k}": v.grad for k, v in leaves.items()}}
-
-
-def _compare_grads(device, dtype, op_fn, ref_fn, trainable: dict, fixed: dict, grad):
-    def on(t):
-        return t.to(device=device, dtype=dtype)
-
-    ref = _grads(lambda **kw: ref_fn(**kw, **fixed), trainable, grad)
-    fixed_dev = {k: (on(v) if isinstance(v, torch.Tensor) else v) for k, v in fixed.items()}
-    res = _grads(lambda **kw: op_fn(**kw, **fixed_dev), {k: on(v) for k, v in trainable.items()}, on(grad))
-    return {name: (res[name].cpu(), ref[name]) for name in ref}
-
-
 def _lora_linear(device, dtype):
     from npu_ft.ops import lora
 
-    t = _linear_inputs(3)
+    t = linear_inputs(3)
 
     def ref_fn(x, lora_A, lora_B, weight, bias, scaling):
         y, _ = lora.lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, None)
@@ -141,7 +100,7 @@ def _lora_linear(device, dtype):
     def op_fn(x, lora_A, lora_B, weight, bias, scaling):
         return lora.lora_linear(x, weight, bias, lora_A, lora_B, scaling)
 
-    return _compare_grads(
+    return compare_grads(
         device, dtype, op_fn, ref_fn,
         trainable={"x": t["x"], "lora_A": t["lora_A"], "lora_B": t["lora_B"]},
         fixed={"weight": t["weight"], "bias": t["bias"], "scaling": 2.0},
@@ -152,12 +111,12 @@ def _lora_linear(device, dtype):
 def _nf4_linear(device, dtype):
     from npu_ft.ops import lora, nf4
 
-    t = _linear_inputs(4)
-    packed, state = nf4.quantize_nf4(t["weight"], blocksize=_BLOCKSIZE, double_quant=True)
+    t = linear_inputs(4)
+    packed, state = nf4.quantize_nf4(t["weight"], blocksize=BLOCKSIZE, double_quant=True)
     absmax = state.absmax_fp32()
 
     def ref_fn(x, lora_A, lora_B, bias, scaling):
-        y, _ = lora.nf4_linear_reference(x, packed, absmax, _BLOCKSIZE, list(_W_SHAPE), bias, lora_A, lora_B,
+        y, _ = lora.nf4_linear_reference(x, packed, absmax, BLOCKSIZE, list(W_SHAPE), bias, lora_A, lora_B,
                                          scaling, None)
         return y
 
@@ -166,7 +125,7 @@ def _nf4_linear(device, dtype):
     def op_fn(x, lora_A, lora_B, bias, scaling):
         return lora.nf4_linear(x, dev_packed, dev_state, bias, lora_A, lora_B, scaling)
 
-    return _compare_grads(
+    return compare_grads(
         device,
         dtype,
         op_fn,
@@ -186,7 +145,7 @@ def _linear_cross_entropy(device, dtype):
     from npu_ft.ops.linear_cross_entropy import linear_cross_entropy
 
     gen = torch.Generator().manual_seed(5)
-    hidden, weight = _rand(gen, _CE_N, _CE_H), _rand(gen, _CE_V, _CE_H) / 4
+    hidden, weight = rand(gen, _CE_N, _CE_H), rand(gen, _CE_V, _CE_H) / 4
     labels = torch.randint(0, _CE_V, (_CE_N,), generator=gen)
     labels[::3] = -100  # prompt rows
 
@@ -196,47 +155,118 @@ def _linear_cross_entropy(device, dtype):
     def op_fn(hidden, weight):  # labels stay integer, on the device
         return linear_cross_entropy(hidden, weight, labels.to(hidden.device), chunk_rows=_CE_CHUNK)
 
-    return _compare_grads(
+    return compare_grads(
         device, dtype, op_fn, ref_fn, trainable={"hidden": hidden, "weight": weight}, fixed={}, grad=torch.tensor(1.0)
     )
 
 
+#: the decoder-block checks: rows x hidden (odd), attention heads/positions/head dim, MLP width (odd)
+_NORM_SHAPE, _ROPE_SHAPE, _MLP_SHAPE = (3, 37, 129), (2, 14, 2, 37, 64), (3, 37, 131)
+
+
+def _flat(*tensors: torch.Tensor) -> torch.Tensor:
+    """Several outputs as one vector (one backward with one gradient)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _rms_norm(device, dtype):
+    from npu_ft.ops import rms_norm as rn
+
+    gen = torch.Generator().manual_seed(6)
+    x, res, w = rand(gen, *_NORM_SHAPE), rand(gen, *_NORM_SHAPE), 1 + rand(gen, _NORM_SHAPE[-1]) / 4
+
+    def ref_fn(x, residual, weight):
+        return _flat(*rn.rms_norm_oracle(x, weight, 1e-6, residual))
+
+    def op_fn(x, residual, weight):  # y and h = x + residual (the next residual): both get a gradient
+        return _flat(*rn.rms_norm(x, weight, 1e-6, residual))
+
+    return compare_grads(device, dtype, op_fn, ref_fn, trainable={"x": x, "residual": res, "weight": w}, fixed={},
+                          grad=rand(gen, 2 * x.numel()))
+
+
+def _rope(device, dtype):
+    from npu_ft.ops import rope as rp
+
+    batch, hq, hk, seq, dim = _ROPE_SHAPE
+    gen = torch.Generator().manual_seed(7)
+    q, k = rand(gen, batch, seq, hq, dim).transpose(1, 2), rand(gen, batch, seq, hk, dim).transpose(1, 2)
+    positions = torch.cat([torch.arange(20), torch.arange(seq - 20)]).expand(batch, -1)  # two packed sequences
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    angles = positions[..., None].float() * inv_freq
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+
+    def ref_fn(q, k, cos, sin):
+        return _flat(*rp.rope_oracle(q, k, cos, sin))
+
+    def op_fn(q, k, cos, sin):
+        return _flat(*rp.rope(q, k, cos.to(q.dtype), sin.to(q.dtype)))
+
+    return compare_grads(device, dtype, op_fn, ref_fn, trainable={"q": q, "k": k}, fixed={"cos": cos, "sin": sin},
+                          grad=rand(gen, q.numel() + k.numel()))
+
+
+def _swiglu(device, dtype):
+    from npu_ft.ops import swiglu as sw
+
+    gen = torch.Generator().manual_seed(8)
+    gate, up = rand(gen, *_MLP_SHAPE) * 3, rand(gen, *_MLP_SHAPE)
+    return compare_grads(device, dtype, sw.swiglu, sw.swiglu_oracle, trainable={"gate": gate, "up": up}, fixed={},
+                          grad=rand(gen, *_MLP_SHAPE))
+
+
 def build_checks(dtypes=(torch.float32, torch.bfloat16)) -> list[Check]:
-    shape_w, shape_x = "x".join(map(str, _W_SHAPE)), "x".join(map(str, _X_SHAPE))
+    from npu_ft.ops import adamw8bit, dora, lora_fa
+
+    shape_w, shape_x = "x".join(map(str, W_SHAPE)), "x".join(map(str, X_SHAPE))
     checks = []
     for dtype in dtypes:
         checks += [
-            Check("nf4_quantize", dtype, f"{shape_w} bs{_BLOCKSIZE}", _nf4_quantize, ("nf4_quantize",), exact=True),
-            Check("nf4_dequantize", dtype, f"{shape_w} bs{_BLOCKSIZE}", _nf4_dequantize, ("nf4_dequantize",)),
+            Check("nf4_quantize", dtype, f"{shape_w} bs{BLOCKSIZE}", _nf4_quantize, ("nf4_quantize",),
+                  "nf4_quantize"),
+            Check("nf4_dequantize", dtype, f"{shape_w} bs{BLOCKSIZE}", _nf4_dequantize, ("nf4_dequantize",),
+                  "nf4_dequantize"),
             Check(
                 "blockwise_8bit",
                 dtype,
                 "1000 bs256",
                 _blockwise_8bit,
                 ("quantize_blockwise_8bit", "dequantize_blockwise_8bit"),
+                "dequantize_blockwise_8bit",
             ),
             Check(
                 "lora_linear fwd+bwd",
                 dtype,
-                f"x {shape_x} W {shape_w} r{_RANK}",
+                f"x {shape_x} W {shape_w} r{RANK}",
                 _lora_linear,
                 ("lora_linear", "lora_linear_backward"),
+                "lora_linear_backward",
             ),
             Check(
                 "nf4_linear fwd+bwd",
                 dtype,
-                f"x {shape_x} W {shape_w} r{_RANK} dq",
+                f"x {shape_x} W {shape_w} r{RANK} dq",
                 _nf4_linear,
                 ("nf4_linear", "nf4_linear_backward"),
+                "nf4_linear_backward",
             ),
+            Check("rms_norm+residual fwd+bwd", dtype, "x".join(map(str, _NORM_SHAPE)), _rms_norm,
+                  ("rms_norm", "rms_norm_backward"), "rms_norm_backward"),
+            Check("rope fwd+bwd", dtype, "B{} q{} k{} S{} D{} packed".format(*_ROPE_SHAPE), _rope,
+                  ("rope", "rope_backward"), "rope_backward"),
+            Check("swiglu fwd+bwd", dtype, "x".join(map(str, _MLP_SHAPE)), _swiglu, ("swiglu", "swiglu_backward"),
+                  "swiglu_backward"),
             Check(
                 "linear_cross_entropy fwd+bwd",
                 dtype,
                 f"h {_CE_N}x{_CE_H} W {_CE_V}x{_CE_H} chunk{_CE_CHUNK}",
                 _linear_cross_entropy,
                 (),
+                "linear_cross_entropy",
             ),
         ]
+        checks += [Check(**spec) for spec in adamw8bit.doctor_checks((dtype,))]
+        checks += [Check(**spec) for spec in dora.doctor_checks((dtype,)) + lora_fa.doctor_checks((dtype,))]
     return checks
 
 
@@ -257,10 +287,9 @@ def _kernel_summary(ops: tuple[str, ...]) -> str:
 
 
 def run_check(check: Check, device: torch.device) -> CheckResult:
-    from npu_ft.ops import reset_kernel_calls
+    from npu_ft.ops import reset_kernel_calls, tolerance
 
-    rtol, atol = (0.0, 0.0) if check.exact else TOLERANCES[check.dtype]
-    tolerance = "exact" if check.exact else f"{atol:g}+{rtol:g}*max|ref|"
+    tol = tolerance(check.tolerance_op, check.dtype)
     reset_kernel_calls()
     try:
         pairs = check.run(device, check.dtype)
@@ -270,11 +299,16 @@ def run_check(check: Check, device: torch.device) -> CheckResult:
             if result.shape != reference.shape:
                 raise AssertionError(f"shape {tuple(result.shape)} != reference {tuple(reference.shape)}")
             err = float((result - reference).abs().max()) if result.numel() else 0.0
-            scale = float(reference.abs().max()) if reference.numel() else 0.0
             worst = max(worst, err)
-            passed &= err <= atol + rtol * scale
+            passed &= tol.passes(result, reference)
         return CheckResult(
-            check.op, _dtype_name(check.dtype), check.shape, _kernel_summary(check.kernel_ops), worst, tolerance, passed
+            check.op,
+            _dtype_name(check.dtype),
+            check.shape,
+            _kernel_summary(check.kernel_ops),
+            worst,
+            tol.describe(),
+            passed,
         )
     except Exception as exc:  # noqa: BLE001 - a failing op is a table row, not a crash
         return CheckResult(
@@ -283,7 +317,7 @@ def run_check(check: Check, device: torch.device) -> CheckResult:
             check.shape,
             _kernel_summary(check.kernel_ops),
             float("nan"),
-            tolerance,
+            tol.describe(),
             False,
             f"{type(exc).__name__}: {exc}",
         )

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from npu_ft import doctor
-from npu_ft.ops import lora
+from npu_ft.ops import lora, tolerance
 
 
 def test_doctor_passes_on_cpu_and_reports_kernels(tmp_path, capsys):
@@ -20,10 +20,17 @@ def test_doctor_passes_on_cpu_and_reports_kernels(tmp_path, capsys):
     rows = {(r["op"], r["dtype"]): r for r in report["results"]}
     ops = {op for op, _ in rows}
     assert ops == {"nf4_quantize", "nf4_dequantize", "blockwise_8bit", "lora_linear fwd+bwd", "nf4_linear fwd+bwd",
-                   "linear_cross_entropy fwd+bwd"}
+                   "rms_norm+residual fwd+bwd", "rope fwd+bwd", "swiglu fwd+bwd", "linear_cross_entropy fwd+bwd",
+                   "adamw8bit_update x3", "dora_linear fwd+bwd", "dora_nf4_linear fwd+bwd",
+                   "lora_fa_linear fwd+bwd", "lora_fa_nf4_linear fwd+bwd"}
     assert {dtype for _, dtype in rows} == {"fp32", "bf16"}
     # the CPU backend registers its own lora kernels: the doctor must say they served the call
     assert rows[("lora_linear fwd+bwd", "fp32")]["kernel"] == "cpu"
+    # tolerances come from the op registry's table, the one the op tests use
+    assert rows[("nf4_quantize", "bf16")]["tolerance"] == "exact"
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        expected = tolerance("lora_linear_backward", dtype).describe()
+        assert rows[("lora_linear fwd+bwd", name)]["tolerance"] == expected
     assert all(r["passed"] for r in report["results"])
     assert report["environment"]["chosen_device"] == "cpu"
 

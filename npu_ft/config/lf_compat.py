@@ -53,7 +53,6 @@ class LlamaFactoryCompat:
     mixture_of_depths: Any = _unsupported(None, 'Mixture-of-depths conversion.', 'model')
     use_unsloth: Any = _unsupported(False, 'Unsloth LoRA optimisations.', 'model')
     use_unsloth_gc: Any = _unsupported(False, 'Unsloth gradient checkpointing.', 'model')
-    enable_liger_kernel: Any = _unsupported(False, 'Liger kernels (npu-ft has its own fused ops).', 'model')
     moe_aux_loss_coef: Any = _unsupported(None, 'MoE router auxiliary loss coefficient.', 'model')
     upcast_layernorm: Any = _unsupported(False, 'Keep layer norms in fp32.', 'model')
     upcast_lmhead_output: Any = _unsupported(False, 'Upcast lm_head output to fp32.', 'model')
@@ -110,10 +109,6 @@ class LlamaFactoryCompat:
     kt_force_think: Any = _ignored(False, _INFERENCE, 'model')
 
     # -- method -----------------------------------------------------------------------------------------
-    use_dora: Any = _unsupported(False, 'Weight-decomposed LoRA (DoRA).', 'method')
-    pissa_init: Any = _unsupported(False, 'PiSSA adapter initialisation.', 'method')
-    pissa_iter: Any = _ignored(16, 'PiSSA FSVD iterations.', 'method')
-    pissa_convert: Any = _unsupported(False, 'Convert a PiSSA adapter to LoRA.', 'method')
     create_new_adapter: Any = _unsupported(False, 'New adapter on top of adapter_name_or_path.', 'method')
     freeze_trainable_layers: Any = _unsupported(2, 'Freeze tuning: trainable layers.', 'method')
     freeze_trainable_modules: Any = _unsupported('all', 'Freeze tuning: trainable modules.', 'method')

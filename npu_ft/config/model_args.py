@@ -45,3 +45,6 @@ class ModelArguments:
                "of the sequence, half of the heads shifted by half a group (Qwen2/Qwen3, eager or sdpa); "
                "evaluation, generation and export use full attention. With LongLoRA's trainable embedding and "
                "norms: additional_target: embed_tokens,norm.")
+    enable_liger_kernel: bool = config_field(
+        False, "LLaMA-Factory's switch for Liger-Kernel's patched modules (needs liger-kernel installed, else the "
+               "recipe is refused); npu-ft's own fused kernels (fused_kernels) are then not applied.")

@@ -36,6 +36,12 @@ class NpuFtArguments:
                 "non-reentrant checkpointing, which it then uses whatever use_reentrant_gc says. auto: selective "
                 "when the memory estimate with the kept GEMM outputs fits 90 % of the device, else full; the "
                 "choice and its reason are logged (docs/recipes.md).", own=True)
+    fused_kernels: bool = config_field(
+        True, "npu-ft: run the decoder blocks of Qwen2/Qwen3 (and Llama/Mistral) models on npu-ft's fused ops: "
+              "RMSNorm (with the residual add before it), RoPE on q and k in one call, SwiGLU; native CPU kernels, "
+              "Triton on CUDA, torch_npu's npu_rms_norm / npu_rotary_mul / npu_swiglu on Ascend. Same loss and "
+              "gradients (fp32: 1e-5 relative), less kept for backward, fewer passes over memory. false: "
+              "transformers' modules. Ignored with enable_liger_kernel: true.", own=True)
     cpu_malloc_tuning: bool = config_field(
         True, "npu-ft: on CPU (glibc), raise malloc's mmap/trim thresholds before training so the large "
               "per-step buffers (embedding/head gradients, activations) are reused instead of being "

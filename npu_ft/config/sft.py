@@ -13,6 +13,7 @@ override) and the key.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -110,7 +111,7 @@ class SftConfig(NpuFtArguments, GeneratingArguments, TransformersTrainingArgumen
 
     @property
     def method(self) -> str:
-        """``lora``, ``qlora`` or ``full``."""
+        """``lora``, ``qlora``, ``vera`` or ``full``."""
         return "qlora" if self.is_qlora else self.finetuning_type
 
     @property
@@ -136,13 +137,7 @@ def _check_recipe(cfg: SftConfig, fail: Callable[[str, str], None]) -> None:
         fail("model_name_or_path", "is required (a local model folder)")
     if cfg.lora_alpha is None:
         object.__setattr__(cfg, "lora_alpha", cfg.lora_rank * 2)
-    if cfg.quantization_bit is not None and cfg.finetuning_type != "lora":
-        fail("quantization_bit", "quantization is only compatible with finetuning_type: lora "
-                                 f"(got finetuning_type: {cfg.finetuning_type})")
-    if cfg.finetuning_type != "lora":
-        for key in ("loraplus_lr_ratio", "use_rslora"):
-            if getattr(cfg, key) not in (None, False):
-                fail(key, f"{key} is only valid for finetuning_type: lora")
+    _check_method(cfg, fail)
     cfg.apply_data_rules(fail)
     if cfg.packing is None:
         object.__setattr__(cfg, "packing", cfg.stage == "pt")
@@ -156,6 +151,44 @@ def _check_recipe(cfg: SftConfig, fail: Callable[[str, str], None]) -> None:
         fail("lora_target", "'all' cannot be combined with other module names")
     _check_length(cfg, fail)
     _check_names(cfg, fail)
+    _check_kernels(cfg, fail)
+
+
+#: keys that only the LoRA family's finetuning_type: lora reads (all set = not their default)
+_LORA_ONLY = ("loraplus_lr_ratio", "use_rslora", "use_dora", "pissa_init", "pissa_convert", "lora_fa")
+_VERA_ONLY = ("vera_rank", "vera_d_initial", "vera_projection_prng_key", "vera_save_projection")
+
+
+def _check_method(cfg: SftConfig, fail: Callable[[str, str], None]) -> None:
+    """Which method keys go with which finetuning_type, and which combinations PEFT cannot train."""
+    method = cfg.finetuning_type
+    if cfg.quantization_bit is not None and method == "full":
+        fail("quantization_bit", "quantization is only compatible with finetuning_type: lora or vera "
+                                 f"(got finetuning_type: {method})")
+    if method != "lora":
+        for key in _LORA_ONLY:
+            if getattr(cfg, key) not in (None, False):
+                fail(key, f"{key} is only valid for finetuning_type: lora (got finetuning_type: {method})")
+    if method != "vera":
+        for key in _VERA_ONLY:
+            if key in cfg.explicit:
+                fail(key, f"{key} is only valid for finetuning_type: vera (got finetuning_type: {method})")
+    else:
+        for key in ("lora_rank", "lora_alpha"):
+            if key in cfg.explicit:
+                fail(key, f"{key} is not used by finetuning_type: vera (VeRA's rank is vera_rank, and it has no "
+                          "alpha); remove it")
+    if cfg.pissa_init and cfg.quantization_bit is not None:
+        fail("pissa_init", "pissa_init needs the full-precision weights; it cannot start from a quantized model "
+                           "(initialize PiSSA without quantization_bit)")
+    if cfg.pissa_convert and not cfg.pissa_init:
+        fail("pissa_convert", "pissa_convert converts a PiSSA adapter; set pissa_init: true too")
+    if cfg.pissa_convert and cfg.use_dora:
+        fail("pissa_convert", "a DoRA adapter cannot be converted to a plain LoRA (its magnitude is tied to the "
+                              "base); drop pissa_convert or use_dora")
+    if cfg.lora_fa and cfg.loraplus_lr_ratio is not None:
+        fail("loraplus_lr_ratio", "LoRA+ sets lora_B's learning rate relative to lora_A's, but lora_fa freezes "
+                                  "lora_A; drop loraplus_lr_ratio (or raise learning_rate)")
 
 
 def _check_length(cfg: SftConfig, fail: Callable[[str, str], None]) -> None:
@@ -166,6 +199,14 @@ def _check_length(cfg: SftConfig, fail: Callable[[str, str], None]) -> None:
     if cfg.max_steps < 0 and cfg.num_train_epochs <= 0:
         fail("num_train_epochs", f"num_train_epochs: {cfg.num_train_epochs:g} with no max_steps trains nothing; "
                                  "give a positive number of epochs or set max_steps")
+
+
+def _check_kernels(cfg: SftConfig, fail: Callable[[str, str], None]) -> None:
+    """Liger-Kernel must be installed when the recipe asks for it (looked up, not imported)."""
+    if cfg.enable_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        fail("enable_liger_kernel", "true needs Liger-Kernel, which is not installed (pip install liger-kernel); "
+                                    "or remove the key: npu-ft's own fused kernels (fused_kernels: true) cover "
+                                    "the same ops")
 
 
 def _one_of(value: str, names: Sequence[str]) -> str:

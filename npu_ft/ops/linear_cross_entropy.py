@@ -57,7 +57,12 @@ import contextlib
 
 import torch
 
+from . import _registry
+
 __all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_CHUNK_BYTES_CPU", "default_chunk_rows", "linear_cross_entropy"]
+
+# not a torch.library op, but npu-ft doctor checks it against the unfused loss with this table
+_registry.set_tolerances("linear_cross_entropy", _registry.FLOAT_TOLERANCES)
 
 #: default size of one chunk's logits (in ``logit_dtype``): accelerators
 DEFAULT_CHUNK_BYTES = 64 << 20
@@ -112,11 +117,10 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         # eager_grad: only hidden needs a gradient (frozen head): compute it here, per row chunk
         device_type = hidden.device.type
         n = rows.numel()
-        lse_all = None if eager_grad else torch.empty(n, dtype=logit_dtype, device=hidden.device)
-        grad_rows = None
-        if eager_grad:
-            acc_dtype = torch.promote_types(compute_dtype, torch.float32)
-            grad_rows = torch.empty((n, hidden.shape[1]), dtype=acc_dtype, device=hidden.device)
+        # per labelled row: its logsumexp (trainable head) or its gradient (eager_grad); the other is empty
+        lse_all = torch.empty(0 if eager_grad else n, dtype=logit_dtype, device=hidden.device)
+        acc_dtype = torch.promote_types(compute_dtype, torch.float32)
+        grad_rows = torch.empty((n if eager_grad else 0, hidden.shape[1]), dtype=acc_dtype, device=hidden.device)
         total = torch.zeros((), dtype=logit_dtype, device=hidden.device)
         with torch.no_grad(), _no_autocast(device_type):
             w = weight.to(compute_dtype)
@@ -157,10 +161,10 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         if ctx.eager_grad:
             rows, grad_rows = ctx.saved_tensors
             shape, dtype = ctx.hidden_meta
-            grad_h = torch.zeros(shape, dtype=dtype, device=grad_rows.device)
+            grad_hidden = torch.zeros(shape, dtype=dtype, device=grad_rows.device)
             if rows.numel():
-                grad_h.index_copy_(0, rows, (grad_rows * grad_total.to(grad_rows.dtype)).to(dtype))
-            return (grad_h, None, None) + (None,) * 6
+                grad_hidden.index_copy_(0, rows, (grad_rows * grad_total.to(grad_rows.dtype)).to(dtype))
+            return (grad_hidden, None, None) + (None,) * 6
         hidden, weight, bias, labels, rows, lse_all = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -208,7 +212,7 @@ def _backward_vocab_chunks(hidden, w, b, labels, rows, lse_all, scale, chunk_row
             else:
                 gh += torch.mm(g, wc)
         del g
-    if grad_h is not None:
+    if grad_h is not None and gh is not None:
         grad_h.index_copy_(0, rows, gh.to(grad_h.dtype))
 
 

@@ -19,7 +19,13 @@ dtype. ``nf4_linear`` = ``peft.tuners.lora.bnb.Linear4bit``: the branch's result
 first, then added. The NF4 weight is dequantized to x's dtype (as bitsandbytes' ``matmul_4bit``).
 
 Each op returns ``(y, h)`` with ``h = x_lora @ A.T`` ([..., r], kept for backward); the Python entry
-points return ``y`` only. Backward is a separate op per family (``lora_linear_backward``,
+points return ``y`` only.
+
+Kernels: one pure-torch implementation (:mod:`npu_ft.ops._lora_fused`, fused ``addmm`` calls) is
+the reference kernel that serves any device, and the cpu and npu backends register it on their own
+keys. The ``*_reference`` functions below are the readable statement of PEFT's math: the **oracle**
+the tests and ``npu-ft doctor`` compare every kernel against (differentiable by torch autograd);
+they are not registered. Backward is a separate op per family (``lora_linear_backward``,
 ``nf4_linear_backward``) so every device can bring its own backward kernel. Backward saves x,
 x_lora, h and references to the frozen weight (the NF4 op saves packed/absmax and dequantizes again);
 it never saves a copy of W nor a full-size output, and the frozen weight gets no gradient.
@@ -27,11 +33,10 @@ it never saves a copy of W nor a full-size output, and the frozen weight gets no
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from . import _checks, _registry
+from . import _checks, _lora_fused, _registry
+from ._weight_args import check_bias, check_dense_lora_args, check_lora, check_nf4_weight, check_scaling, check_x
 
 __all__ = [
     "lora_linear",
@@ -123,12 +128,17 @@ _registry.register_fake(NF4_LINEAR, _nf4_linear_fake)
 _registry.register_fake(NF4_LINEAR_BACKWARD, _nf4_linear_backward_fake)
 
 # --------------------------------------------------------------------------------------------------
-# reference kernels (pure torch, any device)
+# reference kernels: the fused pure-torch implementation, on every device without a kernel of its own
 # --------------------------------------------------------------------------------------------------
 
+_registry.register_reference(LORA_LINEAR, _lora_fused.lora_linear_fused)
+_registry.register_reference(LORA_LINEAR_BACKWARD, _lora_fused.lora_linear_backward_fused)
+_registry.register_reference(NF4_LINEAR, _lora_fused.nf4_linear_fused)
+_registry.register_reference(NF4_LINEAR_BACKWARD, _lora_fused.nf4_linear_backward_fused)
 
-def _dequantize(packed, absmax, blocksize, weight_shape, dtype):
-    return torch.ops.npu_ft.nf4_dequantize(packed, absmax, blocksize, list(weight_shape), dtype)
+# --------------------------------------------------------------------------------------------------
+# the oracle: PEFT's math written plainly (tests and npu-ft doctor compare kernels against it)
+# --------------------------------------------------------------------------------------------------
 
 
 def _forward_reference(x, weight, bias, lora_A, lora_B, scaling, x_lora, cast_branch_first):
@@ -150,14 +160,12 @@ def _backward_reference(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora,
     in_features = x.shape[-1]
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     dx, dx_lora, dA, dB, dbias = (x.new_empty(0) for _ in range(5))  # distinct: outputs may not alias
-    dh2 = None
+    dh2: torch.Tensor | None = None  # d loss / d h, [tokens, r]
     if lora_A is not None:
         gl = g2.to(lora_A.dtype) * scaling
-        h2 = h.reshape(-1, lora_A.shape[0])
+        dh2 = gl @ lora_B
         if need_dB:
-            dB = gl.t() @ h2
-        if need_dA or need_dx_lora or (need_dx and x_lora is None):
-            dh2 = gl @ lora_B
+            dB = gl.t() @ h.reshape(-1, lora_A.shape[0])
         if need_dA:
             xl = x.to(lora_A.dtype) if x_lora is None else x_lora
             dA = dh2.t() @ xl.reshape(-1, in_features)
@@ -165,7 +173,7 @@ def _backward_reference(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora,
             dx_lora = (dh2 @ lora_A).reshape(x_lora.shape)
     if need_dx:
         dx2 = g2 @ weight
-        if lora_A is not None and x_lora is None:
+        if dh2 is not None and x_lora is None:
             dx2 = dx2 + (dh2 @ lora_A).to(dx2.dtype)
         dx = dx2.reshape(x.shape)
     if need_dbias:
@@ -174,43 +182,32 @@ def _backward_reference(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora,
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, x_lora):
-    """Pure-torch ``npu_ft::lora_linear``: returns ``(y [..., out], h [..., r])``."""
+    """Oracle of ``npu_ft::lora_linear``: returns ``(y [..., out], h [..., r])``."""
     return _forward_reference(x, weight, bias, lora_A, lora_B, scaling, x_lora, cast_branch_first=False)
 
 
 def lora_linear_backward_reference(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora, output_mask):
-    """Pure-torch ``npu_ft::lora_linear_backward``: ``(dx, dx_lora, dA, dB, dbias)``."""
+    """Oracle of ``npu_ft::lora_linear_backward``: ``(dx, dx_lora, dA, dB, dbias)``."""
     return _backward_reference(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora, output_mask)
 
 
 def nf4_linear_reference(x, packed, absmax, blocksize, weight_shape, bias, lora_A, lora_B, scaling, x_lora):
-    """Pure-torch ``npu_ft::nf4_linear``: dequantize W to x's dtype, then as PEFT's Linear4bit."""
-    weight = _dequantize(packed, absmax, blocksize, weight_shape, x.dtype)
+    """Oracle of ``npu_ft::nf4_linear``: dequantize W to x's dtype, then as PEFT's Linear4bit."""
+    weight = _lora_fused.dequantize_weight(packed, absmax, blocksize, weight_shape, x.dtype)
     return _forward_reference(x, weight, bias, lora_A, lora_B, scaling, x_lora, cast_branch_first=True)
 
 
 def nf4_linear_backward_reference(
     grad_out, x, packed, absmax, blocksize, weight_shape, lora_A, lora_B, h, scaling, x_lora, output_mask
 ):
-    """Pure-torch ``npu_ft::nf4_linear_backward``; dequantizes W again (only when dx is needed)."""
-    weight = _dequantize(packed, absmax, blocksize, weight_shape, x.dtype) if output_mask[0] else None
+    """Oracle of ``npu_ft::nf4_linear_backward``; dequantizes W again (only when dx is needed)."""
+    weight = _lora_fused.dequantize_weight(packed, absmax, blocksize, weight_shape, x.dtype) if output_mask[0] else None
     return _backward_reference(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora, output_mask)
 
-
-_registry.register_reference(LORA_LINEAR, lora_linear_reference)
-_registry.register_reference(LORA_LINEAR_BACKWARD, lora_linear_backward_reference)
-_registry.register_reference(NF4_LINEAR, nf4_linear_reference)
-_registry.register_reference(NF4_LINEAR_BACKWARD, nf4_linear_backward_reference)
 
 # --------------------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------------------
-
-
-def _cast_dbias(dbias, bias):
-    if bias is None:
-        return None
-    return dbias.to(bias.dtype)
 
 
 def _lora_linear_setup_context(ctx, inputs, output):
@@ -293,46 +290,6 @@ _registry.register_autograd(NF4_LINEAR, _nf4_linear_backward, _nf4_linear_setup_
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_scaling(scaling) -> float:
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        raise TypeError(f"scaling: expected a float, got {type(scaling).__name__}")
-    scaling = float(scaling)
-    if not math.isfinite(scaling):
-        raise ValueError(f"scaling: must be finite, got {scaling}")
-    return scaling
-
-
-def _check_lora(x, lora_A, lora_B, x_lora, in_features: int, out_features: int, extra_devices: dict) -> None:
-    _checks.check_tensor("lora_A", lora_A, _checks.FLOAT_DTYPES, ndim=2)
-    _checks.check_tensor("lora_B", lora_B, _checks.FLOAT_DTYPES, ndim=2)
-    if lora_B.dtype != lora_A.dtype:
-        raise TypeError(f"lora_B: dtype {lora_B.dtype} differs from lora_A's {lora_A.dtype}")
-    r = lora_A.shape[0]
-    if r < 1:
-        raise ValueError(f"lora_A: rank (dim 0) must be >= 1, got shape {tuple(lora_A.shape)}")
-    _checks.check_dim("lora_A", lora_A.shape[1], in_features, "in_features (dim 1)")
-    _checks.check_dim("lora_B", lora_B.shape[0], out_features, "out_features (dim 0)")
-    _checks.check_dim("lora_B", lora_B.shape[1], r, "rank (dim 1, must equal lora_A's dim 0)")
-    if x_lora is not None:
-        _checks.check_tensor("x_lora", x_lora, (lora_A.dtype,))
-        if x_lora.shape != x.shape:
-            raise ValueError(f"x_lora: shape {tuple(x_lora.shape)} differs from x's {tuple(x.shape)}")
-    _checks.check_same_device("x", x, lora_A=lora_A, lora_B=lora_B, x_lora=x_lora, **extra_devices)
-
-
-def _check_x(x) -> None:
-    _checks.check_tensor("x", x, _checks.FLOAT_DTYPES)
-    if x.dim() < 1:
-        raise ValueError(f"x: expected at least 1 dimension [..., in_features], got shape {tuple(x.shape)}")
-
-
-def _check_bias(bias, x, out_features: int) -> None:
-    if bias is None:
-        return
-    _checks.check_tensor("bias", bias, (x.dtype,), ndim=1)
-    _checks.check_dim("bias", bias.shape[0], out_features, "length")
-
-
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -356,17 +313,8 @@ def lora_linear(
     Returns:
         ``[..., out]`` in x's dtype.
     """
-    _check_x(x)
-    _checks.check_tensor("weight", weight, (x.dtype,), ndim=2)
-    out_features, in_features = weight.shape
-    _checks.check_dim("x", x.shape[-1], in_features, "in_features (last dim, must equal weight's dim 1)")
-    _check_bias(bias, x, out_features)
-    _check_lora(x, lora_A, lora_B, x_lora, in_features, out_features, {"weight": weight, "bias": bias})
-    scaling = _check_scaling(scaling)
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            "weight: the base weight is frozen in LoRA and gets no gradient; call weight.requires_grad_(False)"
-        )
+    check_dense_lora_args(x, weight, bias, lora_A, lora_B, x_lora, "LoRA")
+    scaling = check_scaling(scaling)
     y, _ = torch.ops.npu_ft.lora_linear(x, weight, bias, lora_A, lora_B, scaling, x_lora)
     return y
 
@@ -397,29 +345,15 @@ def nf4_linear(
     Returns:
         ``[..., out]`` in x's dtype.
     """
-    _check_x(x)
-    _checks.check_tensor("packed", packed, (torch.uint8,), ndim=2)
-    shape = getattr(state, "shape", None)
-    if shape is None or not hasattr(state, "absmax_fp32") or not hasattr(state, "blocksize"):
-        raise TypeError(f"state: expected an Nf4QuantState, got {type(state).__name__}")
-    shape = [int(s) for s in shape]
-    if len(shape) != 2:
-        raise ValueError(f"state: nf4_linear needs a 2-D weight [out, in], got shape {tuple(shape)}")
+    check_x(x)
+    absmax, blocksize, shape = check_nf4_weight(x, packed, state)
     out_features, in_features = shape
-    numel = out_features * in_features
-    _checks.check_dim("packed", packed.shape[0], (numel + 1) // 2, "number of bytes (dim 0)")
-    _checks.check_dim("packed", packed.shape[1], 1, "dim 1")
-    blocksize = int(state.blocksize)
-    absmax = state.absmax_fp32()
-    _checks.check_tensor("state.absmax", absmax, (torch.float32,), ndim=1)
-    _checks.check_dim("state.absmax", absmax.shape[0], -(-numel // blocksize), "number of blocks")
-    _checks.check_dim("x", x.shape[-1], in_features, "in_features (last dim, must equal the weight's dim 1)")
-    _check_bias(bias, x, out_features)
+    check_bias(bias, x, out_features)
     if (lora_A is None) != (lora_B is None):
         name = "lora_B" if lora_B is None else "lora_A"
         raise ValueError(f"{name}: lora_A and lora_B must be given together")
     if lora_A is not None:
-        _check_lora(
+        check_lora(
             x,
             lora_A,
             lora_B,
@@ -432,6 +366,6 @@ def nf4_linear(
         if x_lora is not None:
             raise ValueError("x_lora: only meaningful with lora_A / lora_B")
         _checks.check_same_device("x", x, packed=packed, bias=bias, **{"state.absmax": absmax})
-    scaling = _check_scaling(scaling)
+    scaling = check_scaling(scaling)
     y, _ = torch.ops.npu_ft.nf4_linear(x, packed, absmax, blocksize, shape, bias, lora_A, lora_B, scaling, x_lora)
     return y

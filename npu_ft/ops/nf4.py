@@ -187,11 +187,15 @@ def _num_blocks(numel, blocksize):
 # Op schemas and fake kernels
 # --------------------------------------------------------------------------------------------
 
-_registry.define("nf4_quantize(Tensor A, int blocksize) -> (Tensor, Tensor)")
+# Tolerances: codes and packed bytes must match the oracle exactly; dequantized values are within
+# the default float table (the oracle computes them in float32; a kernel returns them in ``dtype``).
+_registry.define("nf4_quantize(Tensor A, int blocksize) -> (Tensor, Tensor)", tolerances=_registry.EXACT)
 _registry.define(
     "nf4_dequantize(Tensor packed, Tensor absmax, int blocksize, SymInt[] shape, ScalarType dtype) -> Tensor"
 )
-_registry.define("quantize_blockwise_8bit(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)")
+_registry.define(
+    "quantize_blockwise_8bit(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)", tolerances=_registry.EXACT
+)
 _registry.define(
     "dequantize_blockwise_8bit(Tensor q, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor"
 )
@@ -370,8 +374,8 @@ def _check_numel(name: str, t: torch.Tensor, expected: int, what: str) -> None:
         raise ValueError(f"{name}: has {t.numel()} elements, expected {expected} ({what})")
 
 
-def _check_code(name: str, code: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
-    _checks.check_tensor(name, code, dtypes=(torch.float32,))
+def _check_code(name: str, code, ref_name: str, ref: torch.Tensor) -> None:
+    code = _checks.check_tensor(name, code, dtypes=(torch.float32,))
     _check_numel(name, code, 256, "the 8-bit code map")
     _checks.check_same_device(ref_name, ref, **{name: code})
 
@@ -522,18 +526,33 @@ class Nf4QuantState:
         return _num_blocks(self.numel, self.blocksize)
 
     @property
+    def stored_absmax(self) -> torch.Tensor:
+        """What bitsandbytes stores as ``absmax``: float32 ``absmax``, or uint8 ``qabsmax`` when nested."""
+        if self.qabsmax is not None:
+            return self.qabsmax
+        if self.absmax is not None:
+            return self.absmax
+        raise ValueError("absmax: give exactly one of absmax (plain) or qabsmax (nested)")
+
+    @property
     def device(self) -> torch.device:
-        return (self.qabsmax if self.nested else self.absmax).device
+        return self.stored_absmax.device
+
+    def nested_fields(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(qabsmax, nested_absmax, nested_code, offset)`` of a nested state (ValueError if plain)."""
+        qabsmax, nested_absmax, nested_code, offset = self.qabsmax, self.nested_absmax, self.nested_code, self.offset
+        if qabsmax is None or nested_absmax is None or nested_code is None or offset is None:
+            raise ValueError("qabsmax: not a nested (double-quantized) state")
+        return qabsmax, nested_absmax, nested_code, offset
 
     def absmax_fp32(self) -> torch.Tensor:
         """float32 ``[num_blocks]``: ``absmax``, or for a nested state the dequantized
         ``qabsmax`` plus ``offset`` (bitsandbytes' order of operations)."""
         if not self.nested:
-            return self.absmax
-        absmax = dequantize_blockwise_8bit(
-            self.qabsmax, self.nested_absmax, self.nested_code, self.nested_blocksize, torch.float32
-        )
-        return absmax + self.offset.to(absmax.device, torch.float32)
+            return self.stored_absmax
+        qabsmax, nested_absmax, nested_code, offset = self.nested_fields()
+        absmax = dequantize_blockwise_8bit(qabsmax, nested_absmax, nested_code, self.nested_blocksize, torch.float32)
+        return absmax + offset.to(absmax.device, torch.float32)
 
     def to(self, device) -> Nf4QuantState:
         """A copy with every tensor on ``device`` (bitsandbytes' ``QuantState.to`` works in place)."""
@@ -558,20 +577,21 @@ class Nf4QuantState:
         device = self.device
         fields: dict[str, Any] = {
             "quant_type": "nf4",
-            "absmax": self.qabsmax if self.nested else self.absmax,
+            "absmax": self.stored_absmax,
             "blocksize": self.blocksize,
             "quant_map": nf4_code(device).clone(),
             "dtype": _dtype_name(self.dtype),
             "shape": tuple(self.shape),
         }
         if self.nested:
+            _, nested_absmax, nested_code, offset = self.nested_fields()
             fields.update(
                 {
-                    "nested_absmax": self.nested_absmax,
+                    "nested_absmax": nested_absmax,
                     "nested_blocksize": self.nested_blocksize,
-                    "nested_quant_map": self.nested_code.clone(),
+                    "nested_quant_map": nested_code.clone(),
                     "nested_dtype": "float32",
-                    "nested_offset": float(self.offset.item()),
+                    "nested_offset": float(offset.item()),
                 }
             )
         if not packed:
@@ -646,27 +666,25 @@ class Nf4QuantState:
         _check_float_dtype(prefix + "dtype", self.dtype)
         nblocks = self.num_blocks
         if self.nested:
-            _checks.check_tensor(prefix + "qabsmax", self.qabsmax, dtypes=(torch.uint8,))
-            _check_numel(prefix + "qabsmax", self.qabsmax, nblocks, f"one per block of {self.blocksize}")
+            qabsmax = _checks.check_tensor(prefix + "qabsmax", self.qabsmax, dtypes=(torch.uint8,))
+            _check_numel(prefix + "qabsmax", qabsmax, nblocks, f"one per block of {self.blocksize}")
             _check_blocksize(prefix + "nested_blocksize", self.nested_blocksize, BLOCKSIZES_8BIT)
-            _checks.check_tensor(prefix + "nested_absmax", self.nested_absmax, dtypes=(torch.float32,))
+            nested_absmax = _checks.check_tensor(prefix + "nested_absmax", self.nested_absmax, dtypes=(torch.float32,))
             _check_numel(
                 prefix + "nested_absmax",
-                self.nested_absmax,
+                nested_absmax,
                 _num_blocks(nblocks, self.nested_blocksize),
                 f"one per block of {self.nested_blocksize} absmax codes",
             )
-            _check_code(prefix + "nested_code", self.nested_code, prefix + "qabsmax", self.qabsmax)
-            _checks.check_tensor(prefix + "offset", self.offset, dtypes=(torch.float32,))
-            _check_numel(prefix + "offset", self.offset, 1, "a scalar")
+            _check_code(prefix + "nested_code", self.nested_code, prefix + "qabsmax", qabsmax)
+            offset = _checks.check_tensor(prefix + "offset", self.offset, dtypes=(torch.float32,))
+            _check_numel(prefix + "offset", offset, 1, "a scalar")
             _checks.check_same_device(
-                prefix + "qabsmax",
-                self.qabsmax,
-                **{prefix + "nested_absmax": self.nested_absmax, prefix + "offset": self.offset},
+                prefix + "qabsmax", qabsmax, **{prefix + "nested_absmax": nested_absmax, prefix + "offset": offset}
             )
         else:
-            _checks.check_tensor(prefix + "absmax", self.absmax, dtypes=(torch.float32,))
-            _check_numel(prefix + "absmax", self.absmax, nblocks, f"one per block of {self.blocksize}")
+            absmax = _checks.check_tensor(prefix + "absmax", self.absmax, dtypes=(torch.float32,))
+            _check_numel(prefix + "absmax", absmax, nblocks, f"one per block of {self.blocksize}")
 
 
 def quantize_nf4(
@@ -711,6 +729,6 @@ def dequantize_nf4(packed: torch.Tensor, state: Nf4QuantState, dtype: torch.dtyp
     dtype = state.dtype if dtype is None else _check_float_dtype("dtype", dtype)
     n = state.numel
     _check_numel("packed", packed, (n + 1) // 2, f"two 4-bit codes per byte for shape {tuple(state.shape)}")
-    _checks.check_same_device("packed", packed, **{"state.absmax": state.qabsmax if state.nested else state.absmax})
+    _checks.check_same_device("packed", packed, **{"state.absmax": state.stored_absmax})
     absmax = state.absmax_fp32()
     return torch.ops.npu_ft.nf4_dequantize(packed, absmax, state.blocksize, list(state.shape), dtype)

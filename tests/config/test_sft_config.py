@@ -131,8 +131,8 @@ def test_wrong_type_or_range_names_key_and_file(tmp_path, line, key, words):
 @pytest.mark.parametrize(
     "line, key",
     [
-        ("use_dora: true", "use_dora"),
-        ("pissa_init: true", "pissa_init"),
+        ("create_new_adapter: true", "create_new_adapter"),
+        ("use_llama_pro: true", "use_llama_pro"),
         ("use_unsloth: true", "use_unsloth"),
         ("rope_scaling: linear", "rope_scaling"),
         ("use_galore: true", "use_galore"),
@@ -145,8 +145,8 @@ def test_known_but_unsupported_keys(tmp_path, line, key):
 
 
 def test_unsupported_keys_at_their_lf_default_are_accepted(tmp_path):
-    cfg = load_config(write(tmp_path, "model_name_or_path: m\nuse_dora: false\nrope_scaling: null\n"))
-    assert cfg.use_dora is False
+    cfg = load_config(write(tmp_path, "model_name_or_path: m\nuse_galore: false\nrope_scaling: null\n"))
+    assert cfg.use_galore is False
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ def test_every_key_is_a_typed_field_of_one_group():
         assert name in hints, name
         assert info.status in ("supported", "ignored", "unsupported"), name
     assert hints["lora_rank"] is int and hints["learning_rate"] is float
-    assert typing.get_args(hints["finetuning_type"]) == ("lora", "full")
+    assert typing.get_args(hints["finetuning_type"]) == ("lora", "full", "vera")
     assert OPTIONS["device"].own and not OPTIONS["lora_rank"].own
 
 
@@ -68,8 +68,8 @@ def test_typed_values_and_derived_keys():
 def test_direct_construction_is_checked_too():
     with pytest.raises(ConfigError, match="'lora_rank'.*>= 1"):
         SftConfig(model_name_or_path="m", lora_rank=0)
-    with pytest.raises(UnsupportedError, match="use_dora is not supported by npu-ft yet"):
-        SftConfig(model_name_or_path="m", use_dora=True)
+    with pytest.raises(UnsupportedError, match="use_galore is not supported by npu-ft yet"):
+        SftConfig(model_name_or_path="m", use_galore=True)
 
 
 @pytest.mark.parametrize("keys, key, words", [

@@ -10,6 +10,7 @@ import torch
 
 import npu_ft.ops  # noqa: F401  (registers the backends)
 from npu_ft.ops import _registry, nf4
+from npu_ft.ops.backends.cpu import _native
 from npu_ft.ops.backends.cpu import nf4 as cpu_nf4
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -30,9 +31,9 @@ def _weight(shape, dtype, seed=0):
 def cpu_path(request, monkeypatch):
     """Run the CPU kernel through its native C code and through its pure-torch fallback."""
     if request.param == "torch":
-        monkeypatch.setenv(cpu_nf4.ENV_NATIVE, "0")
-    elif cpu_nf4.native_library() is None:
-        pytest.skip(f"native CPU kernels unavailable: {cpu_nf4.native_unavailable_reason()}")
+        monkeypatch.setenv(_native.ENV_NATIVE, "0")
+    elif _native.native_ops() is None:
+        pytest.skip(f"native CPU kernels unavailable: {_native.unavailable_reason()}")
     return request.param
 
 
@@ -142,7 +143,7 @@ def test_cpu_8bit_matches_reference(dtype, cpu_path):
 
 def test_cpu_float_conversions_exact_over_wide_range():
     """Scales spanning fp16 subnormals to overflow, plus inf/nan absmax: C casts == torch casts."""
-    if cpu_nf4.native_library() is None:
+    if _native.native_ops() is None:
         pytest.skip("native CPU kernels unavailable")
     g = torch.Generator().manual_seed(3)
     q = torch.randint(0, 256, (64 * 2048,), dtype=torch.uint8, generator=g)
@@ -175,7 +176,7 @@ def test_cpu_kernel_is_dispatched():
 
 
 def test_cpu_multithreaded_split_matches_single_thread():
-    w = _weight((256, 1024), torch.bfloat16, seed=9)  # above the fan-out threshold
+    w = _weight((1024, 1024), torch.bfloat16, seed=9)  # above the fan-out thresholds (2**16, 2**19 values)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -325,8 +325,10 @@ def test_register_puts_every_kernel_on_the_cuda_key():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     from npu_ft.ops.backends.cuda import adamw8bit as A8
+    from npu_ft.ops.backends.cuda import block_ops, methods
 
-    assert out.stdout.strip().split(",") == sorted([*Q.KERNELS, *K.KERNELS, *A8.KERNELS])
+    expected = sorted([*Q.KERNELS, *K.KERNELS, *A8.KERNELS, *block_ops.KERNELS, *methods.KERNELS])
+    assert out.stdout.strip().split(",") == expected
 
 
 @pytest.mark.slow
@@ -340,7 +342,10 @@ def test_kernels_compile_for_h100_without_a_gpu():
     out = subprocess.run([sys.executable, "-m", "npu_ft.ops.backends.cuda._aot", "90"], capture_output=True,
                          text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert len(out.stdout.strip().splitlines()) == 8, out.stdout  # 6 + adamw8bit_update fp32, bf16
+    # 6 + adamw8bit_update fp32, bf16 + the 10 decoder-block kernels + the 3 DoRA kernels
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 21, out.stdout
+    assert {line.split(" (")[0] for line in lines} >= {"dora_row_norm", "dora_scale bf16", "dora_grad bf16"}
 
 
 # ------------------------------------------------------------------------------------------------

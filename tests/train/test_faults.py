@@ -81,8 +81,8 @@ def test_wrong_type_and_override(env, capsys, tmp_path):
 
 
 def test_unsupported_key(env, capsys, tmp_path):
-    code, err = _run(capsys, [_recipe(env, tmp_path, use_dora=True)])
-    _assert_failed(code, err, "use_dora", "not supported", out=tmp_path / "out")
+    code, err = _run(capsys, [_recipe(env, tmp_path, use_galore=True)])
+    _assert_failed(code, err, "use_galore", "not supported", out=tmp_path / "out")
 
 
 def test_quantization_with_full(env, capsys, tmp_path):

@@ -1,7 +1,12 @@
 """Per-device kernels. Each backend package exposes ``register()``, which registers its kernels
 on its dispatch key; :func:`register_available_backends` calls it only for backends that can run
 here (cpu always; cuda when a GPU and Triton are present; npu when torch_npu, or the test suite's
-fake npu device, provides a usable "npu" device)."""
+fake npu device, provides a usable "npu" device).
+
+When: the cpu kernels at ``import npu_ft`` (no probe needed); cuda and npu, whose probes touch the
+device (and may import torch_npu), on the first op call with a tensor on that device (through
+:func:`register_for_device`, the registry's backend loader) or when
+:func:`register_available_backends` is called (``npu-ft doctor``, ``npu_ft.ops.BACKEND_STATUS``)."""
 
 from __future__ import annotations
 
@@ -37,11 +42,13 @@ def _npu_reason() -> str | None:
 _REASONS = {"cpu": lambda: None, "cuda": _cuda_reason, "npu": _npu_reason}
 
 
-def register_available_backends() -> dict[str, str | None]:
-    """Register every usable backend's kernels once. Returns {backend: None or why skipped}."""
+def register_available_backends(names: tuple[str, ...] = tuple(_REASONS)) -> dict[str, str | None]:
+    """Register the kernels of each usable backend in ``names`` (default: all) once.
+    Returns {backend: None or why skipped}."""
     status: dict[str, str | None] = {}
     enabled = _registry.enabled_kernels()
-    for name, reason_fn in _REASONS.items():
+    for name in names:
+        reason_fn = _REASONS[name]
         if name in _LOADED:
             status[name] = None
             continue
@@ -57,6 +64,13 @@ def register_available_backends() -> dict[str, str | None]:
         status[name] = None
         log.debug("registered %s kernels", name)
     return status
+
+
+def register_for_device(device_type: str) -> bool:
+    """Register the backend of ``device_type`` ("cuda", "npu") if it can run here; True if loaded."""
+    if device_type not in _REASONS:
+        return False
+    return register_available_backends((device_type,))[device_type] is None
 
 
 def loaded_backends() -> set[str]:

@@ -22,7 +22,7 @@ from ...adamw8bit import ADAMW8BIT_UPDATE, adamw8bit_update_chunked
 CHUNK_BLOCKS = 256
 
 
-def register() -> list[str]:
-    """Register the chunked update as the CPU kernel of ``adamw8bit_update``."""
-    kernel = functools.partial(adamw8bit_update_chunked, chunk_blocks=CHUNK_BLOCKS)
-    return _registry.register_kernels("cpu", {ADAMW8BIT_UPDATE: kernel})
+#: the chunked update is this backend's kernel of ``adamw8bit_update``
+KERNELS: _registry.KernelTable = {
+    ADAMW8BIT_UPDATE: functools.partial(adamw8bit_update_chunked, chunk_blocks=CHUNK_BLOCKS),
+}

@@ -1,6 +1,6 @@
 """cpu kernels of ``lora_linear`` / ``nf4_linear`` and their backward ops: the fused-addmm kernels
-of :mod:`npu_ft.ops.backends._fused_lora` (one ``addmm`` with the bias, the LoRA product added in
-place, no full-size temporaries), registered on the CPU key.
+of :mod:`npu_ft.ops._lora_fused` (one ``addmm`` with the bias, the LoRA product added in place, no
+full-size temporaries), registered on the CPU key.
 
 ``nf4_linear`` / ``nf4_linear_backward`` dequantize W into a **reused per-thread workspace** instead
 of a new ``[out, in]`` tensor per call. Why: with glibc malloc, a fresh multi-MiB buffer per call
@@ -20,16 +20,16 @@ bit-identical to dequantizing into a new tensor. ``NPU_FT_NF4_WORKSPACE=0`` turn
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 
 import torch
 
-from ... import _registry
-from .. import _fused_lora
+from ... import _checks, _lora_fused, _registry
 from . import nf4 as _cpu_nf4
 
-__all__ = ["register", "release_workspace", "workspace_bytes", "ENV_WORKSPACE"]
+__all__ = ["KERNELS", "release_workspace", "workspace_bytes", "ENV_WORKSPACE"]
 
 ENV_WORKSPACE = "NPU_FT_NF4_WORKSPACE"
 
@@ -59,41 +59,34 @@ def _workspace(n: int, dtype: torch.dtype) -> torch.Tensor:
         _LOCAL.buf = None  # free the old one first
         # a normal (non-inference) tensor even under inference_mode, so it may be written anywhere
         with torch.inference_mode(False):
-            lib = _cpu_nf4.native_library()
-            buf = _cpu_nf4._empty_output(lib, (nbytes,), torch.uint8) if lib is not None else torch.empty(
-                nbytes, dtype=torch.uint8)
+            buf = _cpu_nf4.empty_output((nbytes,), torch.uint8)
         _LOCAL.buf = buf
     return buf[:nbytes].view(dtype)
 
 
 def _dequantize(packed, absmax, blocksize, weight_shape, dtype):
     """W ``[out, in]`` in ``dtype``; in the thread's workspace when possible (valid until the next call)."""
-    if not _workspace_enabled() or packed.device.type != "cpu" or dtype not in _cpu_nf4._DT_SUFFIX:
-        return torch.ops.npu_ft.nf4_dequantize(packed, absmax, blocksize, list(weight_shape), dtype)
-    n = 1
-    for d in weight_shape:
-        n *= int(d)
+    if not _workspace_enabled() or packed.device.type != "cpu" or dtype not in _checks.FLOAT_DTYPES:
+        return _lora_fused.dequantize_weight(packed, absmax, blocksize, weight_shape, dtype)
+    n = math.prod(int(d) for d in weight_shape)
     _registry.KERNEL_CALLS[("nf4_dequantize", "cpu")] += 1  # the cpu dequantize kernel runs, into the workspace
     return _cpu_nf4.nf4_dequantize_into(packed, absmax, blocksize, weight_shape, dtype, _workspace(n, dtype))
 
 
 def nf4_linear_cpu(x, packed, absmax, blocksize, weight_shape, bias, lora_A, lora_B, scaling, x_lora):
     weight = _dequantize(packed, absmax, blocksize, weight_shape, x.dtype)
-    return _fused_lora._forward(x, weight, bias, lora_A, lora_B, scaling, x_lora, cast_branch_first=True)
+    return _lora_fused.forward(x, weight, bias, lora_A, lora_B, scaling, x_lora, cast_branch_first=True)
 
 
 def nf4_linear_backward_cpu(grad_out, x, packed, absmax, blocksize, weight_shape, lora_A, lora_B, h, scaling,
                             x_lora, output_mask):
     weight = _dequantize(packed, absmax, blocksize, weight_shape, x.dtype) if output_mask[0] else None
-    return _fused_lora._backward(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora, output_mask)
+    return _lora_fused.backward(grad_out, x, weight, lora_A, lora_B, h, scaling, x_lora, output_mask)
 
 
-KERNELS = {
-    **_fused_lora.KERNELS,
+KERNELS: _registry.KernelTable = {
+    **_lora_fused.KERNELS,
     "nf4_linear": nf4_linear_cpu,
     "nf4_linear_backward": nf4_linear_backward_cpu,
 }
 
-
-def register() -> list[str]:
-    return _registry.register_kernels("cpu", KERNELS)

@@ -1,7 +1,7 @@
 """cuda kernels of the npu_ft ops, one module per op family (e.g. `nf4.py`, `lora.py`).
 
-Each module defines `register()`, which calls `npu_ft.ops._registry.register_kernel(op, "cuda", fn)`
-for its kernels; :func:`register` below runs them all.
+Each module (private ones, `_*.py`, aside) defines `KERNELS = {op name: kernel function}`;
+:func:`register` below registers them all on the cuda dispatch key (only for the ops that exist).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def compile_all(arch: int = 90) -> list[str]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import adamw8bit, lora, nf4
+    from . import adamw8bit, block_ops, lora, methods, nf4
 
     target = GPUTarget("cuda", arch, 32)
     done = []
@@ -77,6 +77,8 @@ def compile_all(arch: int = 90) -> list[str]:
                                                 "step_size")})
         build(adamw8bit._adamw8bit_kernel, f"adamw8bit_update {dtype}", types,
               dict(APPLY_DECAY=True, BLOCKSIZE=256, ROWS=adamw8bit.ROWS, RNE_BF16=False), enable_fp_fusion=False)
+    block_ops.compile_for_target(build)
+    methods.compile_for_target(build)
     return done
 
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the Triton kernel modules (underscore: not an op module, no ``register()``)."""
+"""Helpers shared by the Triton kernel modules (underscore: not an op module, no ``KERNELS``)."""
 
 from __future__ import annotations
 

@@ -113,9 +113,5 @@ def adamw8bit_update(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, b
     )
 
 
-KERNELS = {ADAMW8BIT_UPDATE: adamw8bit_update}
+KERNELS: _registry.KernelTable = {ADAMW8BIT_UPDATE: adamw8bit_update}
 
-
-def register() -> list[str]:
-    """Register :func:`adamw8bit_update` as the CUDA kernel of the op."""
-    return _registry.register_kernels("cuda", KERNELS)

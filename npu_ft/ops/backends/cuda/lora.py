@@ -169,8 +169,8 @@ def dual_gemm(
         raise ValueError(f"b1: shape {tuple(b1.shape)} does not match a1's {tuple(a1.shape)}")
     if a1.dtype != b1.dtype:
         raise TypeError(f"b1: dtype {b1.dtype} differs from a1's {a1.dtype}")
-    has_second = a2 is not None
-    if has_second:
+    has_second = a2 is not None and b2 is not None
+    if a2 is not None and b2 is not None:
         if a2.shape[0] != M or b2.shape[1] != N or a2.shape[1] != b2.shape[0]:
             raise ValueError(f"a2/b2: shapes {tuple(a2.shape)} @ {tuple(b2.shape)} do not give [{M}, {N}]")
         if a2.dtype != b2.dtype:
@@ -227,13 +227,14 @@ def _backward(grad_out, x, weight_fn, lora_A, lora_B, h, scaling, x_lora, output
     in_features = x.shape[-1]
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     dx, dx_lora, dA, dB, dbias = (x.new_empty(0) for _ in range(5))
-    dh2 = None
+    dh2: torch.Tensor | None = None  # [M, r], already scaled
     if lora_A is not None:
         gl = g2.to(lora_A.dtype) * scaling
         if need_dB:
             dB = gl.t() @ h.reshape(-1, lora_A.shape[0])
         if need_dA or need_dx_lora or (need_dx and x_lora is None):
-            dh2 = gl @ lora_B  # [M, r], already scaled
+            dh2 = gl @ lora_B
+    if dh2 is not None:
         if need_dA:
             xl = x.to(lora_A.dtype) if x_lora is None else x_lora
             dA = dh2.t() @ xl.reshape(-1, in_features)
@@ -241,7 +242,7 @@ def _backward(grad_out, x, weight_fn, lora_A, lora_B, h, scaling, x_lora, output
             dx_lora = dual_gemm(dh2, lora_A).reshape(x_lora.shape)
     if need_dx:
         weight = weight_fn()
-        if lora_A is not None and x_lora is None:
+        if dh2 is not None and x_lora is None:
             dx2 = dual_gemm(g2, weight, dh2, lora_A, 1.0, out_dtype=x.dtype)
         else:
             dx2 = dual_gemm(g2, weight, out_dtype=x.dtype)
@@ -283,14 +284,10 @@ def nf4_linear_backward(grad_out, x, packed, absmax, blocksize, weight_shape, lo
     )
 
 
-KERNELS = {
+KERNELS: _registry.KernelTable = {
     "lora_linear": lora_linear,
     "lora_linear_backward": lora_linear_backward,
     "nf4_linear": nf4_linear,
     "nf4_linear_backward": nf4_linear_backward,
 }
 
-
-def register() -> list[str]:
-    """Register the kernels above as the CUDA kernels of the ops that exist; returns their names."""
-    return _registry.register_kernels("cuda", KERNELS)

@@ -357,14 +357,10 @@ def _nf4_dequantize_op(packed, absmax, blocksize, shape, dtype):
     return nf4_dequantize(packed, absmax, blocksize, shape, dtype)
 
 
-KERNELS = {
+KERNELS: _registry.KernelTable = {
     "nf4_quantize": nf4_quantize,
     "nf4_dequantize": _nf4_dequantize_op,
     "quantize_blockwise_8bit": quantize_blockwise_8bit,
     "dequantize_blockwise_8bit": dequantize_blockwise_8bit,
 }
 
-
-def register() -> list[str]:
-    """Register the kernels above as the CUDA kernels of the ops that exist; returns their names."""
-    return _registry.register_kernels("cuda", KERNELS)

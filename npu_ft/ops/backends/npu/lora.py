@@ -15,7 +15,7 @@ weight is rebuilt by the LUT dequantize of :mod:`npu_ft.ops.backends.npu.nf4` in
 for one GEMM and dropped (backward rebuilds it only when dx is needed).
 
 The kernels themselves are the fused-addmm kernels shared with the cpu backend
-(:mod:`npu_ft.ops.backends._fused_lora`): the same torch calls map onto aclnn on an NPU.
+(:mod:`npu_ft.ops._lora_fused`, also the ops' reference kernels): the same torch calls map onto aclnn on an NPU.
 
 Dtype semantics are exactly the reference's (PEFT): the LoRA branch runs in lora_A's dtype; for
 ``lora_linear`` it is added in the promoted dtype and the sum rounded to x's dtype, for
@@ -27,12 +27,7 @@ on real Ascend hardware only by ``npu-ft doctor`` / the ``ascend``-marked tests 
 
 from __future__ import annotations
 
-from ... import _registry
-from .._fused_lora import KERNELS
+from ..._lora_fused import KERNELS
 
-__all__ = ["register"]
+__all__ = ["KERNELS"]
 
-
-def register() -> list[str]:
-    """Register the fused kernels on the PrivateUse1 ("npu") key for the ops that exist."""
-    return _registry.register_kernels("npu", KERNELS)

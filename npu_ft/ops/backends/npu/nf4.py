@@ -53,7 +53,7 @@ __all__ = [
     "nf4_dequantize_npu",
     "nf4_quantize_npu",
     "quantize_blockwise_8bit_npu",
-    "register",
+    "KERNELS",
 ]
 
 # entries of the reference's 8-bit quantization lookup table (uint16 index space)
@@ -180,14 +180,10 @@ def quantize_blockwise_8bit_npu(
     return q.reshape(-1)[:n].to(torch.uint8).reshape(A.shape), absmax
 
 
-KERNELS = {
+KERNELS: _registry.KernelTable = {
     "nf4_quantize": nf4_quantize_npu,
     "nf4_dequantize": nf4_dequantize_npu,
     "quantize_blockwise_8bit": quantize_blockwise_8bit_npu,
     "dequantize_blockwise_8bit": dequantize_blockwise_8bit_npu,
 }
 
-
-def register() -> list[str]:
-    """Register the kernels above on the PrivateUse1 ("npu") key for the ops that exist."""
-    return _registry.register_kernels("npu", KERNELS)
