@@ -25,6 +25,16 @@ from npu_ft.ops._doctor_rows import BLOCKSIZE, RANK, W_SHAPE, X_SHAPE, compare_g
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+#: printed under the table when bf16 / fp16 rows ran: why their errors are not zero
+LOW_PRECISION_NOTE = (
+    "\nReading the errors: every row is compared with the op's float32 reference on the CPU. A bf16 (fp16) row "
+    "runs the op in that dtype, so its inputs and outputs carry 8 (11) significant bits: an error up to about 1% "
+    "of the tensor's scale is the format's rounding, not a kernel fault, and the tolerance column allows exactly "
+    "that. Rows marked 'exact' (nf4_quantize: the 4-bit codes and absmax) must match bit for bit in every dtype: "
+    "the stored NF4 bytes are the same as bitsandbytes', whatever dtype the weights came from."
+)
+
+
 @dataclass
 class CheckResult:
     op: str
@@ -373,6 +383,8 @@ def doctor_main(argv: list[str]) -> int:
     print(format_table(results))
     failed = [r for r in results if not r.passed]
     print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
+    if any(d != torch.float32 for d in dtypes):
+        print(LOW_PRECISION_NOTE)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "results": [asdict(r) for r in results]}, f, indent=2)

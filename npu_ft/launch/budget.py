@@ -137,7 +137,14 @@ def recipe_estimate(cfg: Any, target: Card, world_size: int = 1, policy: str | N
                   checkpoint_policy=policy if gc else "full")
     if cfg.method == "qlora" and zero == 3:
         raise EstimateError(f"{cfg.source}: QLoRA with DeepSpeed ZeRO-3 is not supported")
-    est = estimate(shape, cfg.method, **kwargs)  # type: ignore[arg-type]
+    # VeRA trains far fewer values than LoRA r=lora_rank on the same layers: LoRA's numbers bound it
+    method = "lora" if cfg.method == "vera" else cfg.method
+    if cfg.method == "vera":
+        assumptions.append("VeRA estimated as LoRA of rank lora_rank on the same layers (an upper bound: VeRA "
+                           "trains two vectors per layer)")
+    elif cfg.get("use_dora"):
+        assumptions.append("DoRA estimated as LoRA (its magnitude vectors add one value per output feature)")
+    est = estimate(shape, method, **kwargs)  # type: ignore[arg-type]
     tokens = kwargs["batch"] * kwargs["seq"]
     assumptions += [
         f"model {shape.name}: {shape.params / 1e9:.2f} B parameters, hidden {shape.hidden}, {shape.layers} layers, "

@@ -32,14 +32,21 @@ NPU_FT_OPTIMS: dict[str, tuple[type[AdamW8bit], dict[str, Any]]] = {
 }
 
 
-def is_npu_ft_optim(name: str) -> bool:
-    """Whether ``name`` (transformers' ``optim`` value) is built by :func:`create_optimizer`."""
-    return str(name).strip().lower() in NPU_FT_OPTIMS
+def _key(name: Any) -> str:
+    """``"adamw_8bit"`` for the string or for transformers' ``OptimizerNames.ADAMW_8BIT`` (whose str()
+    is the member's name, not its value)."""
+    return str(getattr(name, "value", name)).strip().lower()
 
 
-def resolve_optim(name: str) -> tuple[type[AdamW8bit], dict[str, Any]]:
+def is_npu_ft_optim(name: Any) -> bool:
+    """Whether ``name`` (transformers' ``optim`` value, a string or ``OptimizerNames``) is built by
+    :func:`create_optimizer`."""
+    return _key(name) in NPU_FT_OPTIMS
+
+
+def resolve_optim(name: Any) -> tuple[type[AdamW8bit], dict[str, Any]]:
     """``(class, kwargs)`` for ``name``; ValueError naming the ``optim`` key otherwise."""
-    key = str(name).strip().lower()
+    key = _key(name)
     if key not in NPU_FT_OPTIMS:
         raise ValueError(f"optim: {name!r} is not an npu-ft optimizer (expected one of {', '.join(NPU_FT_OPTIMS)})")
     cls, kwargs = NPU_FT_OPTIMS[key]

@@ -145,7 +145,8 @@ def resolve_resume(value, output_dir: str) -> str | None:
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 _FULL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json")
-_METHOD_WORDS = {"lora": "a LoRA adapter", "qlora": "a QLoRA adapter", "full": "full fine-tuning weights"}
+_METHOD_WORDS = {"lora": "a LoRA adapter", "qlora": "a QLoRA adapter", "vera": "a VeRA adapter",
+                 "full": "full fine-tuning weights"}
 
 
 def _method_from_files(path: str) -> str | None:
@@ -177,7 +178,6 @@ def check_resumable(path: str, method: str) -> None:
     (``lora`` / ``qlora`` / ``full``) and a readable ``trainer_state.json``. Without a run file
     LoRA and QLoRA adapters cannot be told apart; both fit either."""
     from npu_ft.model.loading import check_safetensors
-
 
     recorded = read_run_file(path)
     found = checkpoint_method(path)

@@ -106,8 +106,9 @@ def load_export_options(argv: Sequence[str]) -> dict[str, Any]:
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ExportError(f"{where('export_size')}: expected a whole number of GB >= 1 per weights shard, "
                           f"got {size!r}")
-    if opts["finetuning_type"] not in ("lora", "full"):
-        raise ExportError(f"{where('finetuning_type')}: expected lora or full, got {opts['finetuning_type']!r}")
+    if opts["finetuning_type"] not in ("lora", "vera", "full"):
+        raise ExportError(f"{where('finetuning_type')}: expected lora, vera or full, got "
+                          f"{opts['finetuning_type']!r}")
     if opts["quantization_bit"] not in (None, 4):
         raise ExportError(f"{where('quantization_bit')}: only 4 (NF4) is supported, got {opts['quantization_bit']!r}")
     adapters = opts["adapter_name_or_path"]
@@ -212,7 +213,7 @@ def _merged_model(opts: dict[str, Any], folder: Path):
             config = read_adapter_config(adapter)
             apply_qlora(model, list(config["target_modules"]), r=int(config["r"]),
                         alpha=config.get("lora_alpha", 8), use_rslora=bool(config.get("use_rslora")),
-                        additional_target=config.get("modules_to_save"),
+                        additional_target=config.get("modules_to_save"), use_dora=bool(config.get("use_dora")),
                         double_quant=bool(opts["double_quantization"]), compute_dtype=torch.float32)
         try:
             load_adapter(model, adapter, strict=True)

@@ -52,12 +52,16 @@ def loraplus_param_groups(model: nn.Module, learning_rate: float, weight_decay: 
 
 
 def create_loraplus_optimizer(model: nn.Module, args: Any, loraplus_lr_ratio: float,
-                              loraplus_lr_embedding: float = 1e-6) -> torch.optim.Optimizer:
+                              loraplus_lr_embedding: float = 1e-6,
+                              optimizer_cls_and_kwargs: tuple[type, dict[str, Any]] | None = None
+                              ) -> torch.optim.Optimizer:
     """The optimizer ``args.optim`` names, over :func:`loraplus_param_groups` (``args`` are
-    ``transformers.TrainingArguments``)."""
+    ``transformers.TrainingArguments``); ``optimizer_cls_and_kwargs`` overrides transformers' choice
+    (npu-ft's own 8-bit AdamW: :func:`npu_ft.optim.trainer_optimizer`)."""
     from transformers import Trainer
 
-    optim_cls, optim_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    optim_cls, optim_kwargs = optimizer_cls_and_kwargs or Trainer.get_optimizer_cls_and_kwargs(args, model)
+    optim_kwargs = dict(optim_kwargs)
     groups = loraplus_param_groups(model, args.learning_rate, args.weight_decay, loraplus_lr_ratio,
                                    loraplus_lr_embedding)
     for group in groups:

@@ -225,13 +225,33 @@ def _check_prediction(cfg: Any) -> None:
                                 f"{', '.join(missing)}: pip install \"npu-ft[metrics]\"")
 
 
-def _features(cfg: Any, fused_loss: bool) -> list[str]:
+def _collator(cfg: Any, tokenizer: Any, dtype: Any, device: Any):
+    """LLaMA-Factory's SFT collator; on an NPU with transformers' fused attention, packed batches
+    (``neat_packing``) are flattened for its varlen path instead of a dense 4D mask."""
+    from npu_ft.data import SFTDataCollator
+    from npu_ft.modules.npu_attention import VarlenPackedCollator, attention_plan
+
+    varlen = bool(cfg.neat_packing) and attention_plan(cfg.flash_attn, device.type).varlen_packing
+    base = SFTDataCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=8,
+                           neat_packing=bool(cfg.neat_packing) and not varlen, compute_dtype=dtype)
+    return VarlenPackedCollator(base) if varlen else base
+
+
+def _features(cfg: Any, fused_loss: bool, model: Any = None) -> list[str]:
     """The npu-ft training features that are on, for the log."""
     on = [f"fused_cross_entropy {'on' if fused_loss else 'off'}"]
     on.append(f"gradient checkpointing {cfg.gradient_checkpointing_policy}" if cfg.gradient_checkpointing_enabled
               else "gradient checkpointing off")
     if cfg.shift_attn:
         on.append("shift_attn (S2-Attn)")
+    if model is not None:
+        from npu_ft.modules.fused_blocks import fused_kernels_applied
+
+        patched = fused_kernels_applied(model)
+        on.append("fused decoder-block kernels " + (", ".join(f"{k} x{n}" for k, n in sorted(patched.items()))
+                                                    if patched else "off"))
+    if cfg.loraplus_lr_ratio is not None:
+        on.append(f"LoRA+ (lora_B learning rate x{cfg.loraplus_lr_ratio:g})")
     from npu_ft.optim import is_npu_ft_optim
 
     if is_npu_ft_optim(cfg.optim):
@@ -300,14 +320,19 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
     if cfg.disable_shuffling:
         changes["train_sampling_strategy"] = "sequential"
     args = to_training_arguments(cfg, **changes)
-    if is_npu_ft_optim(args.optim):
-        trainer_kwargs.setdefault("optimizer_cls_and_kwargs", trainer_optimizer(args.optim, args, model))
-    from npu_ft.data import SFTDataCollator
+    optim_spec = trainer_optimizer(args.optim, args, model) if is_npu_ft_optim(args.optim) else None
+    if cfg.loraplus_lr_ratio is not None:  # LoRA+: lora_B (and 1-D adapter tensors) at ratio x the learning rate
+        from .loraplus import create_loraplus_optimizer
 
-    collator = SFTDataCollator(
-        pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=8, neat_packing=bool(cfg.neat_packing),
-        compute_dtype=dtype,
-    )
+        trainer_kwargs.setdefault("optimizers", (create_loraplus_optimizer(
+            model, args, float(cfg.loraplus_lr_ratio), float(cfg.loraplus_lr_embedding), optim_spec), None))
+    elif optim_spec is not None:
+        trainer_kwargs.setdefault("optimizer_cls_and_kwargs", optim_spec)
+    if cfg.pissa_convert:
+        from .pissa import PissaConvertCallback
+
+        callbacks = [*(callbacks or []), PissaConvertCallback(cfg)]
+    collator = _collator(cfg, tokenizer, dtype, device)
     save_adapter, load_adapter = _adapter_fns(cfg, cfg.method)
     trainer = SftTrainer(
         model=model,
@@ -329,7 +354,7 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
 
     def announce() -> None:
         log_run_plan(cfg, model, backend, device, dtype, args.world_size, total_steps, splits.train, tokenizer,
-                     _features(cfg, fused_loss))
+                     _features(cfg, fused_loss, model))
 
     result = SftResult(output_dir=cfg.output_dir, method=cfg.method, resumed_from=resume, device=str(device))
     try:

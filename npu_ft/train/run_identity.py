@@ -58,6 +58,10 @@ FORMAT = 1
 METHOD_KEYS = ("finetuning_type", "quantization_bit", "quantization_type", "double_quantization", "lora_rank",
                "lora_alpha", "lora_dropout", "lora_target", "additional_target", "use_rslora", "loraplus_lr_ratio",
                "loraplus_lr_embedding", "pure_bf16")
+#: method keys that joined later: part of the identity only when switched on (VeRA's: only for VeRA),
+#: so checkpoints of runs that never used them keep their identity
+OPTIONAL_METHOD_KEYS = ("use_dora", "pissa_init", "lora_fa", "shift_attn")
+VERA_KEYS = ("vera_rank", "vera_d_initial", "vera_projection_prng_key")
 DATA_KEYS = ("dataset", "eval_dataset", "template", "cutoff_len", "train_on_prompt", "mask_history", "packing",
              "neat_packing", "default_system", "enable_thinking", "tool_format", "val_size", "max_samples",
              "mix_strategy", "preprocessing_batch_size", "disable_shuffling")
@@ -204,6 +208,12 @@ def _show(value: Any) -> str:
 def compute_identity(cfg: Any) -> RunIdentity:
     """The identity of the run ``cfg`` describes (reads the model folder's small files and the data)."""
     keys = {name: _plain(cfg.get(name)) for name in (*METHOD_KEYS, *DATA_KEYS, *TRAJECTORY_KEYS)}
+    switched_on = [name for name in OPTIONAL_METHOD_KEYS if cfg.get(name)]
+    if cfg.get("pissa_init"):
+        switched_on.append("pissa_iter")
+    if cfg.get("finetuning_type") == "vera":
+        switched_on.extend(VERA_KEYS)
+    keys.update({name: _plain(cfg.get(name)) for name in switched_on})
     keys["method"] = cfg.method
     model, data = _model_part(str(cfg.model_name_or_path)), _data_part(cfg)
     fingerprint = _sha({"keys": keys, "model": model["files"], "data": data["datasets"]})

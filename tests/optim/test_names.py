@@ -27,8 +27,13 @@ from npu_ft.optim import (
     ],
 )
 def test_names_map_to_classes(name, cls, bits, paged):
+    from transformers.training_args import OptimizerNames
+
     assert is_npu_ft_optim(name)
     assert resolve_optim(name)[0] is cls
+    # TrainingArguments.optim holds the enum member, whose str() is 'OptimizerNames.ADAMW_8BIT'
+    member = OptimizerNames(name.strip().lower())
+    assert is_npu_ft_optim(member) and resolve_optim(member)[0] is cls
     opt = create_optimizer(name, [nn.Parameter(torch.zeros(3))], lr=1e-3)
     assert type(opt) is cls and opt.optim_bits == bits and opt.paged is paged
 

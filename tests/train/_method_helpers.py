@@ -11,7 +11,7 @@ import torch
 from transformers import TrainerCallback
 
 from npu_ft.config import load_config, to_training_arguments
-from npu_ft.train.run import build_data_arguments, run_sft
+from npu_ft.train.run import run_sft
 
 from ._sft_helpers import base_recipe, step_losses, write_recipe
 
@@ -46,24 +46,8 @@ def recipe(env: dict, name: str, **overrides: Any):
     return load_config(write_recipe(env["root"] / f"{name}.yaml", data)), out
 
 
-def _prepare_model_with_methods(cfg, device, compute_dtype=None):
-    """``run.prepare_model`` with the method applied by ``apply_adapter_method`` (the wiring run.py
-    gets when the lead merges the LoRA family; tests here need no gradient checkpointing)."""
-    from npu_ft.model.loading import load_model
-    from npu_ft.modules.inject import apply_adapter_method
-
-    model = load_model(cfg, device=None, dtype=compute_dtype)
-    apply_adapter_method(model, cfg, device=device, compute_dtype=compute_dtype)
-    model = model.to(device)
-    model.config.use_cache = False
-    return model
-
-
 def run_npu_ft(cfg, monkeypatch) -> tuple[list[float], dict[str, torch.Tensor], Any]:
     """``run_sft(cfg)`` -> (losses of steps 1..20, step-1 gradients, the trained model)."""
-    import npu_ft.train.run as run_module
-
-    monkeypatch.setattr(run_module, "prepare_model", _prepare_model_with_methods)
     grads = FirstStepGrads()
     result = run_sft(cfg, callbacks=[grads])
     losses = step_losses(cfg.output_dir)
@@ -90,7 +74,7 @@ def run_reference(cfg, model, out_dir) -> tuple[list[float], dict[str, torch.Ten
     from npu_ft.data import SFTDataCollator, build_sft_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, local_files_only=True)
-    train = build_sft_dataset(build_data_arguments(cfg), tokenizer, seed=cfg.seed)
+    train = build_sft_dataset(cfg.data_arguments(), tokenizer, seed=cfg.seed)
     args = to_training_arguments(cfg, output_dir=str(out_dir), use_cpu=True, save_strategy="no", disable_tqdm=True)
     grads = FirstStepGrads()
     trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=[grads],

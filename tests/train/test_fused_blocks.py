@@ -227,36 +227,53 @@ def test_config_keys(tmp_path, monkeypatch):
 
 
 def test_run_sft_with_the_fused_kernels_trains_as_without(tmp_path):
-    """run_sft on a tiny Qwen2 (LoRA, packing, selective checkpointing): the same losses with the
-    model patched by enable_fused_kernels (applied here from a callback, where run.py would call it
-    after prepare_model) as without."""
-    from transformers import TrainerCallback
-
-    from npu_ft.train.config import build_config
+    """run_sft on a tiny Qwen2 (LoRA, packing, selective checkpointing): fused_kernels true (the
+    default) patches every decoder layer and gives the same losses as fused_kernels false."""
+    from npu_ft.config import build_config
+    from npu_ft.modules.fused_blocks import fused_kernels_applied
     from npu_ft.train.run import run_sft
     from tests.train._sft_helpers import base_recipe, step_losses, tiny_model_dir, write_dataset
 
     model_dir, data_dir = tiny_model_dir(tmp_path), write_dataset(tmp_path / "data")
-    applied: list[list[str]] = []
-
-    class Patch(TrainerCallback):
-        def __init__(self, cfg):
-            self.cfg = cfg
-
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            applied.append(enable_fused_kernels(self.cfg, model))
-
-    losses = {}
-    for name in ("plain", "fused"):
+    losses, patched = {}, {}
+    for name, fused in (("plain", False), ("fused", True)):
         recipe = base_recipe(model_dir, data_dir, tmp_path / name, neat_packing=True, max_steps=4,
                              disable_gradient_checkpointing=False, gradient_checkpointing_policy="selective",
-                             use_reentrant_gc=False)
+                             use_reentrant_gc=False, fused_kernels=fused)
         cfg = build_config(recipe, source=f"{name}.yaml")
         reset_kernel_calls()
-        run_sft(cfg, callbacks=[Patch(cfg)] if name == "fused" else [])
+        result = run_sft(cfg)
         losses[name] = step_losses(tmp_path / name)
-        assert bool(kernel_calls("swiglu")) == (name == "fused")
-    assert applied == [ALL_PATCHES]
+        patched[name] = fused_kernels_applied(result.model)
+        assert bool(kernel_calls("swiglu")) == fused and bool(kernel_calls("rms_norm")) == fused
+    assert patched["plain"] == {} and set(patched["fused"]) == set(ALL_PATCHES)
     assert losses["plain"].keys() == losses["fused"].keys() == {1, 2, 3, 4}
     for step, loss in losses["plain"].items():
         assert abs(losses["fused"][step] - loss) <= RTOL * abs(loss), (step, loss, losses["fused"][step])
+
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_fused_kernels_compose_with_longlora_shifted_attention(arch):
+    """shift_attn (S2-Attn through transformers' attention interface) and the fused RoPE / norms /
+    SwiGLU patch different places: together they give S2-Attn's loss and gradients, and the fused
+    ops run."""
+    from npu_ft.modules.shift_attn import enable_shift_attn
+
+    plain = _model(arch, "lora")
+    fused = copy.deepcopy(plain)
+    enable_shift_attn(plain)
+    enable_shift_attn(fused)
+    assert apply_fused_kernels(fused) == ALL_PATCHES
+    ids = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(1))
+    losses = {}
+    for name, model in (("plain", plain), ("fused", fused)):
+        reset_kernel_calls()
+        losses[name] = model(input_ids=ids, labels=ids).loss
+        losses[name].backward()
+        assert bool(kernel_calls("rope")) == (name == "fused")
+    torch.testing.assert_close(losses["fused"], losses["plain"], rtol=RTOL, atol=0)
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    for n, p in fused.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
