@@ -28,10 +28,12 @@ def _peft_model(arch="qwen2", dropout=0.0, use_dora=False, targets="all-linear",
                      if targets == "all-linear" else targets)
     torch.manual_seed(seed + 1)
     pm = get_peft_model(model, cfg)
-    with torch.no_grad():  # non-zero B so the LoRA branch matters
+    with torch.no_grad():  # non-zero B so the LoRA branch matters; DoRA magnitudes away from the norms
         for name, p in pm.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
     return pm
 
 
@@ -77,9 +79,63 @@ def test_eval_and_no_grad(patched_peft):
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["dora", "merged", "disabled", "two_adapters"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_dora_patch_matches_peft(patched_peft, arch, dropout):
+    """PEFT DoRA layers run npu_ft::dora_linear: the same loss and gradients (magnitude included) as
+    PEFT's own DoRA forward, with and without dropout."""
+    ref = _peft_model(arch, dropout=dropout, use_dora=True)
+    ours = copy.deepcopy(ref)
+    ref.train(), ours.train()
+    patched_peft.set_enabled(False)
+    loss_ref, g_ref = _loss_and_grads(ref, IDS)
+    patched_peft.set_enabled(True)
+    patched_peft.STATS.clear()
+    reset_kernel_calls()
+    loss, g = _loss_and_grads(ours, IDS)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert g.keys() == g_ref.keys() and len(g) == 3 * 7 * 2  # A, B, magnitude per target
+    assert sum(n.endswith("lora_magnitude_vector.default.weight") for n in g) == 14
+    for n in g:
+        torch.testing.assert_close(g[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert sum(kernel_calls("dora_linear").values()) == 14, kernel_calls("dora_linear")
+    assert sum(kernel_calls("dora_linear_backward").values()) == 14
+    assert sum(kernel_calls("lora_linear").values()) == 0
+    assert patched_peft.STATS["dora_linear"] == 14 and patched_peft.STATS["fallback"] == 0
+    with torch.no_grad():  # eval: no dropout, same logits
+        ours.eval()
+        y = ours(input_ids=IDS).logits
+        patched_peft.set_enabled(False)
+        torch.testing.assert_close(y, ours(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_weight_norm_cache(patched_peft):
+    """||W||^2 of a DoRA base layer is computed once and recomputed when the base weight changes."""
+    from npu_ft.ops.dora import weight_sq_norm
+    from npu_ft_llamafactory.peft_patch import base_weight_sq_norm
+
+    m = _peft_model(use_dora=True, targets=["q_proj"]).eval()
+    base = m.base_model.model.model.layers[0].self_attn.q_proj.get_base_layer()
+    first = base_weight_sq_norm(base, torch.float32)
+    assert base_weight_sq_norm(base, torch.float32) is first
+    torch.testing.assert_close(first, (base.weight.double() ** 2).sum(1).float())
+    with torch.no_grad():
+        base.weight.mul_(1.5)  # in place: a new version of the same tensor
+    second = base_weight_sq_norm(base, torch.float32)
+    assert second is not first
+    torch.testing.assert_close(second, weight_sq_norm(base.weight))
+    base.weight = nn.Parameter(base.weight.detach() * 0.5, requires_grad=False)  # another tensor
+    torch.testing.assert_close(base_weight_sq_norm(base, torch.float32), weight_sq_norm(base.weight))
+    with torch.no_grad():  # and the patched forward uses the fresh norms: PEFT's result
+        y = m(input_ids=IDS).logits
+        patched_peft.set_enabled(False)
+        torch.testing.assert_close(y, m(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+    assert patched_peft.STATS["dora_linear"] == 2
+
+
+@pytest.mark.parametrize("case", ["merged", "disabled", "two_adapters"])
 def test_unsupported_states_fall_back_to_peft(patched_peft, case):
-    m = _peft_model(use_dora=(case == "dora")).eval()
+    m = _peft_model(use_dora=(case == "merged")).eval()
     patched_peft.set_enabled(False)
     with torch.no_grad():
         y_plain = m(input_ids=IDS).logits
@@ -97,8 +153,8 @@ def test_unsupported_states_fall_back_to_peft(patched_peft, case):
     with torch.no_grad():
         y = m(input_ids=IDS).logits
     assert patched_peft.STATS["fallback"] > 0
-    if case in ("dora", "merged"):
-        assert patched_peft.STATS["lora_linear"] == 0
+    if case == "merged":
+        assert patched_peft.STATS["lora_linear"] == 0 and patched_peft.STATS["dora_linear"] == 0
         torch.testing.assert_close(y, y_plain, rtol=1e-4, atol=1e-5)
     if case == "disabled":
         ctx.__exit__(None, None, None)
@@ -159,6 +215,29 @@ def test_qlora_quantize_base_layers(patched_peft, double_quant):
     patched_peft.set_enabled(False)
     loss_ref, g_ref = _loss_and_grads(ref, IDS)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    for n in g:
+        torch.testing.assert_close(g[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_qdora_over_nf4_base_matches_peft(patched_peft):
+    """DoRA over npu-ft NF4 bases runs npu_ft::dora_nf4_linear: the same loss and gradients as PEFT's
+    DoRA over the dequantized dense weights."""
+    from npu_ft_llamafactory import quantize_base_layers
+
+    m = _peft_model("qwen3", use_dora=True, targets=["q_proj", "v_proj"])
+    assert len(quantize_base_layers(m)) == 14
+    ref = _dequantized_reference(m)
+    m.train(), ref.train()
+    reset_kernel_calls()
+    loss, g = _loss_and_grads(m, IDS)
+    assert sum(kernel_calls("dora_nf4_linear").values()) == 4  # the 4 DoRA targets
+    assert sum(kernel_calls("dora_nf4_linear_backward").values()) == 4
+    assert sum(kernel_calls("nf4_linear").values()) == 10  # the plain NF4 linears
+    assert patched_peft.STATS["dora_nf4_linear"] == 4 and patched_peft.STATS["fallback"] == 0
+    patched_peft.set_enabled(False)
+    loss_ref, g_ref = _loss_and_grads(ref, IDS)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert g.keys() == g_ref.keys() and len(g) == 3 * 4
     for n in g:
         torch.testing.assert_close(g[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
 

@@ -10,9 +10,17 @@ with one call of the fused op for the common case::
 
     y = npu_ft::lora_linear(x, W, b, A, B, scaling, dropout(x))        dense base
     y = npu_ft::nf4_linear(x, packed, absmax.., b, A, B, scaling, dropout(x))   NF4 base
+    y = npu_ft::dora_linear(x, W, b, A, B, m, ||W||^2, scaling, dropout(x))      DoRA (``use_dora``)
+    y = npu_ft::dora_nf4_linear(x, packed, absmax.., b, A, B, m, ||W||^2, ...)  DoRA over NF4 (QDoRA)
+
+DoRA layers pass PEFT's ``lora_magnitude_vector[adapter].weight`` as ``m`` and the frozen base's
+squared row norms ``||W_i||^2`` (fp32 ``[out]``, computed once per base layer and kept until its
+weight changes: :func:`base_weight_sq_norm`); the op's math is PEFT's (norm of ``W + s*B@A``
+detached; with dropout the magnitude scales the dropped input's product and the undropped base
+output is added). PiSSA needs nothing: PEFT initializes it, then the layers are plain LoRA.
 
 The fused path is taken when the layer is in PEFT's plain single-adapter state: exactly one active
-adapter, not merged, adapters enabled, no DoRA / lora_bias / LoRA variant (aLoRA, ...), no
+adapter, not merged, adapters enabled, no lora_bias / LoRA variant other than DoRA (aLoRA, ...), no
 ``adapter_names`` mixed batch, no ``fan_in_fan_out``, base layer without hooks, x in the base weight's
 dtype. Anything else runs PEFT's own forward unchanged (counted as a fallback), so correctness never
 depends on the patch. Parameters, names, state dicts and therefore the adapter files PEFT / LLaMA-Factory
@@ -26,8 +34,8 @@ from __future__ import annotations
 
 import collections
 import threading
+import weakref
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +43,7 @@ from torch import nn
 __all__ = [
     "STATS",
     "apply_npu_ft_to_peft",
+    "base_weight_sq_norm",
     "is_peft_patched",
     "revert_npu_ft_peft",
     "set_enabled",
@@ -66,8 +75,26 @@ def _nf4_linear_type():
     return Nf4Linear
 
 
-def _plan(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[str, Any] | str:
-    """Either ("dense"|"nf4", (base, A, B, dropout, scaling)) or a fallback reason (str)."""
+def _dora_magnitude(layer, adapter: str) -> torch.Tensor | None | str:
+    """The DoRA magnitude ``[out]`` of ``adapter`` (None: plain LoRA), or a fallback reason (str)."""
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is not None and type(variant).__name__ != "DoraLinearVariant":
+        return "LoRA variant"
+    if variant is None and not getattr(layer, "use_dora", {}).get(adapter, False):
+        return None
+    dora = getattr(layer, "lora_magnitude_vector", {})
+    magnitude = getattr(dora[adapter], "weight", None) if adapter in dora else None
+    if not isinstance(magnitude, torch.Tensor) or magnitude.dim() != 1:
+        return "DoRA layer without a magnitude vector"
+    if isinstance(layer.lora_dropout[adapter], nn.Dropout) and layer.lora_dropout[adapter].training != layer.training:
+        return "DoRA dropout and layer in different train/eval modes"
+    return magnitude
+
+
+def _plan(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple | str:
+    """Either ``(op, base, lora_A, lora_B, dropout, scaling, bias, magnitude)`` with op one of
+    ``lora_linear``, ``nf4_linear``, ``dora_linear``, ``dora_nf4_linear`` (magnitude None for LoRA),
+    or a fallback reason (str)."""
     if not _ENABLED[0]:
         return "disabled"
     if args or any(k != "adapter_names" or v is not None for k, v in kwargs.items()):
@@ -82,12 +109,11 @@ def _plan(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[str, Any] 
     a = active[0]
     if a not in layer.lora_A:
         return "active adapter has no lora_A"
-    if getattr(layer, "use_dora", {}).get(a, False):
-        return "DoRA"
     if getattr(layer, "lora_bias", {}).get(a, False):
         return "lora_bias"
-    if a in getattr(layer, "lora_variant", {}):
-        return "LoRA variant"
+    magnitude = _dora_magnitude(layer, a)
+    if isinstance(magnitude, str):
+        return magnitude
     if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out"
     if not getattr(layer, "cast_input_dtype_enabled", True):
@@ -114,14 +140,15 @@ def _plan(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[str, Any] 
     if bias is not None and bias.dtype != x.dtype:
         return "bias dtype differs from x"
     scaling = float(layer.scaling[a])
+    dora = magnitude is not None
     if type(base) is nn.Linear:
         if base.weight.dtype != x.dtype:
             return "x dtype differs from base weight"
         if base.weight.requires_grad and torch.is_grad_enabled():
             return "base weight requires grad"
-        return "dense", (base, lora_A, lora_B, dropout, scaling, bias)
+        return "dora_linear" if dora else "lora_linear", base, lora_A, lora_B, dropout, scaling, bias, magnitude
     if isinstance(base, _nf4_linear_type()):
-        return "nf4", (base, lora_A, lora_B, dropout, scaling, bias)
+        return "dora_nf4_linear" if dora else "nf4_linear", base, lora_A, lora_B, dropout, scaling, bias, magnitude
     return f"base layer type {type(base).__name__}"
 
 
@@ -131,7 +158,30 @@ def _x_lora(x: torch.Tensor, dropout: nn.Module, dtype: torch.dtype):
     return None
 
 
+#: frozen base layer -> (weakref to the tensor the norms came from, its data_ptr, _version, dtype, norms)
+_WEIGHT_SQ_NORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def base_weight_sq_norm(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """``||W_i||^2`` per row, fp32 ``[out]``, of a frozen base layer (an ``nn.Linear``, or an npu-ft
+    ``Nf4Linear`` dequantized to ``dtype`` as the DoRA op does). Computed once per layer and kept;
+    recomputed when the base weight changes (another tensor, new storage after a move, an in-place
+    update bumping its version counter) or ``dtype`` changes."""
+    from npu_ft.ops.dora import weight_sq_norm
+
+    source = base.weight if type(base) is nn.Linear else base.packed
+    key = (source.data_ptr(), source._version, dtype)
+    cached = _WEIGHT_SQ_NORMS.get(base)
+    if cached is not None and cached[0]() is source and cached[1:4] == key:
+        return cached[4]
+    dense = base.weight if type(base) is nn.Linear else base.dequantized_weight(dtype)
+    norms = weight_sq_norm(dense)
+    _WEIGHT_SQ_NORMS[base] = (weakref.ref(source), *key, norms)
+    return norms
+
+
 def _make_forward(original: Callable) -> Callable:
+    from npu_ft.ops import dora as dora_ops
     from npu_ft.ops import lora as lora_ops
 
     def forward(self, x, *args, **kwargs):
@@ -140,19 +190,23 @@ def _make_forward(original: Callable) -> Callable:
             STATS["fallback"] += 1
             STATS[f"fallback: {plan}"] += 1
             return original(self, x, *args, **kwargs)
-        kind, (base, lora_A, lora_B, dropout, scaling, bias) = plan
+        op, base, lora_A, lora_B, dropout, scaling, bias, magnitude = plan
+        STATS[op] += 1
         x_lora = _x_lora(x, dropout, lora_A.weight.dtype)
-        if kind == "dense":
-            STATS["lora_linear"] += 1
-            return lora_ops.lora_linear(x, base.weight, bias, lora_A.weight, lora_B.weight, scaling, x_lora)
-        STATS["nf4_linear"] += 1
-        return lora_ops.nf4_linear(
-            x, base.packed, base.quant_state, bias, lora_A.weight, lora_B.weight, scaling, x_lora
-        )
+        A, B = lora_A.weight, lora_B.weight
+        if op == "lora_linear":
+            return lora_ops.lora_linear(x, base.weight, bias, A, B, scaling, x_lora)
+        if op == "nf4_linear":
+            return lora_ops.nf4_linear(x, base.packed, base.quant_state, bias, A, B, scaling, x_lora)
+        sq_norm = base_weight_sq_norm(base, x.dtype)
+        if op == "dora_linear":
+            return dora_ops.dora_linear(x, base.weight, bias, A, B, magnitude, sq_norm, scaling, x_lora)
+        return dora_ops.dora_nf4_linear(x, base.packed, base.quant_state, bias, A, B, magnitude, sq_norm, scaling,
+                                        x_lora)
 
     forward.__npu_ft_patched__ = True
     forward.__wrapped__ = original
-    forward.__doc__ = "npu-ft fused LoRA forward (falls back to PEFT's forward outside the plain case)."
+    forward.__doc__ = "npu-ft fused LoRA / DoRA forward (falls back to PEFT's forward outside the plain case)."
     return forward
 
 
