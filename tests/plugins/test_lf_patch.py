@@ -177,6 +177,85 @@ def test_fused_loss_for_full_fine_tuning(fake_lf):
     torch.testing.assert_close(model.lm_head.weight.grad, reference.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
 
 
+def _fused_blocks_reference(arch, finetuning_args):
+    """The model ``_load`` builds, through LLaMA-Factory's unwrapped init_adapter (nothing of npu-ft)."""
+    from llamafactory.model import loader
+
+    cfg = tiny_config(arch, hidden_size=32, layers=1, heads=4, kv_heads=2, intermediate=48, vocab=97)
+    model = model_from_config(cfg, seed=0)
+    return loader.init_adapter.__wrapped__(model.config, model, _args(), finetuning_args, True)
+
+
+def _train_step(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch, finetuning_type", [("qwen2", "lora"), ("qwen3", "lora"), ("qwen2", "full")])
+def test_fused_block_ops_on_the_trained_model(fake_lf, arch, finetuning_type):
+    """init_adapter puts npu-ft's fused RMSNorm(+residual) / RoPE / SwiGLU on the causal LM (inside PEFT
+    for LoRA, the model itself for full): counted, and the same loss and gradients as unpatched."""
+    fake_lf("0.9.5")
+    from npu_ft.modules.fused_blocks import fused_kernels_applied
+    from npu_ft.ops import reset_kernel_calls
+    from npu_ft_llamafactory import apply_npu_ft_to_llamafactory, counters, peft_patch
+
+    apply_npu_ft_to_llamafactory(fallback=False)
+    ft = types.SimpleNamespace(finetuning_type=finetuning_type)
+    model, _ = _load(arch, finetuning_args=ft)
+    inner = model.get_base_model() if finetuning_type == "lora" else model
+    norms = 3 + (2 if arch == "qwen3" else 0)  # the layer's two norms + the final one (+ Qwen3's q_norm, k_norm)
+    expected = {"rms_norm": norms, "residual_rms_norm": 1, "rope": 1, "swiglu": 1}
+    assert fused_kernels_applied(inner) == expected and counters()["fused_kernels"] == expected
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+    reset_kernel_calls()
+    loss, grads = _train_step(model, ids)
+    calls = {op: sum(n.values()) for op, n in counters()["kernel_calls"].items()}
+    # one call per norm; post_attention_layernorm's is the decoder layer's call with the residual add.
+    # LoRA: norms of frozen inputs with frozen weights (input_layernorm, Qwen3's k_norm: k_proj is no
+    # target here) need no backward
+    assert calls["rms_norm"] == norms
+    if finetuning_type == "full":
+        assert calls["rms_norm_backward"] == norms
+    else:
+        assert 0 < calls["rms_norm_backward"] < norms
+    assert calls["rope"] == calls["rope_backward"] == 1 and calls["swiglu"] == calls["swiglu_backward"] == 1
+    peft_patch.set_enabled(False)
+    reference = _fused_blocks_reference(arch, ft)
+    assert fused_kernels_applied(reference) == {}
+    ref_loss, ref_grads = _train_step(reference, ids)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_block_ops_off(fake_lf):
+    """fused_kernels=False, LLaMA-Factory's enable_liger_kernel and a model loaded for inference keep
+    transformers' modules."""
+    fake_lf("0.9.5")
+    from llamafactory.model import loader
+
+    from npu_ft.modules.fused_blocks import fused_kernels_applied
+    from npu_ft_llamafactory import apply_npu_ft_to_llamafactory, counters
+
+    apply_npu_ft_to_llamafactory(fallback=False)
+    model, _ = _load(enable_liger_kernel=True)
+    assert fused_kernels_applied(model) == {} and counters()["fused_kernels"] == {}
+    cfg = tiny_config("qwen2", hidden_size=32, layers=1, heads=4, kv_heads=2, intermediate=48, vocab=97)
+    plain = model_from_config(cfg, seed=0)
+    model = loader.init_adapter(plain.config, plain, _args(), None, False)  # is_trainable=False
+    assert fused_kernels_applied(model) == {}
+    apply_npu_ft_to_llamafactory(fallback=False, fused_kernels=False)
+    model, _ = _load()
+    assert fused_kernels_applied(model) == {} and counters()["fused_kernels"] == {}
+    apply_npu_ft_to_llamafactory(fallback=False)
+    model, _ = _load()
+    assert fused_kernels_applied(model)["swiglu"] == 1
+
+
 def test_checkpoint_policy_from_the_apply_call(fake_lf, monkeypatch):
     fake_lf("0.9.5")
     from npu_ft_llamafactory import apply_npu_ft_to_llamafactory, counters
@@ -217,6 +296,7 @@ def test_checkpoint_policy_from_the_apply_call(fake_lf, monkeypatch):
     [
         (dict(checkpoint_policy="Selective"), "checkpoint_policy='Selective': expected one of full, selective"),
         (dict(fused_loss="no"), "fused_loss='no': expected True or False"),
+        (dict(fused_kernels=0), "fused_kernels=0: expected True or False"),
         (dict(fallback=1), "fallback=1: expected True or False"),
         (dict(counters_path=""), "counters_path='': expected a file path or None"),
     ],
@@ -239,26 +319,31 @@ def test_options_from_env(monkeypatch):
         options_to_env,
     )
 
-    for name in ("NPU_FT_LLAMAFACTORY", "NPU_FT_LF_FALLBACK", "NPU_FT_LF_FUSED_LOSS", "NPU_FT_LF_CHECKPOINT_POLICY",
-                 "NPU_FT_LF_COUNTERS"):
+    for name in ("NPU_FT_LLAMAFACTORY", "NPU_FT_LF_FALLBACK", "NPU_FT_LF_FUSED_LOSS", "NPU_FT_LF_FUSED_KERNELS",
+                 "NPU_FT_LF_CHECKPOINT_POLICY", "NPU_FT_LF_COUNTERS"):
         monkeypatch.delenv(name, raising=False)
     assert options_from_env() == PluginOptions() and not hook_enabled_from_env()
     env = {"NPU_FT_LLAMAFACTORY": "On", "NPU_FT_LF_FALLBACK": "yes", "NPU_FT_LF_FUSED_LOSS": "0",
-           "NPU_FT_LF_CHECKPOINT_POLICY": " Selective ", "NPU_FT_LF_COUNTERS": "/tmp/c.json"}
+           "NPU_FT_LF_FUSED_KERNELS": "off", "NPU_FT_LF_CHECKPOINT_POLICY": " Selective ",
+           "NPU_FT_LF_COUNTERS": "/tmp/c.json"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     options = options_from_env()
-    assert options == PluginOptions(fallback=True, fused_loss=False, checkpoint_policy="selective",
-                                    counters_path="/tmp/c.json")
+    assert options == PluginOptions(fallback=True, fused_loss=False, fused_kernels=False,
+                                    checkpoint_policy="selective", counters_path="/tmp/c.json")
     assert hook_enabled_from_env()
     # what lf-train hands its torchrun workers reads back as the same options
     for k, v in options_to_env(PluginOptions(fused_loss=False, checkpoint_policy="selective")).items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("NPU_FT_LF_COUNTERS")
     assert options_from_env() == PluginOptions(fused_loss=False, checkpoint_policy="selective")
+    monkeypatch.setenv("NPU_FT_LF_FUSED_KERNELS", options_to_env(PluginOptions(fused_kernels=False))[
+        "NPU_FT_LF_FUSED_KERNELS"])
+    assert options_from_env() == PluginOptions(fused_loss=False, fused_kernels=False, checkpoint_policy="selective")
     for name, value, msg in [
         ("NPU_FT_LF_CHECKPOINT_POLICY", "most", "NPU_FT_LF_CHECKPOINT_POLICY='most': expected one of full, selective"),
         ("NPU_FT_LF_FUSED_LOSS", "maybe", "NPU_FT_LF_FUSED_LOSS='maybe': expected one of 1, true"),
+        ("NPU_FT_LF_FUSED_KERNELS", "x", "NPU_FT_LF_FUSED_KERNELS='x': expected one of 1, true"),
         ("NPU_FT_LF_FALLBACK", "2", "NPU_FT_LF_FALLBACK='2': expected one of 1, true"),
     ]:
         with monkeypatch.context() as m:

@@ -8,9 +8,10 @@ none forks LLaMA-Factory, none reads environment variables):
 * :func:`apply_npu_ft_to_qwen2` / :func:`apply_npu_ft_to_qwen3` / :func:`apply_npu_ft_to_model` --
   the same for one model instance, checking its type, optionally quantizing its base linears to
   npu-ft NF4 (QLoRA) and converting bitsandbytes 4-bit layers.
-* :func:`apply_npu_ft_to_llamafactory` ``(fallback=False, fused_loss=True, checkpoint_policy="full",
-  counters_path=None)`` -- the PEFT patch plus LLaMA-Factory's quantization, adapter and
-  checkpointing hooks, so that ``quantization_bit: 4`` uses npu-ft NF4 instead of bitsandbytes.
+* :func:`apply_npu_ft_to_llamafactory` ``(fallback=False, fused_loss=True, fused_kernels=True,
+  checkpoint_policy="full", counters_path=None)`` -- the PEFT patch plus LLaMA-Factory's quantization,
+  adapter and checkpointing hooks, so that ``quantization_bit: 4`` uses npu-ft NF4 instead of
+  bitsandbytes and the trained model's decoder blocks run npu-ft's fused RMSNorm / RoPE / SwiGLU.
 
 How users switch it on: ``npu-ft lf-train CONFIG.yaml`` or ``NPU_FT_LLAMAFACTORY=1 llamafactory-cli
 train CONFIG.yaml`` after ``npu-ft lf-train --install-hook``; those two read the options from
@@ -27,7 +28,8 @@ __version__ = "0.1.0"
 #: public name -> the submodule that defines it
 _EXPORTS = {
     "ENV_CHECKPOINT_POLICY": "options", "ENV_COUNTERS": "options", "ENV_ENABLE": "options",
-    "ENV_FALLBACK": "options", "ENV_FUSED_LOSS": "options", "NpuFtLlamaFactoryError": "options",
+    "ENV_FALLBACK": "options", "ENV_FUSED_KERNELS": "options", "ENV_FUSED_LOSS": "options",
+    "NpuFtLlamaFactoryError": "options",
     "PluginOptions": "options", "options_from_env": "options",
     "SUPPORTED_LF_VERSIONS": "lf_patch", "SUPPORTED_MODEL_TYPES": "lf_patch",
     "apply_npu_ft_to_llamafactory": "lf_patch", "check_llamafactory": "lf_patch", "counters": "lf_patch",

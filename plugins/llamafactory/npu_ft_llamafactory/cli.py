@@ -7,8 +7,9 @@
 
 Everything after CONFIG.yaml that is not one of the flags above goes to LLaMA-Factory unchanged
 (``key=value`` overrides). The plugin's options come from ``NPU_FT_LF_FALLBACK``,
-``NPU_FT_LF_FUSED_LOSS``, ``NPU_FT_LF_CHECKPOINT_POLICY`` and ``NPU_FT_LF_COUNTERS`` (the flags win);
-the same options reach LLaMA-Factory's torchrun workers through those variables. Exit status 1 for
+``NPU_FT_LF_FUSED_LOSS``, ``NPU_FT_LF_FUSED_KERNELS``, ``NPU_FT_LF_CHECKPOINT_POLICY`` and
+``NPU_FT_LF_COUNTERS`` (the flags win); the same options reach LLaMA-Factory's torchrun workers
+through those variables. Exit status 1 for
 a bad variable, 2 for a clear setup error (LLaMA-Factory missing, unsupported version or model
 without ``--allow-unpatched``).
 """

@@ -3,7 +3,8 @@
 ``apply_npu_ft_to_llamafactory()`` (idempotent):
 
 1. checks that LLaMA-Factory is installed at a supported version (:data:`SUPPORTED_LF_VERSIONS`);
-2. :func:`~.peft_patch.apply_npu_ft_to_peft` -- PEFT's LoRA Linear forward runs ``npu_ft::lora_linear``;
+2. :func:`~.peft_patch.apply_npu_ft_to_peft` -- PEFT's LoRA Linear forward runs ``npu_ft::lora_linear``
+   (DoRA layers: ``npu_ft::dora_linear``);
 3. wraps ``llamafactory.model.patcher.configure_quantization``: for on-the-fly bitsandbytes 4-bit
    (``quantization_bit: 4``, ``quantization_method: bnb``) no ``BitsAndBytesConfig`` is made, so the
    model loads in its compute dtype and bitsandbytes is never needed; the settings are remembered;
@@ -15,7 +16,9 @@
    for training, it also switches on npu-ft's fused linear cross-entropy on the model inside PEFT
    (:func:`npu_ft.modules.fused_loss.enable_fused_cross_entropy`: the same loss without the
    ``[tokens, vocab]`` logits) unless ``fused_loss=False`` or a LLaMA-Factory option needs the
-   training logits (:data:`LOGIT_OPTIONS`, Liger kernels);
+   training logits (:data:`LOGIT_OPTIONS`, Liger kernels), and npu-ft's fused decoder-block ops
+   (:func:`npu_ft.modules.fused_blocks.apply_fused_kernels`: RMSNorm with the residual add, RoPE,
+   SwiGLU) unless ``fused_kernels=False`` or ``enable_liger_kernel`` (LLaMA-Factory applies Liger);
 5. wraps ``llamafactory.model.model_utils.checkpointing._gradient_checkpointing_enable`` so that
    ``checkpoint_policy="selective"`` checkpoints with npu-ft's selective policy
    (:mod:`npu_ft.modules.checkpointing`: GEMM outputs kept, not recomputed); ``full``:
@@ -72,7 +75,8 @@ SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
 LOGIT_OPTIONS = ("use_asft_loss", "use_dft_loss", "use_eaft_loss", "compute_accuracy")
 
 _STATE = {"applied": False, "options": PluginOptions(), "unpatched_reason": None, "quantized": 0, "converted": 0,
-          "model_type": None, "counters_hook": False, "fused_cross_entropy": None, "checkpoint_policy": None}
+          "model_type": None, "counters_hook": False, "fused_cross_entropy": None, "fused_kernels": None,
+          "checkpoint_policy": None}
 
 
 def current_options() -> PluginOptions:
@@ -201,6 +205,24 @@ def _enable_fused_loss(model, model_args, finetuning_args) -> bool:
     return enable_fused_cross_entropy(inner)
 
 
+def _apply_fused_kernels(model, model_args) -> dict[str, int]:
+    """npu-ft's fused decoder-block ops on the causal LM inside LLaMA-Factory's (PEFT) model;
+    returns the patched modules per kind (``{}``: not applied)."""
+    if not current_options().fused_kernels:
+        logger.info("npu-ft fused decoder-block ops off: fused_kernels=False")
+        return {}
+    if getattr(model_args, "enable_liger_kernel", False):
+        logger.info("npu-ft fused decoder-block ops off: enable_liger_kernel (LLaMA-Factory applies Liger's)")
+        return {}
+    from npu_ft.modules.fused_blocks import apply_fused_kernels, fused_kernels_applied
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kinds = apply_fused_kernels(inner)
+    if kinds:
+        print(f"[npu-ft] fused decoder-block ops: {', '.join(kinds)}", file=sys.stderr)
+    return fused_kernels_applied(inner)
+
+
 def _wrap_init_adapter(original):
     @functools.wraps(original)
     def init_adapter(config, model, model_args, finetuning_args, is_trainable):
@@ -232,6 +254,7 @@ def _wrap_init_adapter(original):
                       file=sys.stderr)
             if is_trainable:
                 _STATE["fused_cross_entropy"] = _enable_fused_loss(model, model_args, finetuning_args)
+                _STATE["fused_kernels"] = _apply_fused_kernels(model, model_args)
         return model
 
     init_adapter.__npu_ft_patched__ = True
@@ -277,18 +300,20 @@ def _patch_checkpointing() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def apply_npu_ft_to_llamafactory(fallback: bool = False, fused_loss: bool = True, checkpoint_policy: str = "full",
+def apply_npu_ft_to_llamafactory(fallback: bool = False, fused_loss: bool = True, fused_kernels: bool = True,
+                                 checkpoint_policy: str = "full",
                                  counters_path: str | os.PathLike | None = None) -> dict:
     """Patch LLaMA-Factory (see the module docstring). Returns what was done.
 
     Options (see :class:`~.options.PluginOptions`; a bad value raises :class:`NpuFtLlamaFactoryError`
     naming the argument): ``fallback`` runs LLaMA-Factory unpatched, with a warning, where it cannot be
     patched (else :class:`NpuFtLlamaFactoryError`); ``fused_loss``: npu-ft's fused linear
-    cross-entropy for training; ``checkpoint_policy``: ``full`` or ``selective``; ``counters_path``:
+    cross-entropy for training; ``fused_kernels``: npu-ft's fused RMSNorm / RoPE / SwiGLU in the
+    trained model's decoder blocks; ``checkpoint_policy``: ``full`` or ``selective``; ``counters_path``:
     write :func:`counters` there at exit. Idempotent; calling it again replaces the options.
     """
-    options = PluginOptions(fallback=fallback, fused_loss=fused_loss, checkpoint_policy=checkpoint_policy,
-                            counters_path=counters_path)
+    options = PluginOptions(fallback=fallback, fused_loss=fused_loss, fused_kernels=fused_kernels,
+                            checkpoint_policy=checkpoint_policy, counters_path=counters_path)
     _STATE["options"] = options
     version = check_llamafactory()
     if not version_supported(version):
@@ -318,9 +343,9 @@ def counters() -> dict:
     from npu_ft.modules.fused_loss import CALLS as fused_loss_calls
     from npu_ft.ops import kernel_calls
 
-    ops = ("lora_linear", "lora_linear_backward", "nf4_linear", "nf4_linear_backward")
+    ops = ("lora_linear", "nf4_linear", "dora_linear", "dora_nf4_linear", "rms_norm", "rope", "swiglu")
     return {
-        "kernel_calls": {op: kernel_calls(op) for op in ops},
+        "kernel_calls": {name: kernel_calls(name) for op in ops for name in (op, f"{op}_backward")},
         "plugin": dict(peft_patch.STATS),
         "patched": bool(_STATE["applied"]) and peft_patch.is_enabled(),
         "unpatched_reason": _STATE["unpatched_reason"],
@@ -329,6 +354,7 @@ def counters() -> dict:
         "bnb_layers_converted": _STATE["converted"],
         "fused_cross_entropy": _STATE["fused_cross_entropy"],
         "fused_loss_calls": dict(fused_loss_calls),
+        "fused_kernels": _STATE["fused_kernels"],
         "checkpoint_policy": _STATE["checkpoint_policy"],
         "torch": torch.__version__,
     }

@@ -22,6 +22,7 @@ __all__ = [
     "ENV_COUNTERS",
     "ENV_ENABLE",
     "ENV_FALLBACK",
+    "ENV_FUSED_KERNELS",
     "ENV_FUSED_LOSS",
     "NpuFtLlamaFactoryError",
     "PluginOptions",
@@ -33,6 +34,7 @@ __all__ = [
 ENV_ENABLE = "NPU_FT_LLAMAFACTORY"
 ENV_FALLBACK = "NPU_FT_LF_FALLBACK"
 ENV_FUSED_LOSS = "NPU_FT_LF_FUSED_LOSS"
+ENV_FUSED_KERNELS = "NPU_FT_LF_FUSED_KERNELS"
 ENV_CHECKPOINT_POLICY = "NPU_FT_LF_CHECKPOINT_POLICY"
 ENV_COUNTERS = "NPU_FT_LF_COUNTERS"
 
@@ -50,6 +52,8 @@ class PluginOptions:
             raising :class:`NpuFtLlamaFactoryError`.
         fused_loss: npu-ft's fused linear cross-entropy for training (unless a LLaMA-Factory option
             needs the logits).
+        fused_kernels: npu-ft's fused decoder-block ops (RMSNorm with the residual add, RoPE, SwiGLU)
+            on the trained model (unless LLaMA-Factory's ``enable_liger_kernel`` is set).
         checkpoint_policy: ``full`` (LLaMA-Factory's own gradient checkpointing) or ``selective``
             (npu-ft's policy: GEMM outputs kept, not recomputed).
         counters_path: write :func:`~npu_ft_llamafactory.counters` there as JSON when the process
@@ -58,11 +62,12 @@ class PluginOptions:
 
     fallback: bool = False
     fused_loss: bool = True
+    fused_kernels: bool = True
     checkpoint_policy: str = "full"
     counters_path: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("fallback", "fused_loss"):
+        for name in ("fallback", "fused_loss", "fused_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise NpuFtLlamaFactoryError(f"{name}={getattr(self, name)!r}: expected True or False")
         _check_policy("checkpoint_policy", self.checkpoint_policy)
@@ -97,19 +102,20 @@ def hook_enabled_from_env() -> bool:
 
 def options_from_env() -> PluginOptions:
     """:class:`PluginOptions` from ``NPU_FT_LF_FALLBACK``, ``NPU_FT_LF_FUSED_LOSS``,
-    ``NPU_FT_LF_CHECKPOINT_POLICY`` and ``NPU_FT_LF_COUNTERS`` (unset: the defaults). A bad value
-    raises :class:`NpuFtLlamaFactoryError` with one line naming the variable."""
+    ``NPU_FT_LF_FUSED_KERNELS``, ``NPU_FT_LF_CHECKPOINT_POLICY`` and ``NPU_FT_LF_COUNTERS`` (unset: the
+    defaults). A bad value raises :class:`NpuFtLlamaFactoryError` with one line naming the variable."""
     policy = os.environ.get(ENV_CHECKPOINT_POLICY, "").strip().lower() or "full"
     _check_policy(ENV_CHECKPOINT_POLICY, policy)
     return PluginOptions(fallback=_flag(ENV_FALLBACK, False), fused_loss=_flag(ENV_FUSED_LOSS, True),
-                         checkpoint_policy=policy, counters_path=os.environ.get(ENV_COUNTERS) or None)
+                         fused_kernels=_flag(ENV_FUSED_KERNELS, True), checkpoint_policy=policy,
+                         counters_path=os.environ.get(ENV_COUNTERS) or None)
 
 
 def options_to_env(options: PluginOptions) -> dict[str, str]:
     """The environment variables that make :func:`options_from_env` return ``options`` (for the
     worker processes a launcher starts)."""
     env = {ENV_FALLBACK: "1" if options.fallback else "0", ENV_FUSED_LOSS: "1" if options.fused_loss else "0",
-           ENV_CHECKPOINT_POLICY: options.checkpoint_policy}
+           ENV_FUSED_KERNELS: "1" if options.fused_kernels else "0", ENV_CHECKPOINT_POLICY: options.checkpoint_policy}
     if options.counters_path:
         env[ENV_COUNTERS] = options.counters_path
     return env
