@@ -3,8 +3,8 @@
 Run by scripts/ci_llamafactory.sh. A tiny random Qwen2 (npu_ft.model.build_tiny_model, real Qwen
 tokenizer) and 16 alpaca examples; 4 optimizer steps, fp32, no gradient checkpointing. Each pair of
 runs must log the same loss at every step (LoRA: relative 1e-4, QLoRA: 1e-3), npu-ft's kernels must
-be the ones that ran (counters written by the plugin at exit), and LLaMA-Factory must save the same
-PEFT adapter files. One run goes through LLaMA-Factory's torchrun launcher (one CPU worker), to
+be the ones that ran (counters written by the plugin at exit; the fused decoder-block ops are on in
+every patched run), and LLaMA-Factory must save the same PEFT adapter files; one pair trains DoRA. One run goes through LLaMA-Factory's torchrun launcher (one CPU worker), to
 show that `npu-ft lf-train` hands its options to the workers.
 """
 
@@ -238,3 +238,26 @@ def test_unsupported_version_in_process(monkeypatch):
         info = lf_patch.apply_npu_ft_to_llamafactory(fallback=True)
     assert info["patched"] is False
     lf_patch.peft_patch.set_enabled(True)
+
+
+def test_dora_same_loss_and_fused_block_ops_via_env_hook(work):
+    """`use_dora: true`: unpatched `llamafactory-cli train` vs the plugin (.pth hook). The same loss at
+    every step, PEFT's DoRA layers run npu_ft::dora_linear, and the decoder blocks npu-ft's fused
+    RMSNorm(+residual) / RoPE / SwiGLU ops (on by default)."""
+    _run(work, "dora_ref", [LF_CLI, "train"], ["use_dora=true"])
+    counters = work / "dora_counters.json"
+    proc = _run(work, "dora_npu_ft", [LF_CLI, "train"], ["use_dora=true"],
+                env=_env(NPU_FT_LLAMAFACTORY="1", NPU_FT_LF_COUNTERS=str(counters)))
+    assert "[npu-ft] fused decoder-block ops: rms_norm, residual_rms_norm, rope, swiglu" in proc.stderr
+    _assert_same_losses(_losses(work, "dora_ref"), _losses(work, "dora_npu_ft"), 1e-4)
+    c = _counters(counters)
+    # 7 DoRA linears x 2 layers x 4 steps, forward and backward; no plain LoRA call, no PEFT fallback
+    assert sum(c["kernel_calls"]["dora_linear"].values()) == 56, c
+    assert sum(c["kernel_calls"]["dora_linear_backward"].values()) == 56, c
+    assert sum(c["kernel_calls"]["lora_linear"].values()) == 0 and c["plugin"].get("fallback", 0) == 0, c
+    # 2 layers: 2 norms each + the final norm; the post-attention norm runs as the layer's residual call
+    assert c["fused_kernels"] == {"rms_norm": 5, "residual_rms_norm": 2, "rope": 2, "swiglu": 2}, c
+    assert sum(c["kernel_calls"]["rms_norm"].values()) == 5 * 4, c
+    assert sum(c["kernel_calls"]["rope"].values()) == sum(c["kernel_calls"]["rope_backward"].values()) == 2 * 4, c
+    assert sum(c["kernel_calls"]["swiglu"].values()) == sum(c["kernel_calls"]["swiglu_backward"].values()) == 8, c
+    _assert_same_adapter_files(work, "dora_ref", "dora_npu_ft")
