@@ -4,8 +4,9 @@ Run by scripts/ci_llamafactory.sh. A tiny random Qwen2 (npu_ft.model.build_tiny_
 tokenizer) and 16 alpaca examples; 4 optimizer steps, fp32, no gradient checkpointing. Each pair of
 runs must log the same loss at every step (LoRA: relative 1e-4, QLoRA: 1e-3), npu-ft's kernels must
 be the ones that ran (counters written by the plugin at exit; the fused decoder-block ops are on in
-every patched run), and LLaMA-Factory must save the same PEFT adapter files; one pair trains DoRA. One run goes through LLaMA-Factory's torchrun launcher (one CPU worker), to
-show that `npu-ft lf-train` hands its options to the workers.
+every patched run), and LLaMA-Factory must save the same PEFT adapter files; one pair trains DoRA.
+One run goes through LLaMA-Factory's torchrun launcher (one CPU worker), to show that
+`npu-ft lf-train` hands its options to the workers.
 """
 
 from __future__ import annotations
