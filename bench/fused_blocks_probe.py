@@ -15,8 +15,10 @@ fused / unfused.
 
 Cases (npu-ft's LoRA r=16 on every linear, fused linear cross-entropy, fp32, CPU):
 ``lora-selective`` (selective checkpointing), ``lora-full`` (full checkpointing), ``full``
-(full fine-tuning, full checkpointing). Variant ``fused`` applies
-``npu_ft.modules.fused_blocks.apply_fused_kernels`` after the harness built npu-ft's model.
+(full fine-tuning, full checkpointing). Variant ``fused`` is the harness's ``npu-ft`` implementation
+with ``fused_kernels: true`` (its default: ``apply_fused_kernels`` before checkpointing, as run_sft),
+``unfused`` the same with ``fused_kernels: false``. The Ascend suites run the same pair
+(bench/suites/ascend-*.yaml); this probe stays for its CPU side-by-side table with the targets.
 """
 
 from __future__ import annotations
@@ -33,20 +35,6 @@ CASES = {
 }
 #: target ratios fused / unfused (issue 14): (tokens/s at least, peak increment at most)
 TARGETS = {"lora-selective": (1.08, 0.85), "lora-full": (1.05, 1.0), "full": (1.05, 1.0)}
-FUSED_IMPL = "custom:bench.fused_blocks_probe:build_fused"
-
-
-def build_fused(case, base_model_factory, device):
-    """The bench harness's npu-ft model, then npu-ft's fused decoder-block ops (a custom implementation)."""
-    from npu_ft.bench.impls import build_npu_ft
-    from npu_ft.modules.fused_blocks import apply_fused_kernels
-
-    prepared = build_npu_ft(case, base_model_factory, device)
-    applied = apply_fused_kernels(prepared.model)
-    if not applied:
-        raise RuntimeError("the fused decoder-block ops do not apply to this model")
-    prepared.features.append("fused_blocks:" + "+".join(applied))
-    return prepared
 
 
 def make_case(name: str, variant: str, args):
@@ -54,7 +42,7 @@ def make_case(name: str, variant: str, args):
 
     return BenchCase(
         suite="fused-blocks-probe", model=args.model, method=CASES[name]["method"],
-        implementation=FUSED_IMPL if variant == "fused" else "npu-ft", device="cpu", dtype="float32",
+        implementation="npu-ft", fused_kernels=variant == "fused", device="cpu", dtype="float32",
         seq_len=args.seq, batch_size=1, steps=args.steps, warmup=args.warmup, gradient_checkpointing=True,
         checkpoint_policy=CASES[name]["checkpoint_policy"],
         lora={"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all"},

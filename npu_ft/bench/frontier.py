@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["BASELINES", "CHALLENGERS", "frontier", "frontier_groups", "point_label", "statements"]
+__all__ = ["BASELINES", "CHALLENGERS", "frontier", "frontier_groups", "fused_kernels_off", "point_label",
+           "statements"]
 
 #: implementations measured against, first found wins
 BASELINES = ("llamafactory", "reference")
@@ -47,9 +48,15 @@ def frontier_groups(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
     return out
 
 
+def fused_kernels_off(row: dict) -> bool:
+    """Whether a results row ran with ``fused_kernels: false`` (rows from before the column: no)."""
+    return str(row.get("fused_kernels")).lower() in ("false", "0")
+
+
 def point_label(row: dict) -> str:
-    """Short settings of a point: ``selective b2 s1024``."""
-    return f"{row.get('policy', 'full')} b{row['batch_size']} s{row['seq_len']}"
+    """Short settings of a point: ``selective b2 s1024`` (+ `` nofused`` without the fused block ops)."""
+    fused = " nofused" if fused_kernels_off(row) else ""
+    return f"{row.get('policy', 'full')} b{row['batch_size']} s{row['seq_len']}{fused}"
 
 
 def statements(rows: list[dict]) -> list[dict]:

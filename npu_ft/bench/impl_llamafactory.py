@@ -158,6 +158,8 @@ def run_case(case) -> dict:
         env = dict(os.environ)  # PYTHONPATH holds project folders only (see runner._project_paths)
         env.pop("NPU_FT_LLAMAFACTORY", None)  # the child patches (or not) explicitly
         env["NPU_FT_LF_CHECKPOINT_POLICY"] = case.checkpoint_policy if case.gradient_checkpointing else "full"
+        # the plugin's fused decoder-block ops (a plugin without the option ignores the variable)
+        env["NPU_FT_LF_FUSED_KERNELS"] = "1" if case.fused_kernels else "0"
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("HF_DATASETS_OFFLINE", "1")
         t0 = time.perf_counter()

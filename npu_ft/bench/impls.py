@@ -1,9 +1,10 @@
 """The implementations a case can run: how the model is adapted for a method.
 
 * ``npu-ft``: npu-ft's own modules (``LoraLinear`` on ``npu_ft::lora_linear``, ``Nf4Linear`` on the
-  NF4 ops) injected with ``npu_ft.modules.inject``, and the loss from the chunked fused linear
-  cross-entropy (``npu_ft.modules.fused_loss``: the model's forward is patched, no full logits), as
-  ``run_sft`` trains by default.
+  NF4 ops) injected with ``npu_ft.modules.inject``, the fused decoder-block ops (RMSNorm, RoPE,
+  SwiGLU; ``case.fused_kernels``) and the loss from the chunked fused linear cross-entropy
+  (``npu_ft.modules.fused_loss``: the model's forward is patched, no full logits), as ``run_sft``
+  trains by default.
 * ``reference``: what LLaMA-Factory runs: transformers + PEFT (transformers' own loss on the full
   logits), and for QLoRA bitsandbytes 4-bit loading (``BitsAndBytesConfig(load_in_4bit=True,
   bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=<dtype>)``
@@ -57,6 +58,17 @@ def lora_targets(case) -> list[str]:
 
 def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def apply_block_kernels(case, model: nn.Module) -> list[str]:
+    """npu-ft's fused decoder-block ops (:func:`npu_ft.modules.fused_blocks.apply_fused_kernels`) when
+    ``case.fused_kernels`` (the default, as ``npu-ft train``); call it before checkpointing is enabled,
+    as run_sft does. Returns the features to report: ``["fused_blocks"]`` when something was patched."""
+    if not getattr(case, "fused_kernels", True):
+        return []
+    from npu_ft.modules.fused_blocks import apply_fused_kernels
+
+    return ["fused_blocks"] if apply_fused_kernels(model) else []
 
 
 def _enable_gradient_checkpointing(model: nn.Module, policy: str = "full") -> None:
@@ -223,13 +235,14 @@ def build_npu_ft(case, base_model_factory, device: torch.device) -> Prepared:
         for p in model.parameters():
             p.requires_grad_(True)
     model = model.to(device)
+    block_features = apply_block_kernels(case, model)
     if case.gradient_checkpointing:
         _enable_gradient_checkpointing(model, case.checkpoint_policy)
     if case.method in ("lora", "qlora"):
         n = align_lora_init(model, case.seed)
         if n == 0:
             raise RuntimeError("npu-ft: no LoRA parameters found after injection (expected names with lora_A/lora_B)")
-    features = _npu_ft_features(model) or ["transformers"]
+    features = (_npu_ft_features(model) or ["transformers"]) + block_features
     if case.gradient_checkpointing and case.checkpoint_policy != "full":
         features.append(f"{case.checkpoint_policy}_checkpointing")
     # npu-ft's training path computes the loss with the fused linear cross-entropy (run_sft's

@@ -55,11 +55,13 @@ def _npu_ft(case, base_model_factory, device: torch.device, *, align: bool, **me
         apply_lora(model, impls.lora_targets(case), r=case.lora["r"], alpha=case.lora["alpha"],
                    use_rslora=bool(case.lora.get("use_rslora", False)), **common, **method)
     model = model.to(device)
+    block_features = impls.apply_block_kernels(case, model)
     if case.gradient_checkpointing:
         impls._enable_gradient_checkpointing(model, case.checkpoint_policy)
     if align:
         impls.align_lora_init(model, case.seed)
     features = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("npu_ft.")})
+    features += block_features
     if enable_fused_cross_entropy(model):
         features.append("fused_cross_entropy")
     return impls.Prepared(model=model, features=features)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = ["CUSTOM_PREFIX", "IMPLEMENTATIONS", "Implementation", "builder", "case_runner", "register",
-           "supports_policy"]
+           "supports_fused_kernels", "supports_policy"]
 
 #: a custom implementation is named "custom:<module>:<function>" (a builder)
 CUSTOM_PREFIX = "custom:"
@@ -27,12 +27,14 @@ class Implementation:
     """Where an implementation's builder or case runner lives (``"module:function"``)."""
 
     def __init__(self, name: str, *, builder: str | None = None, runner: str | None = None, doc: str = "",
-                 policies: tuple[str, ...] = ("off", "full")):
+                 policies: tuple[str, ...] = ("off", "full"), fused_kernels: bool = False):
         if (builder is None) == (runner is None):
             raise ValueError(f"implementation {name!r}: give a builder or a case runner")
         self.name, self.builder, self.runner, self.doc = name, builder, runner, doc
         #: the checkpointing policies it can run (off = no checkpointing)
         self.policies = policies
+        #: whether it applies npu-ft's fused decoder-block ops when a case says fused_kernels: true
+        self.fused_kernels = fused_kernels
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {}
@@ -64,6 +66,12 @@ def supports_policy(name: str, policy: str) -> bool:
     return impl is None or policy in impl.policies
 
 
+def supports_fused_kernels(name: str) -> bool:
+    """Whether implementation ``name`` follows a case's ``fused_kernels`` (custom ones: yes, they get it)."""
+    impl = IMPLEMENTATIONS.get(name)
+    return impl is None or impl.fused_kernels
+
+
 def case_runner(name: str) -> Callable[..., Any] | None:
     """The case runner of implementation ``name`` (None when it is a builder)."""
     impl = IMPLEMENTATIONS.get(name)
@@ -71,12 +79,12 @@ def case_runner(name: str) -> Callable[..., Any] | None:
 
 
 register(Implementation("npu-ft", builder="npu_ft.bench.impls:build_npu_ft",
-                        doc="npu-ft's modules and fused loss, as run_sft trains",
-                        policies=("off", "full", "selective")))
+                        doc="npu-ft's modules, fused loss and fused decoder-block ops, as run_sft trains",
+                        policies=("off", "full", "selective"), fused_kernels=True))
 register(Implementation("reference", builder="npu_ft.bench.impls:build_reference",
                         doc="transformers + PEFT (+ bitsandbytes 4-bit), what LLaMA-Factory runs"))
 register(Implementation("llamafactory", runner="npu_ft.bench.impl_llamafactory:run_case",
                         doc="LLaMA-Factory 0.9.5's own trainer, in its own Python"))
 register(Implementation("llamafactory+npu-ft", runner="npu_ft.bench.impl_llamafactory:run_case",
                         doc="LLaMA-Factory 0.9.5 with the npu-ft plugin applied",
-                        policies=("off", "full", "selective")))
+                        policies=("off", "full", "selective"), fused_kernels=True))

@@ -21,13 +21,13 @@ import math
 import statistics
 from pathlib import Path
 
-from .frontier import BASELINES, statements
+from .frontier import BASELINES, fused_kernels_off, statements
 
 #: results.csv columns, in order
 COLUMNS = [
     "suite", "case_id", "model", "method", "implementation", "device", "device_name", "dtype", "seq_len",
     "batch_size", "steps", "warmup", "repeats_ok", "repeats_failed", "gradient_checkpointing", "checkpoint_policy",
-    "policy", "data", "lora_r",
+    "policy", "fused_kernels", "data", "lora_r",
     "status", "error",
     "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "labelled_tokens_per_s", "positions_per_s",
     "timed_steps", "s_per_step_median", "s_per_step_min", "s_per_step_max",
@@ -74,7 +74,8 @@ def aggregate(results: list[dict]) -> list[dict]:
         case = runs[0]["case"]
         view = _case_view(case)
         row = {k: case.get(k) for k in _CASE_KEYS}
-        row.update(variant=case.get("variant", 0), policy=view.policy, data=view.data_tag,
+        row.update(variant=case.get("variant", 0), policy=view.policy, fused_kernels=view.fused_kernels,
+                   data=view.data_tag,
                    parity_key=json.dumps(view.parity_group))
         row["lora_r"] = case.get("lora", {}).get("r") if case["method"] != "full" else 0
         ok = [r for r in runs if r.get("status") == "ok"]
@@ -187,7 +188,8 @@ def parity(rows: list[dict], tolerances: dict, cross_device: dict) -> list[dict]
                 if r["device"] == devices[0]:
                     continue
                 base = next((b for b in members if b["device"] == devices[0] and b["implementation"]
-                             == r["implementation"] and b.get("policy") == r.get("policy")), None)
+                             == r["implementation"] and b.get("policy") == r.get("policy")
+                             and b.get("fused_kernels") == r.get("fused_kernels")), None)
                 if base is None:
                     continue
                 d = _rel_diff(json.loads(r["losses"]), json.loads(base["losses"]))
@@ -198,8 +200,10 @@ def parity(rows: list[dict], tolerances: dict, cross_device: dict) -> list[dict]
 
 
 def _label(row: dict) -> str:
-    """"npu-ft (selective)": the implementation and the checkpointing it ran."""
-    return f"{row['implementation']} ({row.get('policy') or _gc_cell(row)})"
+    """"npu-ft (selective)": the implementation and the checkpointing it ran (", no fused kernels"
+    when it ran without npu-ft's fused decoder-block ops)."""
+    fused = ", no fused kernels" if fused_kernels_off(row) else ""
+    return f"{row['implementation']} ({row.get('policy') or _gc_cell(row)}{fused})"
 
 
 def _gc_cell(row: dict) -> str:

@@ -19,6 +19,7 @@ every case runs in a fresh process (see :mod:`npu_ft.bench.runner`).
     repeats: 3                        # fresh process per case per repeat, interleaved
     gradient_checkpointing: true
     checkpoint_policy: full           # off | full | selective, or per method {lora: selective}
+    fused_kernels: true               # npu-ft's fused RMSNorm/RoPE/SwiGLU ops (npu-ft lanes only)
     data: {mode: sft, dataset: alpaca-synth, packing: true}   # or mode: random (default)
     lora: {r: 16, alpha: 32, dropout: 0.0, targets: all, use_rslora: false}
     lr: 1.0e-4
@@ -36,7 +37,10 @@ every case runs in a fresh process (see :mod:`npu_ft.bench.runner`).
       llamafactory: [{checkpoint_policy: off}, {checkpoint_policy: full}, {checkpoint_policy: full, batch_size: 2}]
 
 A policy an implementation cannot run (``selective`` outside npu-ft) runs as ``full`` there, and a
-case that then repeats another one exactly is run once.
+case that then repeats another one exactly is run once. Likewise ``fused_kernels`` (npu-ft's fused
+decoder-block ops, on by default as in ``npu-ft train``) only means something to ``npu-ft`` and
+``llamafactory+npu-ft`` (and custom implementations, which get the value); the others run their own
+modules and record the default, so ``fused_kernels: [true, false]`` runs them once.
 
 Every key is checked: an unknown key, method, implementation, device, dtype or model names the key
 and the file in a :class:`SuiteError`.
@@ -152,6 +156,10 @@ class CaseSettings:
         "full", "Checkpointing policy: off | full | selective, or one per method. A policy set here without "
                 "gradient_checkpointing beside it turns checkpointing on (off: off). Implementations "
                 "without selective (reference, llamafactory) run full instead.", check=_check_policy)
+    fused_kernels: bool = config_field(
+        True, "npu-ft's fused decoder-block ops (RMSNorm + residual add, RoPE, SwiGLU), as npu-ft train's "
+              "fused_kernels key. Only npu-ft and llamafactory+npu-ft (and custom implementations) use it; the "
+              "others run transformers' modules whatever it says.")
     data: DataSettings = config_field(doc="What the batches hold.", default_factory=DataSettings)
     lora: LoraSettings = config_field(doc="LoRA settings.", default_factory=LoraSettings)
     lr: float = config_field(1e-4, "Learning rate.", minimum=0.0, exclusive_minimum=True)
@@ -238,6 +246,9 @@ class BenchCase:
     #: the gradient-checkpointing policy when gradient_checkpointing is on (npu_ft.modules.checkpointing):
     #: full | selective (npu-ft, llamafactory+npu-ft); the others always checkpoint "full"
     checkpoint_policy: str = "full"
+    #: npu-ft's fused decoder-block ops (npu_ft.modules.fused_blocks) in the npu-ft lanes; changes the
+    #: numbers only within fp32 rounding, so it is not part of the parity group
+    fused_kernels: bool = True
     data: dict = dataclasses.field(default_factory=lambda: dict(DATA_DEFAULTS))
     lora: dict = dataclasses.field(default_factory=lambda: dict(LORA_DEFAULTS))
     lr: float = 1e-4
@@ -266,13 +277,14 @@ class BenchCase:
         gc = "nogc" if not self.gradient_checkpointing else "gc" if self.checkpoint_policy == "full" else (
             f"gc-{self.checkpoint_policy}")
         data = "" if self.data_tag == "random" else f"/{self.data_tag}"
+        fused = "" if self.fused_kernels else "/nofused"  # the default leaves the id as it was
         return (f"{self.model}/{self.method}/{self.implementation}/{self.device}/{self.dtype}"
-                f"/s{self.seq_len}b{self.batch_size}/{gc}{data}/v{self.variant}")
+                f"/s{self.seq_len}b{self.batch_size}/{gc}{data}{fused}/v{self.variant}")
 
     @property
     def parity_group(self) -> tuple:
         """Cases that must give the same loss curve: everything that changes the numbers, not the
-        implementation, device, checkpointing policy or variant number."""
+        implementation, device, checkpointing policy, fused kernels (fp32 rounding only) or variant number."""
         return (self.model, self.method, self.dtype, self.seq_len, self.batch_size, self.data_tag,
                 json.dumps(self.data, sort_keys=True), self.lr, self.seed, self.steps + self.warmup,
                 json.dumps(self.lora, sort_keys=True), json.dumps(self.model_overrides, sort_keys=True))
@@ -309,6 +321,14 @@ def _case_policy(value: str | dict, method: str, implementation: str) -> str:
 
     policy = value.get(method, "full") if isinstance(value, dict) else value
     return policy if supports_policy(implementation, policy) else "full"
+
+
+def _case_fused_kernels(value: bool, implementation: str) -> bool:
+    """``fused_kernels`` of one case: the suite's value where the implementation has npu-ft's fused
+    decoder-block ops, else the default (true) -- it runs its own modules either way."""
+    from .registry import supports_fused_kernels
+
+    return bool(value) if supports_fused_kernels(implementation) else True
 
 
 def _settings(values: dict[str, Any]) -> dict[str, Any]:
@@ -438,6 +458,7 @@ def _parse_suite(data: Any, path: str | None, check_devices: bool) -> Suite:
                     case_settings.update(gradient_checkpointing=False, checkpoint_policy="full")
                 else:
                     case_settings["checkpoint_policy"] = policy
+                case_settings["fused_kernels"] = _case_fused_kernels(case_settings["fused_kernels"], impl)
                 number = vi if len(sweeps[None]) == 1 and impl not in sweeps else f"{vi}.{si}"
                 case = BenchCase(suite=name, model=model, method=method, implementation=impl, device=device,
                                  variant=number, **case_settings)  # type: ignore[arg-type]

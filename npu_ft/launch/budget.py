@@ -134,7 +134,9 @@ def recipe_estimate(cfg: Any, target: Card, world_size: int = 1, policy: str | N
                   lora_rank=int(cfg.lora_rank), dtype="bf16" if half else "fp32",
                   overhead_gib=target.overhead_gib if target.kind != "cpu" else 0.0,
                   fused_cross_entropy=bool(cfg.get("fused_cross_entropy", True)),
-                  checkpoint_policy=policy if gc else "full")
+                  checkpoint_policy=policy if gc else "full",
+                  # Liger-Kernel's RMSNorm / SwiGLU keep what npu-ft's fused ops keep (input + 1/rms; gate, up)
+                  fused_kernels=bool(cfg.get("fused_kernels", True)) or bool(cfg.get("enable_liger_kernel", False)))
     if cfg.method == "qlora" and zero == 3:
         raise EstimateError(f"{cfg.source}: QLoRA with DeepSpeed ZeRO-3 is not supported")
     # VeRA trains far fewer values than LoRA r=lora_rank on the same layers: LoRA's numbers bound it
@@ -157,6 +159,9 @@ def recipe_estimate(cfg: Any, target: Card, world_size: int = 1, policy: str | N
         f"checkpointing: {policy if gc else 'off'}",
         "loss: " + ("npu-ft's fused linear cross-entropy, one fp32 logits chunk" if kwargs["fused_cross_entropy"]
                     else "transformers' loss on the whole [tokens, vocab] logits"),
+        "decoder blocks: " + ("fused RMSNorm / RoPE / SwiGLU ops (input + 1/rms per norm, gate and up kept)"
+                              if kwargs["fused_kernels"] else "transformers' modules (silu(gate) kept too, "
+                              "fp32 norm copies with 16-bit activations)"),
         "AdamW: 2 fp32 moments per trainable weight" + (" + an fp32 master copy (DeepSpeed bf16)" if zero and half
                                                         and cfg.method == "full" else "")
         + ("; optimizer states offloaded to the host" if off_opt else ""),

@@ -20,8 +20,10 @@ optimizer states          AdamW: 8 bytes (two fp32 moments) per trainable weight
                           offload moves them to the host (0 on the card).
 activations               per micro-batch of T = batch x cutoff tokens, e bytes per element
                           (2 for bf16 autocast, 4 for fp32): each decoder layer saves about
-                          e T (12 h + 2 kv + 4 i) (RMSNorm in/out x2, q/k/v after RoPE, attention
-                          output, MLP gate/up/silu/product); with gradient checkpointing only
+                          e T (12 h + 2 kv + 3 i) with npu-ft's fused block ops (RMSNorm in/out
+                          x2, q/k/v after RoPE, attention output, MLP gate/up/product), more
+                          with transformers' modules (silu(gate), fp32 norm copies; see
+                          :func:`activation_bytes`); with gradient checkpointing only
                           its input e T h is kept, plus one layer recomputed; and one layer's worth
                           more for the gradients of the layer being back-propagated. The loss: with
                           npu-ft's fused linear cross-entropy (``fused_cross_entropy``, the
@@ -186,20 +188,56 @@ class Estimate:
                                                     "overhead")} | {"total": self.total_gib}
 
 
+def layer_bytes(shape: ModelShape, tokens: int, elem: int, lora_rank: int | None = None,
+                fused_kernels: bool = True) -> float:
+    """What one decoder layer saves for backward when it is not checkpointed (part of
+    :func:`activation_bytes`), per micro-batch of ``tokens`` tokens. ``lora_rank=None``: full
+    fine-tuning (the norm weights train).
+
+    Per token, in elements (h hidden, q = heads x head_dim, kv = KV heads x head_dim, i intermediate,
+    r LoRA rank), what both paths keep: 8 h + 4 q + 2 kv (the norms' inputs and outputs, q/k/v after
+    RoPE, the attention output and o_proj's input, the residual sums) + 3 i (gate and up, the
+    projections' outputs, and their product, down_proj's input) + 7 r (LoRA's x A^T per linear).
+
+    * npu-ft's fused ops (``fused_kernels``, docs/ops.md): ``rms_norm`` keeps its input by reference
+      and 1/rms per row (2 floats per token, left out), ``rope`` only cos/sin (shared by the layers),
+      ``swiglu`` gate and up (counted above): nothing more.
+    * transformers' modules (``Qwen2RMSNorm``, ``apply_rotary_pos_emb``, ``act_fn(gate) * up``):
+      + i for ``silu(gate)`` (the product's other operand); + 2 h when the norm weights train (the
+      normalised tensor the weight's gradient needs, per norm); and with 16-bit activations each norm
+      keeps its input upcast to fp32 (``4 h`` bytes) instead of the e h above: + 2 (4 - e) h bytes.
+      RoPE keeps only cos/sin here too.
+    """
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
+    per_token = elem * (8 * h + 4 * shape.q_dim + 2 * kv + 3 * i)
+    if lora_rank:
+        per_token += elem * lora_rank * 7
+    if not fused_kernels:
+        per_token += elem * i
+        if not lora_rank:
+            per_token += elem * 2 * h
+        if elem < 4:
+            per_token += 2 * (4 - elem) * h
+    return tokens * per_token
+
+
 def activation_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpointing: bool,
                      lora_rank: int | None = None, fused_cross_entropy: bool = True,
-                     loss_chunk_rows: int | None = None, checkpoint_policy: str = "full") -> float:
+                     loss_chunk_rows: int | None = None, checkpoint_policy: str = "full",
+                     fused_kernels: bool = True) -> float:
     """Saved activations of one micro-batch of ``tokens`` tokens (see the module docstring).
 
+    Each layer that is not checkpointed keeps :func:`layer_bytes` (``fused_kernels``: npu-ft's fused
+    RMSNorm / RoPE / SwiGLU ops, the default of ``npu-ft train``, or transformers' modules).
+
     ``checkpoint_policy="selective"`` (:mod:`npu_ft.modules.checkpointing`): each checkpointed layer
-    also keeps its GEMM outputs (q, k, v, o, gate, up, down) and its attention output.
+    also keeps its GEMM outputs (q, k, v, o, gate, up, down) and its attention output (the same with
+    or without the fused ops: it reruns them).
 
     ``loss_chunk_rows``: rows per chunk of the fused loss (default: its accelerator default for
     this vocabulary, ``npu_ft.ops.linear_cross_entropy.default_chunk_rows``)."""
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
-    layer = elem * tokens * (8 * h + 4 * shape.q_dim + 2 * kv + 4 * i)
-    if lora_rank:
-        layer += elem * tokens * lora_rank * 7
+    layer = layer_bytes(shape, tokens, elem, lora_rank, fused_kernels)
     if gradient_checkpointing:
         kept = h
         if checkpoint_policy == "selective":
@@ -230,11 +268,12 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
              gradient_checkpointing: bool = True, lora_rank: int = 16, dtype: str = "bf16",
              overhead_gib: float | None = None, fused_cross_entropy: bool = True,
              checkpoint_policy: str = "full",
-             loss_chunk_rows: int | None = None) -> Estimate:
+             loss_chunk_rows: int | None = None, fused_kernels: bool = True) -> Estimate:
     """Per-card memory of ``method`` (lora | qlora | full) on ``world_size`` data-parallel cards.
 
     ``fused_cross_entropy`` / ``loss_chunk_rows``: the loss as npu-ft trains by default (chunked,
-    no full logits) or transformers' loss (False); see :func:`activation_bytes`.
+    no full logits) or transformers' loss (False); ``fused_kernels``: npu-ft's fused decoder-block
+    ops (the default) or transformers' modules (False); see :func:`activation_bytes`.
 
     ``dtype="fp32"`` describes a plain fp32 run (weights, gradients and activations in fp32, no
     mixed precision), which is what the CPU check measures.
@@ -292,7 +331,7 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
         grads += 2 * (2 if ds and not fp32 else 4) * shape.vocab * shape.hidden / (n if zero >= 2 else 1)
     acts = activation_bytes(shape, batch * seq, elem, gradient_checkpointing,
                             lora_rank if method != "full" else None, fused_cross_entropy, loss_chunk_rows,
-                            checkpoint_policy)
+                            checkpoint_policy, fused_kernels)
     if method == "qlora":  # one dequantized weight at a time
         acts += half * max(a * b for a, b in shape.linear_shapes())
     if overhead_gib is None:

@@ -6,7 +6,7 @@ in this order, the first under which anything fits (:data:`~npu_ft.launch.estima
 of the card): none, ZeRO-2, ZeRO-3, ZeRO-3 with offload for full fine-tuning; none, ZeRO-3, ZeRO-3
 with offload for LoRA; none for QLoRA (ZeRO-3 cannot shard NF4 weights). Under it, the most tokens
 per micro-batch win, then the faster checkpointing (off, then selective, then full). The fused
-linear cross-entropy is always on.
+linear cross-entropy and the fused decoder-block ops (``fused_kernels``) are always on.
 Gradient accumulation brings each optimizer step to ``--sequences-per-step`` sequences per card.
 
 Exit codes: 0 (planned), 1 (nothing fits, or a model/card the estimator cannot read), 2 (usage).
@@ -75,7 +75,7 @@ def plan(model: str, method: str, card_spec: str, seq_len: int, world_size: int 
                 est = estimate(shape, method, zero=stage, offload_optimizer=offload, offload_param=offload,
                                world_size=world_size, batch=micro, seq=seq_len, gradient_checkpointing=policy != "off",
                                lora_rank=lora_rank, dtype=dtype, overhead_gib=target.overhead_gib,
-                               checkpoint_policy="full" if policy == "off" else policy)
+                               checkpoint_policy="full" if policy == "off" else policy, fused_kernels=True)
                 if smallest is None or est.total < smallest[0]:
                     smallest = (est.total, micro, policy, zero)
                 if est.total > target.usable_bytes:
@@ -125,7 +125,7 @@ def render_plan(p: Plan, model_path: str, template: str) -> str:
               f"learning_rate: {'2.0e-5' if p.method == 'full' else '1.0e-4'}",
               "num_train_epochs: 3.0", "lr_scheduler_type: cosine", "warmup_ratio: 0.1", "bf16: true",
               f"disable_gradient_checkpointing: {'true' if p.policy == 'off' else 'false'}",
-              "", "### npu-ft", "fused_cross_entropy: true"]
+              "", "### npu-ft", "fused_cross_entropy: true", "fused_kernels: true"]
     if p.policy != "off":
         lines.append(f"gradient_checkpointing_policy: {p.policy}")
     return "\n".join(lines) + "\n"

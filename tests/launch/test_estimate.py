@@ -30,6 +30,23 @@ def test_parts_by_method_and_zero_stage():
     sel = estimate(m, "lora", seq=1024, checkpoint_policy="selective")
     kept = 2 * m.q_dim + 2 * m.kv_dim + 2 * m.hidden + 2 * m.intermediate
     assert sel.activations - lora.activations == pytest.approx(m.layers * 1024 * 2 * kept)
+    # transformers' modules (fused_kernels=False) keep more in every layer that is not checkpointed (with
+    # checkpointing: the one recomputed and the one back-propagated): silu(gate), the fp32 copies of the
+    # two norms' 16-bit inputs, and in full fine-tuning the two normalised tensors the norm weights need
+    h, i, t = m.hidden, m.intermediate, 1024
+    per_layer = t * (2 * i + 2 * (4 - 2) * h)
+    unfused = estimate(m, "lora", seq=1024, fused_kernels=False)
+    assert unfused.activations - lora.activations == pytest.approx(2 * per_layer)
+    assert (estimate(m, "lora", seq=1024, checkpoint_policy="selective", fused_kernels=False).activations
+            - unfused.activations) == pytest.approx(m.layers * 1024 * 2 * kept)  # selective reruns the fused ops
+    no_gc = estimate(m, "lora", seq=1024, gradient_checkpointing=False)
+    no_gc_unfused = estimate(m, "lora", seq=1024, gradient_checkpointing=False, fused_kernels=False)
+    assert no_gc_unfused.activations - no_gc.activations == pytest.approx((m.layers + 1) * per_layer)
+    full_unfused = estimate(m, "full", world_size=8, seq=1024, fused_kernels=False)
+    assert full_unfused.activations - full.activations == pytest.approx(2 * (per_layer + t * 2 * 2 * h))
+    fp32 = estimate(m, "lora", seq=1024, dtype="fp32")
+    fp32_unfused = estimate(m, "lora", seq=1024, dtype="fp32", fused_kernels=False)
+    assert fp32_unfused.activations - fp32.activations == pytest.approx(2 * t * 4 * i)  # no fp32 copies
     with pytest.raises(ValueError, match="QLoRA with ZeRO-3"):
         estimate(m, "qlora", zero=3)
 
