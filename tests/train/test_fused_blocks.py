@@ -214,7 +214,7 @@ def test_enable_liger_kernel_means_liger(monkeypatch):
 def test_config_keys(tmp_path, monkeypatch):
     import importlib.util
 
-    from npu_ft.train.config import ConfigError, build_config
+    from npu_ft.config import ConfigError, build_config
 
     assert build_config({"model_name_or_path": "m"}).fused_kernels is True
     assert build_config({"model_name_or_path": "m", "fused_kernels": "false"}).fused_kernels is False

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from npu_ft.train.config import load_config
+from npu_ft.config import load_config
 from npu_ft.train.outputs import OutputDirError, check_output_dir, is_disk_full
 from npu_ft.train.previous_run import is_run_file, set_aside_previous_run
 from npu_ft.train.run import run_sft
