@@ -19,12 +19,12 @@ optimizer states          AdamW: 8 bytes (two fp32 moments) per trainable weight
                           master copy) under DeepSpeed bf16; ZeRO-1/2/3 divide by N; optimizer
                           offload moves them to the host (0 on the card).
 activations               per micro-batch of T = batch x cutoff tokens, e bytes per element
-                          (2 for bf16 autocast, 4 for fp32): each decoder layer saves about
-                          e T (12 h + 2 kv + 3 i) with npu-ft's fused block ops (RMSNorm in/out
-                          x2, q/k/v after RoPE, attention output, MLP gate/up/product), more
-                          with transformers' modules (silu(gate), fp32 norm copies; see
-                          :func:`activation_bytes`); with gradient checkpointing only
-                          its input e T h is kept, plus one layer recomputed; and one layer's worth
+                          (2 for bf16 autocast, 4 for fp32): each decoder layer saves
+                          e T (4 h + 2 q + 2 kv + 3 i + 7 r) with npu-ft's fused block ops
+                          (:func:`layer_bytes` lists the tensors, counted from the code), more
+                          with transformers' modules (silu(gate), fp32 norm copies); with
+                          gradient checkpointing only its input e T h is kept, plus one layer
+                          recomputed; the final norm (full fine-tuning); and one layer's worth
                           more for the gradients of the layer being back-propagated. The loss: with
                           npu-ft's fused linear cross-entropy (``fused_cross_entropy``, the
                           default) one chunk of fp32 logits, min(T, c) V (4 + e for e < 4) bytes
@@ -188,37 +188,65 @@ class Estimate:
                                                     "overhead")} | {"total": self.total_gib}
 
 
+def norm_bytes(width: int, rows: int, elem: int, trains_weight: bool, fused_kernels: bool = True) -> float:
+    """What one RMSNorm over ``rows`` rows of ``width`` elements saves for backward (part of
+    :func:`layer_bytes`): its input (by reference; with transformers' module and 16-bit activations
+    its fp32 upcast instead, 4 bytes per element), 1/rms per row (fp32), and with transformers' module
+    when its weight trains the normalised tensor the weight's gradient needs (npu-ft's ``rms_norm``
+    recomputes it from the input and 1/rms)."""
+    per_row = 4 + (4 if not fused_kernels and elem < 4 else elem) * width
+    if trains_weight and not fused_kernels:
+        per_row += elem * width
+    return rows * per_row
+
+
 def layer_bytes(shape: ModelShape, tokens: int, elem: int, lora_rank: int | None = None,
                 fused_kernels: bool = True) -> float:
     """What one decoder layer saves for backward when it is not checkpointed (part of
     :func:`activation_bytes`), per micro-batch of ``tokens`` tokens. ``lora_rank=None``: full
     fine-tuning (the norm weights train).
 
-    Per token, in elements (h hidden, q = heads x head_dim, kv = KV heads x head_dim, i intermediate,
-    r LoRA rank), what both paths keep: 8 h + 4 q + 2 kv (the norms' inputs and outputs, q/k/v after
-    RoPE, the attention output and o_proj's input, the residual sums) + 3 i (gate and up, the
-    projections' outputs, and their product, down_proj's input) + 7 r (LoRA's x A^T per linear).
+    Per token (h hidden, q = heads x head_dim, kv = KV heads x head_dim, i intermediate, r LoRA
+    rank; e bytes per element), counted with ``torch.autograd.graph.saved_tensors_hooks`` on the
+    bench's model (``tests/launch/test_estimate.py::test_layer_bytes_counts_saved_tensors``):
 
-    * npu-ft's fused ops (``fused_kernels``, docs/ops.md): ``rms_norm`` keeps its input by reference
-      and 1/rms per row (2 floats per token, left out), ``rope`` only cos/sin (shared by the layers),
-      ``swiglu`` gate and up (counted above): nothing more.
-    * transformers' modules (``Qwen2RMSNorm``, ``apply_rotary_pos_emb``, ``act_fn(gate) * up``):
-      + i for ``silu(gate)`` (the product's other operand); + 2 h when the norm weights train (the
-      normalised tensor the weight's gradient needs, per norm); and with 16-bit activations each norm
-      keeps its input upcast to fp32 (``4 h`` bytes) instead of the e h above: + 2 (4 - e) h bytes.
-      RoPE keeps only cos/sin here too.
+    ===============================  ==============================================================
+    saved by                         tensors
+    ===============================  ==============================================================
+    ``input_layernorm``              :func:`norm_bytes`: the layer input h, 1/rms
+    q/k/v_proj                       their shared input (the norm's output) h; LoRA: x A^T, 3 r
+    RoPE                             cos/sin only (shared by all layers, not counted)
+    attention (sdpa)                 q and k, v after RoPE: q + 2 kv (GQA runs in the kernel,
+                                     ``enable_gqa``: no repeat_kv copies without a padding mask);
+                                     its output q (also o_proj's input: the same storage);
+                                     logsumexp, fp32 per head: 4 heads bytes
+    o_proj                           LoRA: r
+    ``post_attention_layernorm``     :func:`norm_bytes` of the residual sum h (npu-ft fuses the
+                                     add into the norm and keeps the sum)
+    gate/up_proj                     their shared input h; LoRA: 2 r
+    SwiGLU                           gate and up, 2 i; transformers' ``act_fn(gate) * up`` also
+                                     silu(gate), i
+    down_proj                        its input (the product) i; LoRA: r
+    ===============================  ==============================================================
+
+    In all e (4 h + 2 q + 2 kv + 3 i + 7 r) + 4 (heads + 2) bytes with the fused ops and LoRA; + e i
+    (silu(gate)) with transformers' modules, which in full fine-tuning also keep each norm's
+    normalised tensor (+ 2 e h) and with 16-bit activations each norm's fp32 input (+ 2 (4 - e) h).
+    Qwen3's q/k norms add :func:`norm_bytes` of q and kv (per head rows). QLoRA's NF4 linears also
+    keep their dequantized absmax (weight-sized, added in :func:`estimate`).
     """
-    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
-    per_token = elem * (8 * h + 4 * shape.q_dim + 2 * kv + 3 * i)
+    h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
+    trains_norm = not lora_rank
+    per_token = elem * (2 * h + 2 * q + 2 * kv + 3 * i) + 4 * shape.heads
     if lora_rank:
         per_token += elem * lora_rank * 7
     if not fused_kernels:
-        per_token += elem * i
-        if not lora_rank:
-            per_token += elem * 2 * h
-        if elem < 4:
-            per_token += 2 * (4 - elem) * h
-    return tokens * per_token
+        per_token += elem * i  # silu(gate)
+    body = tokens * per_token + 2 * norm_bytes(h, tokens, elem, trains_norm, fused_kernels)
+    if shape.qk_norm:
+        body += norm_bytes(shape.hd, tokens * shape.heads, elem, trains_norm, fused_kernels)
+        body += norm_bytes(shape.hd, tokens * shape.kv_heads, elem, trains_norm, fused_kernels)
+    return body
 
 
 def activation_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpointing: bool,
@@ -245,6 +273,10 @@ def activation_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpo
         body = shape.layers * elem * tokens * kept + layer  # + the layer being recomputed
     else:
         body = shape.layers * layer
+    if not lora_rank:
+        # the final norm keeps the last layer's output (with LoRA it stands in for the first layer's
+        # input, which nobody keeps: the frozen embedding's output needs no gradient)
+        body += norm_bytes(h, tokens, elem, True, fused_kernels)
     # the layer being back-propagated: the gradients of its activations, about one layer's worth
     body += layer
     return body + loss_bytes(shape, tokens, elem, fused_cross_entropy, loss_chunk_rows)
@@ -334,6 +366,9 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
                             checkpoint_policy, fused_kernels)
     if method == "qlora":  # one dequantized weight at a time
         acts += half * max(a * b for a, b in shape.linear_shapes())
+        # each NF4 linear keeps its dequantized fp32 absmax (one per 64 weights) for backward, in every
+        # layer that is not checkpointed (with checkpointing: the one recomputed)
+        acts += (1 if gradient_checkpointing else shape.layers) * 4 * shape.linear_params / shape.layers / 64
     if overhead_gib is None:
         overhead_gib = 0.0 if fp32 else 3.0
     overhead = overhead_gib * GIB

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from npu_ft.launch.estimate import CPU_TRAIN_RUNTIME_BYTES, GIB, MODELS, ModelShape, cards_needed, estimate
+from npu_ft.launch.estimate import (
+    CPU_TRAIN_RUNTIME_BYTES,
+    GIB,
+    MODELS,
+    ModelShape,
+    cards_needed,
+    estimate,
+    layer_bytes,
+    norm_bytes,
+)
 
 
 def test_parts_by_method_and_zero_stage():
@@ -43,12 +52,81 @@ def test_parts_by_method_and_zero_stage():
     no_gc_unfused = estimate(m, "lora", seq=1024, gradient_checkpointing=False, fused_kernels=False)
     assert no_gc_unfused.activations - no_gc.activations == pytest.approx((m.layers + 1) * per_layer)
     full_unfused = estimate(m, "full", world_size=8, seq=1024, fused_kernels=False)
-    assert full_unfused.activations - full.activations == pytest.approx(2 * (per_layer + t * 2 * 2 * h))
+    # + the final norm (outside the layers, kept in full fine-tuning): its fp32 input copy and normalised tensor
+    final_norm = t * ((4 - 2) * h + 2 * h)
+    assert full_unfused.activations - full.activations == pytest.approx(2 * (per_layer + t * 2 * 2 * h) + final_norm)
     fp32 = estimate(m, "lora", seq=1024, dtype="fp32")
     fp32_unfused = estimate(m, "lora", seq=1024, dtype="fp32", fused_kernels=False)
     assert fp32_unfused.activations - fp32.activations == pytest.approx(2 * t * 4 * i)  # no fp32 copies
     with pytest.raises(ValueError, match="QLoRA with ZeRO-3"):
         estimate(m, "qlora", zero=3)
+
+
+# -- what a decoder layer saves, counted --------------------------------------------------------
+# layer_bytes lists the tensors autograd keeps per decoder layer; here they are counted on a tiny
+# Qwen2 (h, q, kv, i and r all different) with saved_tensors_hooks, built as the bench builds it.
+TINY = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=3,
+            num_key_value_heads=1, vocab_size=128)
+TINY_SHAPE = ModelShape("tiny-48", 48, 80, 3, 3, 1, 128, True)
+
+
+def _saved_bytes(method: str, fused: bool, tokens: int) -> tuple[list[int], int]:
+    """Bytes autograd saves in each decoder layer's forward and in the final norm's: distinct
+    storages, no parameters or buffers, storages saved in several layers (cos/sin) left out."""
+    import torch
+
+    from npu_ft.bench.shapes import build_model
+    from npu_ft.modules.fused_blocks import apply_fused_kernels
+    from npu_ft.modules.inject import apply_lora, apply_qlora
+
+    model = build_model("tiny", 0, torch.float32, TINY)
+    if method == "lora":
+        apply_lora(model, r=4)
+    elif method == "qlora":
+        apply_qlora(model, r=4, compute_dtype=torch.float32)
+    else:
+        model.requires_grad_(True)
+    if fused:
+        assert apply_fused_kernels(model)
+    frozen = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    parts = [*model.model.layers, model.model.norm]
+    where: list[int | None] = [None]
+    for index, part in enumerate(parts):
+        part.register_forward_pre_hook(lambda _m, _a, index=index: where.__setitem__(0, index))
+        part.register_forward_hook(lambda _m, _a, _o: where.__setitem__(0, None))
+    saved: dict[int, tuple[set, int]] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        owners, _ = saved.setdefault(storage.data_ptr(), (set(), storage.nbytes()))
+        owners.add(where[0])
+        return t
+
+    ids = torch.randint(0, TINY["vocab_size"], (1, tokens))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    per_part = [0] * len(parts)
+    for ptr, (owners, nbytes) in saved.items():
+        if ptr not in frozen and len(owners) == 1 and None not in owners:
+            per_part[owners.pop()] += nbytes
+    return per_part[:-1], per_part[-1]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_layer_bytes_counts_saved_tensors(method, fused):
+    tokens = 40
+    layers, final_norm = _saved_bytes(method, fused, tokens)
+    rank = None if method == "full" else 4
+    expected = layer_bytes(TINY_SHAPE, tokens, 4, rank, fused)
+    if method == "qlora":  # the dequantized absmax of each NF4 linear (estimate() adds it per layer)
+        expected += 4 * TINY_SHAPE.linear_params / TINY_SHAPE.layers / 64
+    # a middle layer: what layer_bytes lists, nothing more, nothing less
+    assert layers[1] == pytest.approx(expected, rel=0.01)
+    # with LoRA the first layer's input is kept by nobody (frozen embedding), and the final norm keeps
+    # the last layer's output: together exactly layers x layer_bytes; full fine-tuning keeps both
+    extra = norm_bytes(TINY_SHAPE.hidden, tokens, 4, True, fused) if method == "full" else 0
+    assert sum(layers) + final_norm == pytest.approx(TINY_SHAPE.layers * expected + extra, rel=0.01)
 
 
 def test_cards_needed():
