@@ -249,6 +249,44 @@ def layer_bytes(shape: ModelShape, tokens: int, elem: int, lora_rank: int | None
     return body
 
 
+def layer_working_bytes(shape: ModelShape, tokens: int, elem: int, lora_rank: int | None = None,
+                        fused_kernels: bool = True) -> float:
+    """Every tensor one decoder layer's forward creates, saved for backward or not (part of
+    :func:`activation_bytes`): what the layer being recomputed under checkpointing and the layer being
+    back-propagated hold at once, per micro-batch of ``tokens`` tokens.
+
+    Per token, in elements: its input, the first norm's output, q / k / v and q / k after RoPE, the
+    attention output, o_proj's output, the residual sum, the second norm's output, gate, up, their
+    product, down_proj's output and the second residual sum: 7 h + 3 q + 3 kv + 3 i, + 7 r for LoRA's
+    ``x A^T``; transformers' unfused modules also make what they keep beyond the fused ops
+    (:func:`layer_bytes` with and without ``fused_kernels``: ``silu(gate)``, the norms' copies).
+    :func:`layer_bytes` is the subset autograd keeps; the difference is what a layer's forward frees
+    again at once, which a CPU allocator keeps mapped while the backward's working set is live.
+    """
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
+    per_token = 7 * h + 3 * shape.q_dim + 3 * kv + 3 * i + (7 * lora_rank if lora_rank else 0)
+    working = float(elem * tokens * per_token)
+    if not fused_kernels:
+        working += layer_bytes(shape, tokens, elem, lora_rank, False) - layer_bytes(shape, tokens, elem, lora_rank)
+    return working
+
+
+def stored_layer_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpointing: bool,
+                       lora_rank: int | None = None, checkpoint_policy: str = "full",
+                       fused_kernels: bool = True) -> float:
+    """What all decoder layers keep between their forward and their backward (part of
+    :func:`activation_bytes`): :func:`layer_bytes` each without checkpointing; with it, each layer's
+    input (``full``), plus its GEMM outputs (q, k, v, o, gate, up, down) and attention output
+    (``selective``)."""
+    if not gradient_checkpointing:
+        return shape.layers * layer_bytes(shape, tokens, elem, lora_rank, fused_kernels)
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
+    kept = h
+    if checkpoint_policy == "selective":
+        kept += 2 * shape.q_dim + 2 * kv + 2 * h + 2 * i
+    return float(shape.layers * elem * tokens * kept)
+
+
 def activation_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpointing: bool,
                      lora_rank: int | None = None, fused_cross_entropy: bool = True,
                      loss_chunk_rows: int | None = None, checkpoint_policy: str = "full",
@@ -256,7 +294,8 @@ def activation_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpo
     """Saved activations of one micro-batch of ``tokens`` tokens (see the module docstring).
 
     Each layer that is not checkpointed keeps :func:`layer_bytes` (``fused_kernels``: npu-ft's fused
-    RMSNorm / RoPE / SwiGLU ops, the default of ``npu-ft train``, or transformers' modules).
+    RMSNorm / RoPE / SwiGLU ops, the default of ``npu-ft train``, or transformers' modules); the layer
+    being recomputed and the one being back-propagated hold :func:`layer_working_bytes` each.
 
     ``checkpoint_policy="selective"`` (:mod:`npu_ft.modules.checkpointing`): each checkpointed layer
     also keeps its GEMM outputs (q, k, v, o, gate, up, down) and its attention output (the same with
@@ -264,21 +303,18 @@ def activation_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpo
 
     ``loss_chunk_rows``: rows per chunk of the fused loss (default: its accelerator default for
     this vocabulary, ``npu_ft.ops.linear_cross_entropy.default_chunk_rows``)."""
-    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
-    layer = layer_bytes(shape, tokens, elem, lora_rank, fused_kernels)
+    h = shape.hidden
+    working = layer_working_bytes(shape, tokens, elem, lora_rank, fused_kernels)
+    body = stored_layer_bytes(shape, tokens, elem, gradient_checkpointing, lora_rank, checkpoint_policy,
+                              fused_kernels)
     if gradient_checkpointing:
-        kept = h
-        if checkpoint_policy == "selective":
-            kept += 2 * shape.q_dim + 2 * kv + 2 * h + 2 * i
-        body = shape.layers * elem * tokens * kept + layer  # + the layer being recomputed
-    else:
-        body = shape.layers * layer
+        body += working  # the layer being recomputed
     if not lora_rank:
         # the final norm keeps the last layer's output (with LoRA it stands in for the first layer's
         # input, which nobody keeps: the frozen embedding's output needs no gradient)
         body += norm_bytes(h, tokens, elem, True, fused_kernels)
-    # the layer being back-propagated: the gradients of its activations, about one layer's worth
-    body += layer
+    # the layer being back-propagated: the gradients of its activations, about one layer's forward worth
+    body += working
     return body + loss_bytes(shape, tokens, elem, fused_cross_entropy, loss_chunk_rows)
 
 
@@ -364,6 +400,13 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
     acts = activation_bytes(shape, batch * seq, elem, gradient_checkpointing,
                             lora_rank if method != "full" else None, fused_cross_entropy, loss_chunk_rows,
                             checkpoint_policy, fused_kernels)
+    if method == "full" and zero < 2:
+        # back to front, each layer's weight gradients are made while its kept activations are freed:
+        # at any time the decoder layers hold the gradients of the layers behind and the activations
+        # of those ahead, so the two overlap by the smaller of them (not with sharded gradients)
+        layer_grads = (2 if ds and not fp32 else 4) * shape.layers * shape.layer_params()
+        acts -= min(layer_grads, stored_layer_bytes(shape, batch * seq, elem, gradient_checkpointing, None,
+                                                    checkpoint_policy, fused_kernels))
     if method == "qlora":  # one dequantized weight at a time
         acts += half * max(a * b for a, b in shape.linear_shapes())
         # each NF4 linear keeps its dequantized fp32 absmax (one per 64 weights) for backward, in every
