@@ -4,7 +4,9 @@ say so, the rest runs, a dated record is written and the matrix gets a row."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,7 +54,8 @@ def test_verify_hardware_script_runs_on_cpu(tmp_path):
     doc.write_text(f"{MATRIX_BEGIN}\n{MATRIX_END}\n")
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "verify_hardware.sh"), "--device", "cpu", "--quick",
                            "--out", str(tmp_path / "rec"), "--matrix", str(doc)],
-                          capture_output=True, text=True, timeout=3000, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=3000, cwd=tmp_path,
+                          env={**os.environ, "PYTHON": sys.executable})  # this environment's python
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (record_json,) = (tmp_path / "rec").glob("verify-*.json")
     record = json.loads(record_json.read_text())

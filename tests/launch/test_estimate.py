@@ -3,6 +3,8 @@ and (slow) its predictions against measured CPU peaks of fresh processes (memory
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
 from npu_ft.launch.estimate import (
@@ -145,6 +147,8 @@ OVERRIDES = dict(hidden_size=320, intermediate_size=896, num_hidden_layers=4, nu
 SHAPE = ModelShape("check-320", 320, 896, 4, 5, 1, 10000, True)
 #: every prediction within +-15 % of the measured training increment (the issue's requirement)
 BAND = (0.85, 1.15)
+#: fresh processes per QLoRA configuration (the median is checked)
+QLORA_REPEATS = 3
 #: methods x checkpointing policies x sequence lengths (x micro-batch)
 CONFIGS = [("lora", "off", 384, 2), ("lora", "full", 640, 1), ("lora", "selective", 256, 2),
            ("lora", "selective", 896, 1), ("qlora", "full", 512, 2), ("qlora", "selective", 640, 1),
@@ -162,8 +166,13 @@ def test_estimate_against_measured_cpu_peak(method, policy, seq, batch):
     case = BenchCase(suite="estimate-check", model="tiny", method=method, implementation="npu-ft", device="cpu",
                      seq_len=seq, batch_size=batch, steps=2, warmup=1, gradient_checkpointing=gc,
                      checkpoint_policy=policy if gc else "full", model_overrides=OVERRIDES, timeout_s=900)
-    result = run_case_subprocess(case)
-    assert result["status"] == "ok", result.get("error")
+    # QLoRA's training increment depends on how much of the heap the quantization (dense weights in,
+    # NF4 out) left free below the baseline: fresh processes measured 108-156 MiB for one case on a
+    # loaded box. Its check takes the median of three processes; the others vary by ~5 %.
+    runs = [run_case_subprocess(case) for _ in range(QLORA_REPEATS if method == "qlora" else 1)]
+    for result in runs:
+        assert result["status"] == "ok", result.get("error")
+    result = runs[0]
     # the bench's npu-ft implementation trains with the fused loss, in CPU-sized chunks
     est = estimate(SHAPE, method, batch=batch, seq=seq, gradient_checkpointing=gc, lora_rank=8, dtype="fp32",
                    loss_chunk_rows=default_chunk_rows(SHAPE.vocab, device="cpu"),
@@ -171,7 +180,7 @@ def test_estimate_against_measured_cpu_peak(method, policy, seq, batch):
     assert result["weight_bytes"] == pytest.approx(est.weights, rel=0.02)
     if result["mem_kind"] != "rss":
         pytest.skip(f"per-phase CPU peak not available here ({result['mem_kind']})")
-    measured = result["peak_mem_bytes"] - result["baseline_mem_bytes"]
+    measured = statistics.median(r["peak_mem_bytes"] - r["baseline_mem_bytes"] for r in runs)
     ratio = measured / (est.train_bytes + CPU_TRAIN_RUNTIME_BYTES)
     assert BAND[0] <= ratio <= BAND[1], (
         f"{method} {policy} {batch}x{seq}: measured {measured / 2**20:.1f} MiB, "
