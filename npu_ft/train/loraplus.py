@@ -61,7 +61,6 @@ def create_loraplus_optimizer(model: nn.Module, args: Any, loraplus_lr_ratio: fl
     from transformers import Trainer
 
     optim_cls, optim_kwargs = optimizer_cls_and_kwargs or Trainer.get_optimizer_cls_and_kwargs(args, model)
-    optim_kwargs = dict(optim_kwargs)
     groups = loraplus_param_groups(model, args.learning_rate, args.weight_decay, loraplus_lr_ratio,
                                    loraplus_lr_embedding)
     for group in groups:

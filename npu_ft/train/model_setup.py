@@ -47,16 +47,15 @@ def _apply_method(cfg: Any, model: torch.nn.Module, device: torch.device, dtype:
     return model
 
 
-#: the recipe key a method's ValueError is about, by the first word of its message
-_ERROR_KEYS = {"lora_rank": "lora_rank", "lora_target": "lora_target", "lora_target:": "lora_target",
-               "additional_target": "additional_target", "additional_target:": "additional_target",
-               "lora_alpha:": "lora_alpha", "lora_dropout:": "lora_dropout", "vera_dropout:": "lora_dropout",
-               "quantization_type:": "quantization_type", "init_lora_weights:": "pissa_iter"}
+#: the recipe key a method's ValueError is about, by the first word of its message (colon dropped)
+_ERROR_KEYS = {"lora_rank": "lora_rank", "lora_target": "lora_target", "additional_target": "additional_target",
+               "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "vera_dropout": "lora_dropout",
+               "quantization_type": "quantization_type", "init_lora_weights": "pissa_iter"}
 
 
 def _method_error_key(cfg: Any, message: str) -> str:
-    first = message.split(" ", 1)[0]
-    if first == "r:":  # VeRA's shared rank, or PiSSA's rank against a weight's smallest side
+    first = message.split(" ", 1)[0].rstrip(":")
+    if first == "r":  # VeRA's shared rank, or PiSSA's rank against a weight's smallest side
         return "vera_rank" if cfg.method == "vera" else "lora_rank"
     return _ERROR_KEYS.get(first, "finetuning_type")
 

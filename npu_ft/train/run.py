@@ -324,8 +324,9 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
     if cfg.loraplus_lr_ratio is not None:  # LoRA+: lora_B (and 1-D adapter tensors) at ratio x the learning rate
         from .loraplus import create_loraplus_optimizer
 
-        trainer_kwargs.setdefault("optimizers", (create_loraplus_optimizer(
-            model, args, float(cfg.loraplus_lr_ratio), float(cfg.loraplus_lr_embedding), optim_spec), None))
+        if "optimizers" not in trainer_kwargs:  # an optimizer the caller passed wins, unbuilt here
+            trainer_kwargs["optimizers"] = (create_loraplus_optimizer(
+                model, args, float(cfg.loraplus_lr_ratio), float(cfg.loraplus_lr_embedding), optim_spec), None)
     elif optim_spec is not None:
         trainer_kwargs.setdefault("optimizer_cls_and_kwargs", optim_spec)
     if cfg.pissa_convert:
