@@ -1,8 +1,10 @@
 """Bench builders of the LoRA-family methods, npu-ft's and PEFT's (LLaMA-Factory's path), for suites.
 
 A builder is ``fn(case, base_model_factory, device) -> impls.Prepared`` (see
-:mod:`npu_ft.bench.registry`); today a suite names one as ``custom:npu_ft.bench.impls_methods:<fn>``
-with ``method: lora`` (dense base) or ``method: qlora`` (NF4 base: QDoRA, QLoRA-FA, QVeRA):
+:mod:`npu_ft.bench.registry`). A suite's ``adapter`` setting picks them in the ``npu-ft`` and
+``reference`` lanes (:func:`npu_ft.bench.impls.build_npu_ft`), with ``method: lora`` (dense base) or
+``method: qlora`` (NF4 base: QDoRA, QLoRA-FA, QVeRA); ``custom:npu_ft.bench.impls_methods:<fn>``
+names one directly:
 
 =============  =========================  ========================================================
 method         npu-ft                     reference
@@ -62,6 +64,8 @@ def _npu_ft(case, base_model_factory, device: torch.device, *, align: bool, **me
         impls.align_lora_init(model, case.seed)
     features = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("npu_ft.")})
     features += block_features
+    if case.gradient_checkpointing and case.checkpoint_policy != "full":
+        features.append(f"{case.checkpoint_policy}_checkpointing")
     if enable_fused_cross_entropy(model):
         features.append("fused_cross_entropy")
     return impls.Prepared(model=model, features=features)
@@ -162,7 +166,7 @@ def peft_vera(case, base_model_factory, device):
     return _reference(case, base_model_factory, device, config, align=False)
 
 
-#: method -> (npu-ft builder, reference builder), for the lead's suite wiring
+#: adapter -> (npu-ft builder, reference builder): what a case's ``adapter`` setting runs
 BUILDERS: dict[str, tuple[Any, Any]] = {
     "dora": (npu_ft_dora, peft_dora),
     "lora_fa": (npu_ft_lora_fa, peft_lora_fa),

@@ -1,8 +1,10 @@
 """The report's plots (matplotlib, Agg): tokens/s against training memory with each implementation's
 frontier, and the loss curves with their relative difference to the reference.
 
-Colour is the method, the marker the implementation (one legend for each); panels come in the
-order the report's tables list them; point labels are placed where they do not cover another label.
+Colour is the method (``method_name``: "dora", "qdora", "full+adamw_8bit", ...), the marker the
+implementation (one legend for each); panels come in the order the report's tables list them; point
+labels are placed where they do not cover another label. A panel with several methods labels each
+point with its method and trainable parameters.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from collections.abc import Iterable
 
 from .frontier import frontier
 
-METHOD_COLOURS = {"lora": "tab:blue", "qlora": "tab:orange", "full": "tab:green"}
+METHOD_COLOURS = {"lora": "tab:blue", "qlora": "tab:orange", "full": "tab:green", "dora": "tab:purple",
+                  "qdora": "tab:pink", "pissa": "tab:brown", "lora_fa": "tab:cyan", "vera": "tab:olive",
+                  "qlora_fa": "teal", "qvera": "goldenrod", "full+adamw_8bit": "tab:red",
+                  "full+adamw_8bit_all": "darkred"}
 IMPL_MARKERS = {"npu-ft": "o", "reference": "s", "llamafactory": "D", "llamafactory+npu-ft": "^"}
 IMPL_LINES = {"npu-ft": "-", "reference": "--", "llamafactory": ":", "llamafactory+npu-ft": "-."}
 #: label offsets (points) tried in turn until one does not overlap a placed label
@@ -59,6 +64,26 @@ def place_labels(ax, points: list[tuple[float, float, str]], fontsize: int = 7) 
     return out
 
 
+def _method(row: dict) -> str:
+    return row.get("method_name") or row["method"]
+
+
+def _params(n: float) -> str:
+    """4.4e6 -> "4.4M" trainable parameters."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k"
+
+
+def _point_label(row: dict, methods: bool, settings: bool) -> str:
+    """A point's label: its method and trainable parameters (several methods in the panel), and its
+    checkpointing, batch and sequence (when those vary in the panel)."""
+    parts = []
+    if methods:
+        parts.append(f"{_method(row)} {_params(row['trainable_params'])}")
+    if settings or not methods:
+        parts.append(f"{row.get('policy', '')} b{row['batch_size']} s{row['seq_len']}")
+    return ", ".join(parts)
+
+
 def _legends(ax, methods: list[str], impls: list[str]) -> None:
     from matplotlib.lines import Line2D
 
@@ -84,14 +109,16 @@ def plot_memory_vs_throughput(rows, path) -> None:
     for ax, panel in zip(axes[0], panels, strict=False):
         members = [r for r in ok if (r["model"], r["device"], r["dtype"], r.get("data", "random")) == panel]
         labels = []
+        several_methods = len({_method(r) for r in members}) > 1
+        several_settings = len({(r.get("policy"), r["batch_size"], r["seq_len"]) for r in members}) > 1
         for r in members:
             x, y = r["train_mem_bytes"] / 2**20, r["tokens_per_s"]
             ax.errorbar(x, y, yerr=[[y - r["tokens_per_s_min"]], [r["tokens_per_s_max"] - y]],
-                        fmt=IMPL_MARKERS.get(r["implementation"], "v"), color=METHOD_COLOURS.get(r["method"], "gray"),
+                        fmt=IMPL_MARKERS.get(r["implementation"], "v"), color=METHOD_COLOURS.get(_method(r), "gray"),
                         markersize=7, capsize=3)
-            labels.append((x, y, f"{r.get('policy', '')} b{r['batch_size']} s{r['seq_len']}"))
-        for method, impl in _ordered((r["method"], r["implementation"]) for r in members):
-            line = frontier([r for r in members if r["method"] == method and r["implementation"] == impl])
+            labels.append((x, y, _point_label(r, several_methods, several_settings)))
+        for method, impl in _ordered((_method(r), r["implementation"]) for r in members):
+            line = frontier([r for r in members if _method(r) == method and r["implementation"] == impl])
             if len(line) > 1:
                 ax.step([r["train_mem_bytes"] / 2**20 for r in line], [r["tokens_per_s"] for r in line], where="post",
                         color=METHOD_COLOURS.get(method, "gray"), linestyle=IMPL_LINES.get(impl, "-"), alpha=0.6)
@@ -100,7 +127,7 @@ def plot_memory_vs_throughput(rows, path) -> None:
         ax.set_xlabel("training memory: peak - post-build baseline (MiB)")
         ax.set_ylabel("tokens/s (median, bars: min-max)")
         ax.grid(alpha=0.3)
-        _legends(ax, _ordered(r["method"] for r in members), _ordered(r["implementation"] for r in members))
+        _legends(ax, _ordered(_method(r) for r in members), _ordered(r["implementation"] for r in members))
         fig.tight_layout()
         place_labels(ax, labels)
     fig.tight_layout()
@@ -138,7 +165,7 @@ def plot_loss_curves(rows, path) -> None:
                 diffs = [max(abs(a - b) / max(abs(b), 1e-12), floor) for a, b in zip(losses, ref_losses, strict=False)]
                 bottom.plot(range(len(diffs)), diffs, label=label, **style)
         m = members[0]
-        top.set_title(f"{m['model']} {m['method']} {m['dtype']} {m.get('data', '')} seq {m['seq_len']}×"
+        top.set_title(f"{m['model']} {_method(m)} {m['dtype']} {m.get('data', '')} seq {m['seq_len']}×"
                       f"{m['batch_size']}", fontsize=9)
         top.set_ylabel("loss")
         top.legend(fontsize=6)

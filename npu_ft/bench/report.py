@@ -27,19 +27,20 @@ from .frontier import BASELINES, fused_kernels_off, statements
 COLUMNS = [
     "suite", "case_id", "model", "method", "implementation", "device", "device_name", "dtype", "seq_len",
     "batch_size", "steps", "warmup", "repeats_ok", "repeats_failed", "gradient_checkpointing", "checkpoint_policy",
-    "policy", "fused_kernels", "data", "lora_r",
+    "policy", "fused_kernels", "data", "lora_r", "adapter", "optim", "method_name",
     "status", "error",
     "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "labelled_tokens_per_s", "positions_per_s",
     "timed_steps", "s_per_step_median", "s_per_step_min", "s_per_step_max",
     "train_mem_bytes", "train_mem_mib", "train_mem_min_bytes", "train_mem_max_bytes",
     "peak_mem_bytes", "peak_mem_mib", "peak_mem_max_bytes", "mem_kind", "baseline_mem_bytes",
     "model_flops_per_token", "achieved_flops", "gemm_peak_flops", "mfu", "spec_peak_flops",
-    "trainable_params", "total_params", "weight_bytes", "weight_mib", "loss_first", "loss_last",
+    "trainable_params", "total_params", "weight_bytes", "weight_mib", "optimizer_state_bytes", "loss_first",
+    "loss_last",
     "loss_repeat_spread", "losses", "features", "build_s",
     "torch", "torch_npu", "transformers", "peft", "bitsandbytes", "git_commit",
 ]
 #: columns that may be empty on an ok row
-MAY_BE_EMPTY = {"error", "spec_peak_flops"}
+MAY_BE_EMPTY = {"error", "spec_peak_flops", "optimizer_state_bytes"}  # the last: not from LLaMA-Factory's lanes
 _CASE_KEYS = ("suite", "case_id", "model", "method", "implementation", "device", "dtype", "seq_len",
               "batch_size", "steps", "warmup", "gradient_checkpointing", "checkpoint_policy")
 #: fewer timed steps than this (over all repeats) make a ratio "not significant"
@@ -75,7 +76,7 @@ def aggregate(results: list[dict]) -> list[dict]:
         view = _case_view(case)
         row = {k: case.get(k) for k in _CASE_KEYS}
         row.update(variant=case.get("variant", 0), policy=view.policy, fused_kernels=view.fused_kernels,
-                   data=view.data_tag,
+                   data=view.data_tag, adapter=view.adapter, optim=view.optim, method_name=view.method_name,
                    parity_key=json.dumps(view.parity_group))
         row["lora_r"] = case.get("lora", {}).get("r") if case["method"] != "full" else 0
         ok = [r for r in runs if r.get("status") == "ok"]
@@ -122,6 +123,7 @@ def aggregate(results: list[dict]) -> list[dict]:
             row["mfu"] = row["achieved_flops"] / row["gemm_peak_flops"]
         for k in ("trainable_params", "total_params", "weight_bytes"):
             row[k] = first[k]
+        row["optimizer_state_bytes"] = first.get("optimizer_state_bytes")
         row["weight_mib"] = round(first["weight_bytes"] / 2**20, 1)
         losses = first["losses"]
         row["losses"] = json.dumps([round(x, 7) for x in losses])
@@ -168,7 +170,8 @@ def parity(rows: list[dict], tolerances: dict, cross_device: dict) -> list[dict]
         groups.setdefault(r.get("parity_key") or r["case_id"], []).append(r)
     for members in groups.values():
         m0 = members[0]
-        g = {k: m0[k] for k in ("model", "method", "dtype", "seq_len", "batch_size")} | {"data": m0.get("data")}
+        g = {k: m0[k] for k in ("model", "method", "dtype", "seq_len", "batch_size")} | {
+            "data": m0.get("data"), "method_name": _method_name(m0)}
         tol = float(tolerances[g["dtype"]][g["method"]])
         devices = list(dict.fromkeys(r["device"] for r in members))
         for dev in devices:
@@ -267,17 +270,30 @@ def ratios(rows: list[dict]) -> list[dict]:
             for r in members:
                 if r["implementation"] in BASELINES:
                     continue
-                out.append(_ratio(r, base, f"{r['method']}: {_label(r)} / {_label(base)}"))
+                out.append(_ratio(r, base, f"{_method_name(r)}: {_label(r)} / {_label(base)}"))
     for r in ok:
-        if r["method"] != "qlora" or r["implementation"] != "npu-ft":
+        if r["implementation"] != "npu-ft":
             continue
-        loras = [x for x in ok if x["implementation"] == "npu-ft" and x["method"] == "lora" and x["device"]
-                 == r["device"] and all(x.get(k) == r.get(k) for k in ("model", "dtype", "seq_len", "batch_size",
-                                                                      "data"))]
-        lora = next((x for x in loras if x.get("policy") == r.get("policy")), loras[0] if loras else None)
-        if lora is not None:
-            out.append(_ratio(r, lora, f"npu-ft: qlora ({r.get('policy')}) / lora ({lora.get('policy')})"))
+        name, base_name = _method_name(r), _method_baseline(r)
+        if name == base_name:
+            continue
+        bases = [x for x in ok if x["implementation"] == "npu-ft" and _method_name(x) == base_name
+                 and all(x.get(k) == r.get(k) for k in ("model", "device", "dtype", "seq_len", "batch_size", "data"))]
+        base = next((x for x in bases if x.get("policy") == r.get("policy")), bases[0] if bases else None)
+        if base is not None:
+            out.append(_ratio(r, base, f"npu-ft: {name} ({r.get('policy')}) / {base_name} ({base.get('policy')})"))
     return out
+
+
+def _method_name(row: dict) -> str:
+    """The row's method_name ("dora", "qdora", "full+adamw_8bit"; older results: the method)."""
+    return row.get("method_name") or row["method"]
+
+
+def _method_baseline(row: dict) -> str:
+    """What a method is compared with inside npu-ft: full fine-tuning with torch's AdamW for full, plain
+    LoRA for every adapter method (QLoRA included)."""
+    return "full" if row["method"] == "full" else "lora"
 
 
 def _fmt(v, digits=3):
@@ -323,7 +339,7 @@ def _cases_table(rows: list[dict]) -> str:
               "MFU", "loss first→last"]
     body = []
     for r in rows:
-        head = [r["model"], r["method"], r["implementation"], r["device"], r["dtype"], r.get("data", ""),
+        head = [r["model"], _method_name(r), r["implementation"], r["device"], r["dtype"], r.get("data", ""),
                 f"{r['seq_len']}×{r['batch_size']}", _gc_cell(r)]
         if r["status"] == "failed":
             body.append(head + ["FAILED", r["error"][:160]] + [""] * 7)
@@ -340,7 +356,7 @@ def _mfu_table(rows: list[dict]) -> str:
     body = []
     for r in _ok_rows(rows):
         spec = r.get("spec_peak_flops")
-        body.append([r["model"], r["method"], _label(r), f"{r['seq_len']}×{r['batch_size']}", r.get("data", ""),
+        body.append([r["model"], _method_name(r), _label(r), f"{r['seq_len']}×{r['batch_size']}", r.get("data", ""),
                      _si(r.get("model_flops_per_token")), _si(r.get("achieved_flops")),
                      _si(r.get("gemm_peak_flops")), _pct(r.get("mfu")),
                      f"{spec / 1e12:g} T ({_pct(r['achieved_flops'] / spec)})" if spec else "unknown"])
@@ -359,6 +375,34 @@ def _ratios_table(rat: list[dict]) -> str:
                      f"not significant ({flag})" if flag else "yes"])
     return _md_table(["model", "device", "data", "seq×batch", "ratio", "tokens/s [range]", "training memory",
                       "peak memory (abs)", "weight bytes", "significant"], body)
+
+
+def _has_methods(rows: list[dict]) -> bool:
+    """Whether the suite compares LoRA-family methods or optimizers (adapter / optim settings)."""
+    return any(r.get("adapter", "lora") != "lora" or r.get("optim", "adamw_torch") != "adamw_torch"
+               for r in _ok_rows(rows))
+
+
+def _methods_table(rows: list[dict]) -> str:
+    """Every method as one row: what trains, what its optimizer keeps, tokens/s and memory, and the
+    same against npu-ft's plain LoRA (same checkpointing policy where there is one)."""
+    ok = _ok_rows(rows)
+    loras = [r for r in ok if r["implementation"] == "npu-ft" and _method_name(r) == "lora"]
+    body = []
+    for r in ok:
+        lora = next((x for x in loras if x.get("policy") == r.get("policy")), loras[0] if loras else None)
+
+        def vs(key: str, row=r, lora=lora) -> str:
+            return f"{row[key] / lora[key]:.2f}×" if lora is not None and lora.get(key) and row.get(key) else ""
+
+        state = r.get("optimizer_state_bytes")
+        body.append([_method_name(r), _label(r), f"{r['trainable_params'] / 1e6:,.2f} M", vs("trainable_params"),
+                     _mib(state) if state not in (None, "") else "",
+                     f"{r['tokens_per_s']:.1f} [{r['tokens_per_s_min']:.1f}-{r['tokens_per_s_max']:.1f}]",
+                     vs("tokens_per_s"), _mib(r["train_mem_bytes"]), vs("train_mem_bytes"), _mib(r["peak_mem_bytes"]),
+                     vs("peak_mem_bytes"), f"{r['loss_first']:.4f}→{r['loss_last']:.4f}"])
+    return _md_table(["method", "impl (gc)", "trainable params", "vs LoRA", "optimizer state MiB", "tokens/s [min-max]",
+                      "vs LoRA", "train MiB", "vs LoRA", "peak MiB (abs)", "vs LoRA", "loss first→last"], body)
 
 
 def _frontier_table(front: list[dict]) -> str:
@@ -404,6 +448,9 @@ def markdown(rows, par, rat, suite_meta: dict, env: dict | None = None, front: l
         "",
     ]
     parts += ["## Cases", "", _cases_table(rows), ""]
+    if _has_methods(rows):
+        parts += ["## Methods", "", "Every method's point of memory_vs_throughput.png; \"vs LoRA\": against npu-ft's "
+                  "plain LoRA with the same checkpointing policy.", "", _methods_table(rows), ""]
     if rat:
         parts += ["## Ratios", "", _ratios_table(rat), ""]
     if front:
@@ -418,7 +465,8 @@ def markdown(rows, par, rat, suite_meta: dict, env: dict | None = None, front: l
         parts += [
             _md_table(
                 ["model", "method", "dtype", "data", "seq×batch", "compare", "max rel loss diff", "tolerance", "pass"],
-                [[p["model"], p["method"], p["dtype"], p.get("data", ""), f"{p['seq_len']}×{p['batch_size']}",
+                [[p["model"], p.get("method_name") or p["method"], p["dtype"], p.get("data", ""),
+                  f"{p['seq_len']}×{p['batch_size']}",
                   p["compare"], f"{p['max_rel_loss_diff']:.2e}", f"{p['tolerance']:.0e}",
                   "PASS" if p["pass"] else "FAIL"] for p in par],
             ),

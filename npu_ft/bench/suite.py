@@ -20,6 +20,8 @@ every case runs in a fresh process (see :mod:`npu_ft.bench.runner`).
     gradient_checkpointing: true
     checkpoint_policy: full           # off | full | selective, or per method {lora: selective}
     fused_kernels: true               # npu-ft's fused RMSNorm/RoPE/SwiGLU ops (npu-ft lanes only)
+    adapter: lora                     # lora | dora | pissa | lora_fa | vera (methods lora and qlora)
+    optim: adamw_torch                # adamw_torch | adamw_8bit | adamw_8bit_all
     data: {mode: sft, dataset: alpaca-synth, packing: true}   # or mode: random (default)
     lora: {r: 16, alpha: 32, dropout: 0.0, targets: all, use_rslora: false}
     lr: 1.0e-4
@@ -35,6 +37,11 @@ every case runs in a fresh process (see :mod:`npu_ft.bench.runner`).
       batch_size: [1, 2]
     sweep_per_implementation:         # optional: another sweep for one implementation; a list = these points
       llamafactory: [{checkpoint_policy: off}, {checkpoint_policy: full}, {checkpoint_policy: full, batch_size: 2}]
+
+A variant or sweep point may also set ``method`` (one of ``methods``' values): that point then runs
+that method only, once, whatever ``methods`` lists -- how one suite puts full fine-tuning, QLoRA and
+the LoRA family side by side (``sweep_per_implementation.npu-ft: [{method: full}, {adapter: dora},
+{method: qlora, adapter: dora}, ...]``).
 
 A policy an implementation cannot run (``selective`` outside npu-ft) runs as ``full`` there, and a
 case that then repeats another one exactly is run once. Likewise ``fused_kernels`` (npu-ft's fused
@@ -92,9 +99,27 @@ class LoraSettings:
     targets: str | list[str] = config_field("all", "'all' or a list of module-name suffixes.")
     use_rslora: bool = config_field(False, "Rank-stabilised scaling.")
     additional_target: list[str] | None = config_field(None, "Modules trained in full (modules_to_save).")
+    vera_r: int = config_field(256, "VeRA's rank (adapter: vera).", minimum=0, exclusive_minimum=True)
 
 
 LORA_DEFAULTS = dataclasses.asdict(LoraSettings())
+
+
+#: adapters of the LoRA family a lora / qlora case can train (npu_ft.bench.impls_methods); lora = plain LoRA
+ADAPTERS = ("lora", "dora", "pissa", "lora_fa", "vera")
+#: optimizers: torch's AdamW; 8-bit AdamW (npu-ft's, bitsandbytes' in the reference lane) with transformers'
+#: rule (nn.Embedding weights keep 32-bit states, as npu-ft train); or every large parameter in 8 bits
+OPTIMIZERS = ("adamw_torch", "adamw_8bit", "adamw_8bit_all")
+#: the implementations that can run an adapter other than lora or an optimizer other than adamw_torch
+METHOD_IMPLEMENTATIONS = ("npu-ft", "reference")
+
+
+def method_name(method: str, adapter: str = "lora", optim: str = "adamw_torch") -> str:
+    """What a case trains, in one word for tables and plots: "lora", "qlora", "full", "dora",
+    "qdora" (DoRA on an NF4 base), "qlora_fa", "qpissa", "qvera", with "+adamw_8bit" (or
+    "+adamw_8bit_all") when the optimizer keeps 8-bit states."""
+    name = method if adapter == "lora" else ("q" if method == "qlora" else "") + adapter
+    return name if optim == "adamw_torch" else f"{name}+{optim}"
 
 
 #: checkpointing policies a case can run: off (no checkpointing) and npu-ft's runtime policies
@@ -160,6 +185,15 @@ class CaseSettings:
         True, "npu-ft's fused decoder-block ops (RMSNorm + residual add, RoPE, SwiGLU), as npu-ft train's "
               "fused_kernels key. Only npu-ft and llamafactory+npu-ft (and custom implementations) use it; the "
               "others run transformers' modules whatever it says.")
+    adapter: Literal["lora", "dora", "pissa", "lora_fa", "vera"] = config_field(
+        "lora", "The LoRA-family method of a lora or qlora case: lora (plain), dora (use_dora), pissa "
+                "(pissa_init, 16 fast SVD iterations), lora_fa (lora_A frozen), vera (VeRA, rank lora.vera_r, "
+                "default 256). npu-ft and reference (PEFT) lanes only.")
+    optim: Literal["adamw_torch", "adamw_8bit", "adamw_8bit_all"] = config_field(
+        "adamw_torch", "The optimizer: torch's AdamW; adamw_8bit = npu-ft's AdamW8bit (reference lane: "
+                       "bitsandbytes' AdamW8bit) with nn.Embedding weights on 32-bit states as npu-ft train and "
+                       "transformers do; adamw_8bit_all = every parameter of 4096+ elements on 8-bit states "
+                       "(bitsandbytes' own default). npu-ft and reference lanes only.")
     data: DataSettings = config_field(doc="What the batches hold.", default_factory=DataSettings)
     lora: LoraSettings = config_field(doc="LoRA settings.", default_factory=LoraSettings)
     lr: float = config_field(1e-4, "Learning rate.", minimum=0.0, exclusive_minimum=True)
@@ -249,6 +283,10 @@ class BenchCase:
     #: npu-ft's fused decoder-block ops (npu_ft.modules.fused_blocks) in the npu-ft lanes; changes the
     #: numbers only within fp32 rounding, so it is not part of the parity group
     fused_kernels: bool = True
+    #: the LoRA-family method (ADAPTERS) of a lora / qlora case
+    adapter: str = "lora"
+    #: the optimizer (OPTIMIZERS)
+    optim: str = "adamw_torch"
     data: dict = dataclasses.field(default_factory=lambda: dict(DATA_DEFAULTS))
     lora: dict = dataclasses.field(default_factory=lambda: dict(LORA_DEFAULTS))
     lr: float = 1e-4
@@ -265,6 +303,11 @@ class BenchCase:
         return self.checkpoint_policy if self.gradient_checkpointing else "off"
 
     @property
+    def method_name(self) -> str:
+        """"dora", "qdora", "full+adamw_8bit", ... (:func:`method_name`)."""
+        return method_name(self.method, self.adapter, self.optim)
+
+    @property
     def data_tag(self) -> str:
         """"random", or e.g. "sft-alpaca-synth-packed"."""
         d = {**DATA_DEFAULTS, **(self.data or {})}
@@ -277,17 +320,22 @@ class BenchCase:
         gc = "nogc" if not self.gradient_checkpointing else "gc" if self.checkpoint_policy == "full" else (
             f"gc-{self.checkpoint_policy}")
         data = "" if self.data_tag == "random" else f"/{self.data_tag}"
-        fused = "" if self.fused_kernels else "/nofused"  # the default leaves the id as it was
+        fused = "" if self.fused_kernels else "/nofused"  # the defaults leave the id as it was
+        adapter = "" if self.adapter == "lora" else f"/{self.adapter}"
+        optim = "" if self.optim == "adamw_torch" else f"/{self.optim}"
         return (f"{self.model}/{self.method}/{self.implementation}/{self.device}/{self.dtype}"
-                f"/s{self.seq_len}b{self.batch_size}/{gc}{data}{fused}/v{self.variant}")
+                f"/s{self.seq_len}b{self.batch_size}/{gc}{data}{fused}{adapter}{optim}/v{self.variant}")
 
     @property
     def parity_group(self) -> tuple:
         """Cases that must give the same loss curve: everything that changes the numbers, not the
         implementation, device, checkpointing policy, fused kernels (fp32 rounding only) or variant number."""
-        return (self.model, self.method, self.dtype, self.seq_len, self.batch_size, self.data_tag,
-                json.dumps(self.data, sort_keys=True), self.lr, self.seed, self.steps + self.warmup,
-                json.dumps(self.lora, sort_keys=True), json.dumps(self.model_overrides, sort_keys=True))
+        group = (self.model, self.method, self.dtype, self.seq_len, self.batch_size, self.data_tag,
+                 json.dumps(self.data, sort_keys=True), self.lr, self.seed, self.steps + self.warmup,
+                 json.dumps(self.lora, sort_keys=True), json.dumps(self.model_overrides, sort_keys=True))
+        if (self.adapter, self.optim) != ("lora", "adamw_torch"):  # the defaults leave the key as it was
+            group += (self.adapter, self.optim)
+        return group
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -354,6 +402,19 @@ def _apply(settings: dict[str, Any], changed: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _parse_point(point: dict[str, Any], where: str, prefix: str, unknown: str) -> dict[str, Any]:
+    """One variant or sweep point: case settings, and optionally the ``method`` it runs."""
+    point = dict(point)
+    method = point.pop("method", None)
+    out = parse_fields(CaseSettings, point, where, strict=True, prefix=prefix, unknown=unknown)
+    if method is not None:
+        if method not in METHODS:
+            raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}", source=where,
+                              key=f"{prefix}method")
+        out["method"] = method
+    return out
+
+
 def _sweep_points(sweep: dict[str, list[Any]] | list[dict[str, Any]] | None, where: str,
                   key: str) -> list[dict[str, Any]]:
     """The settings of every sweep point, each value checked like the case setting it sets: a
@@ -361,23 +422,37 @@ def _sweep_points(sweep: dict[str, list[Any]] | list[dict[str, Any]] | None, whe
     if not sweep:
         return [{}]
     infos = field_infos(CaseSettings)
-    unknown = "; expected one of " + ", ".join(infos)
+    unknown = "; expected one of " + ", ".join(["method", *infos])
     if isinstance(sweep, list):
         if not all(isinstance(point, dict) for point in sweep):
             raise ConfigError("a list of sweep points must hold mappings of case settings", source=where, key=key)
-        return [parse_fields(CaseSettings, point, where, strict=True, prefix=f"{key}[{i}].", unknown=unknown)
-                for i, point in enumerate(sweep)]
+        return [_parse_point(point, where, f"{key}[{i}].", unknown) for i, point in enumerate(sweep)]
     names = list(sweep)
     for name in names:
-        if name not in infos:
+        if name not in infos and name != "method":
             raise ConfigError(f"unknown case setting {name!r}{unknown}", source=where, key=f"{key}.{name}")
         if not isinstance(sweep[name], list) or not sweep[name]:
             raise ConfigError("must be a non-empty list of values", source=where, key=f"{key}.{name}")
     points = []
     for combo in itertools.product(*(range(len(sweep[n])) for n in names)):
-        points.append({n: parse_fields(CaseSettings, {n: sweep[n][i]}, where, strict=True, prefix=f"{key}.{n}[{i}].")[n]
+        points.append({n: _parse_point({n: sweep[n][i]}, where, f"{key}.{n}[{i}].", unknown)[n]
                        for n, i in zip(names, combo, strict=True)})
     return points
+
+
+def _check_case(case: BenchCase, where: str) -> None:
+    """Combinations no lane can run, named by their key."""
+    if case.adapter != "lora" or case.optim != "adamw_torch":
+        key = "adapter" if case.adapter != "lora" else "optim"
+        if case.implementation not in METHOD_IMPLEMENTATIONS and not case.implementation.startswith(CUSTOM_PREFIX):
+            raise ConfigError(f"{key} {getattr(case, key)!r} runs in the {' and '.join(METHOD_IMPLEMENTATIONS)} "
+                              f"lanes only, not {case.implementation!r}", source=where, key=key)
+    if case.adapter != "lora" and case.method == "full":
+        raise ConfigError(f"adapter {case.adapter!r} needs method lora or qlora, not full (set method in the "
+                          "same sweep point)", source=where, key="adapter")
+    if case.adapter == "pissa" and case.method == "qlora":
+        raise ConfigError("adapter 'pissa' needs the full-precision base (method lora), as npu-ft train's "
+                          "pissa_init", source=where, key="adapter")
 
 
 def parse_suite(data: Any, path: str | None = None, check_devices: bool = True) -> Suite:
@@ -427,8 +502,8 @@ def _parse_suite(data: Any, path: str | None, check_devices: bool) -> Suite:
     base = _apply(base, {k: base[k] for k in ("checkpoint_policy", "gradient_checkpointing") if k in data})
     variants = []
     for i, var in enumerate(top.variants or [{}]):
-        changed = parse_fields(CaseSettings, var, where, strict=True, prefix=f"variants[{i}].",
-                               unknown="; expected one of " + ", ".join(field_infos(CaseSettings)))
+        changed = _parse_point(var, where, f"variants[{i}].",
+                               "; expected one of " + ", ".join(["method", *field_infos(CaseSettings)]))
         variants.append(_apply(base, changed))
     sweeps = {None: _sweep_points(top.sweep, where, "sweep")}
     for impl, sweep in (top.sweep_per_implementation or {}).items():
@@ -453,15 +528,17 @@ def _parse_suite(data: Any, path: str | None, check_devices: bool) -> Suite:
                                                              top.implementations):
             for si, point in enumerate(sweeps.get(impl, sweeps[None])):
                 case_settings = _apply(settings, point)
-                policy = _case_policy(case_settings["checkpoint_policy"], method, impl)
+                case_method = case_settings.pop("method", method)
+                policy = _case_policy(case_settings["checkpoint_policy"], case_method, impl)
                 if policy == "off" or not case_settings["gradient_checkpointing"]:
                     case_settings.update(gradient_checkpointing=False, checkpoint_policy="full")
                 else:
                     case_settings["checkpoint_policy"] = policy
                 case_settings["fused_kernels"] = _case_fused_kernels(case_settings["fused_kernels"], impl)
                 number = vi if len(sweeps[None]) == 1 and impl not in sweeps else f"{vi}.{si}"
-                case = BenchCase(suite=name, model=model, method=method, implementation=impl, device=device,
+                case = BenchCase(suite=name, model=model, method=case_method, implementation=impl, device=device,
                                  variant=number, **case_settings)  # type: ignore[arg-type]
+                _check_case(case, where)
                 identity = json.dumps({k: v for k, v in case.to_dict().items() if k not in ("variant", "case_id")},
                                       sort_keys=True)
                 if identity not in seen:  # e.g. selective -> full on the reference: already there

@@ -5,8 +5,9 @@
 The runner starts a fresh process per case, so the peak memory it reports is this case's alone.
 Phases: build (model + adapters; not measured) → reset the peak → train (warmup + timed steps) →
 read the peak → time the device's GEMMs at the model's shapes (for MFU). The training loop is the
-same for every implementation: AdamW over the trainable parameters, one optimizer step per batch,
-the same batches (:mod:`npu_ft.bench.data`) from the same seed.
+same for every implementation: AdamW (``case.optim``: torch's, or 8-bit, :mod:`npu_ft.bench.optimizers`)
+over the trainable parameters, one optimizer step per batch, the same batches
+(:mod:`npu_ft.bench.data`) from the same seed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from .data import make_batches
 from .measure import step_counts, timing_fields, trim_heap, versions
+from .optimizers import build_optimizer, state_bytes
 
 
 def run_case(case) -> dict:
@@ -56,7 +58,7 @@ def run_case(case) -> dict:
         raise RuntimeError("no trainable parameters")
     result.update(trainable_params=trainable, total_params=total, weight_bytes=impls.weight_bytes(model),
                   features=prepared.features, build_s=time.perf_counter() - t0)
-    opt = torch.optim.AdamW(params, lr=case.lr, weight_decay=0.0)
+    opt = build_optimizer(case, model, params)
     batches = make_batches(case, cfg.vocab_size)
 
     loss_fn = prepared.loss_fn or (lambda m, inputs: m(**inputs).loss)
@@ -78,6 +80,7 @@ def run_case(case) -> dict:
         step_s.append(time.perf_counter() - t)
         losses.append(float(loss.detach().float().item()))
     mem = backend.memory()
+    result["optimizer_state_bytes"] = state_bytes(opt)
     if prepared.cleanup:
         prepared.cleanup()
     del model, prepared, opt, params, loss  # before the GEMM timing
