@@ -91,3 +91,33 @@ def test_compare_rejects_a_foreign_csv(tmp_path, capsys):
     bad.write_text("x,y\n1,2\n")
     assert bench_main(["compare", str(bad), str(bad)]) == 1
     assert "missing columns" in capsys.readouterr().err
+
+
+def test_mfu_uses_the_runs_best_gemm_peak():
+    """A process whose GEMM timing met load (half the others' peak) would report twice its MFU: every
+    row of the same shape divides by the best peak of the run and keeps its own as a column."""
+    fast, slow = _result("lora", "npu-ft"), _result("lora", "reference")
+    for r, peak in ((fast, 100e9), (slow, 50e9)):
+        r.update(achieved_flops=40e9, gemm_peak_flops=peak, model_flops_per_token=1e9)
+    rows = {r["implementation"]: r for r in aggregate([fast, slow])}
+    assert rows["reference"]["gemm_peak_flops"] == rows["npu-ft"]["gemm_peak_flops"] == 100e9
+    assert rows["reference"]["gemm_peak_process_flops"] == 50e9
+    assert rows["reference"]["mfu"] == pytest.approx(0.4) and rows["npu-ft"]["mfu"] == pytest.approx(0.4)
+
+
+def test_method_ratios_against_npu_ft_lora_and_full():
+    """Each npu-ft method against npu-ft's plain LoRA (adapters) or full fine-tuning with torch's
+    AdamW (8-bit optimizers), with the optimizer-state ratio."""
+    def with_settings(result, **settings):
+        result["case"] = BenchCase.from_dict({**result["case"], **settings}).to_dict()
+        return result
+
+    results = [_result("lora", "npu-ft", peak=700), with_settings(_result("lora", "npu-ft", peak=800), adapter="dora"),
+               _result("full", "npu-ft", peak=2000),
+               with_settings(_result("full", "npu-ft", peak=1500), optim="adamw_8bit_all")]
+    for r, state in zip(results, (80, 90, 800, 210), strict=True):
+        r["optimizer_state_bytes"] = state
+    rat = {r["ratio"]: r for r in ratios(aggregate(results))}
+    assert set(rat) == {"npu-ft: dora (off) / lora (off)", "npu-ft: full+adamw_8bit_all (off) / full (off)"}
+    assert rat["npu-ft: full+adamw_8bit_all (off) / full (off)"]["optimizer_state"] == pytest.approx(210 / 800)
+    assert rat["npu-ft: dora (off) / lora (off)"]["peak_mem"] == pytest.approx(800 / 700)
