@@ -4,7 +4,8 @@ Run by scripts/ci_llamafactory.sh. A tiny random Qwen2 (npu_ft.model.build_tiny_
 tokenizer) and 16 alpaca examples; 4 optimizer steps, fp32, no gradient checkpointing. Each pair of
 runs must log the same loss at every step (LoRA: relative 1e-4, QLoRA: 1e-3), npu-ft's kernels must
 be the ones that ran (counters written by the plugin at exit; the fused decoder-block ops are on in
-every patched run), and LLaMA-Factory must save the same PEFT adapter files; one pair trains DoRA.
+every patched run), and LLaMA-Factory must save the same PEFT adapter files; pairs train DoRA,
+QDoRA (4-bit base) and PiSSA (with pissa_convert).
 One run goes through LLaMA-Factory's torchrun launcher (one CPU worker), to show that
 `npu-ft lf-train` hands its options to the workers.
 """
@@ -262,3 +263,38 @@ def test_dora_same_loss_and_fused_block_ops_via_env_hook(work):
     assert sum(c["kernel_calls"]["rope"].values()) == sum(c["kernel_calls"]["rope_backward"].values()) == 2 * 4, c
     assert sum(c["kernel_calls"]["swiglu"].values()) == sum(c["kernel_calls"]["swiglu_backward"].values()) == 8, c
     _assert_same_adapter_files(work, "dora_ref", "dora_npu_ft")
+
+
+def test_qdora_same_loss_via_lf_train(work):
+    """`use_dora: true` with `quantization_bit: 4` (QDoRA): LLaMA-Factory + bitsandbytes 4-bit vs
+    `npu-ft lf-train`, where PEFT's DoRA layers over the NF4 base run npu_ft::dora_nf4_linear."""
+    _run(work, "qdora_ref", [LF_CLI, "train"], ["use_dora=true", "quantization_bit=4"])
+    counters = work / "qdora_counters.json"
+    _run(work, "qdora_npu_ft", [NPU_FT, "lf-train"], ["use_dora=true", "quantization_bit=4", "--counters",
+                                                      str(counters)])
+    _assert_same_losses(_losses(work, "qdora_ref"), _losses(work, "qdora_npu_ft"), 1e-3)
+    c = _counters(counters)
+    assert c["nf4_layers"] == 14, c
+    assert sum(c["kernel_calls"]["dora_nf4_linear"].values()) == 56, c
+    assert sum(c["kernel_calls"]["dora_nf4_linear_backward"].values()) == 56, c
+    assert not c["kernel_calls"]["nf4_linear"] and not c["kernel_calls"]["dora_linear"], c
+    _assert_same_adapter_files(work, "qdora_ref", "qdora_npu_ft")
+
+
+def test_pissa_same_loss_via_env_hook(work):
+    """`pissa_init: true` (PEFT's fast-SVD PiSSA initialization, run by LLaMA-Factory): unpatched vs the
+    plugin. PiSSA's layers are LoRA layers once initialized, so they run npu_ft::lora_linear, from the
+    same initial adapter (same seed), with the same losses; `pissa_convert` writes the same files."""
+    args = ["pissa_init=true", "pissa_iter=4", "pissa_convert=true"]
+    _run(work, "pissa_ref", [LF_CLI, "train"], args)
+    counters = work / "pissa_counters.json"
+    _run(work, "pissa_npu_ft", [LF_CLI, "train"], args,
+         env=_env(NPU_FT_LLAMAFACTORY="1", NPU_FT_LF_COUNTERS=str(counters)))
+    _assert_same_losses(_losses(work, "pissa_ref"), _losses(work, "pissa_npu_ft"), 1e-4)
+    c = _counters(counters)
+    assert sum(c["kernel_calls"]["lora_linear"].values()) == 56, c
+    assert sum(c["kernel_calls"]["lora_linear_backward"].values()) == 56, c
+    assert c["plugin"].get("fallback", 0) == 0, c
+    _assert_same_adapter_files(work, "pissa_ref", "pissa_npu_ft")
+    for sub in ("pissa_init", "pissa_converted"):
+        assert (work / "pissa_npu_ft" / sub / "adapter_model.safetensors").exists(), sub
