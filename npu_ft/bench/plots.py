@@ -135,6 +135,40 @@ def plot_memory_vs_throughput(rows, path) -> None:
     plt.close(fig)
 
 
+def plot_methods(rows, path) -> None:
+    """Every method as one point per implementation: tokens/s against the absolute peak (left; where
+    QLoRA's and QDoRA's smaller weights show) and against the training increment (right), each point
+    labelled with its method and trainable parameters. For suites that compare methods
+    (``adapter`` / ``optim`` settings)."""
+    plt = _plt()
+    ok = [r for r in _ok(rows) if r.get("train_mem_bytes") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.8), squeeze=False)
+    axes_x = (("peak_mem_bytes", "peak memory, absolute (MiB; CPU: resident set)"),
+              ("train_mem_bytes", "training memory: peak - post-build baseline (MiB)"))
+    for ax, (key, xlabel) in zip(axes[0], axes_x, strict=True):
+        labels = []
+        for r in ok:
+            x, y = r[key] / 2**20, r["tokens_per_s"]
+            ax.errorbar(x, y, yerr=[[y - r["tokens_per_s_min"]], [r["tokens_per_s_max"] - y]],
+                        fmt=IMPL_MARKERS.get(r["implementation"], "v"), color=METHOD_COLOURS.get(_method(r), "gray"),
+                        markersize=7, capsize=3)
+            labels.append((x, y, f"{_method(r)} {_params(r['trainable_params'])}"))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("tokens/s (median, bars: min-max)")
+        ax.grid(alpha=0.3)
+        first = ok[0] if ok else {}
+        ax.set_title(f"{first.get('model', '')} on {first.get('device', '')}, {first.get('dtype', '')}, "
+                     f"{first.get('seq_len', '')}×{first.get('batch_size', '')} tokens/step; label: trainable "
+                     "parameters", fontsize=9)
+        if ax is axes[0][1]:
+            _legends(ax, _ordered(_method(r) for r in ok), _ordered(r["implementation"] for r in ok))
+        fig.tight_layout()
+        place_labels(ax, labels)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_loss_curves(rows, path) -> None:
     """A column per parity group: overlaid loss curves, and under them each curve's relative
     difference to the reference's (log scale; exact zeros drawn at the axis floor)."""

@@ -12,6 +12,8 @@ Files written to the output folder::
     report.md                 all of the above as Markdown, with the environment
     memory_vs_throughput.png  tokens/s against training memory, frontiers drawn (npu_ft.bench.plots)
     loss_curves.png           overlaid loss curves and their relative difference to reference
+    methods.png               suites that compare methods (adapter / optim): tokens/s against absolute
+                              and training memory, a labelled point per method and implementation
 """
 
 from __future__ import annotations
@@ -479,8 +481,9 @@ def markdown(rows, par, rat, suite_meta: dict, env: dict | None = None, front: l
     ]
     parts += ["## Cases", "", _cases_table(rows), ""]
     if _has_methods(rows):
-        parts += ["## Methods", "", "Every method's point of memory_vs_throughput.png; \"vs LoRA\": against npu-ft's "
-                  "plain LoRA with the same checkpointing policy.", "", _methods_table(rows), ""]
+        parts += ["## Methods", "", "Every method's point of methods.png (tokens/s against absolute peak and training "
+                  "memory); \"vs LoRA\": against npu-ft's plain LoRA with the same checkpointing policy.", "",
+                  _methods_table(rows), ""]
     if rat:
         parts += ["## Ratios", "", _ratios_table(rat), ""]
     if front:
@@ -535,7 +538,7 @@ def suite_meta(suite) -> dict:
 
 def write_reports(results: list[dict], suite, out_dir: str | Path, env: dict | None = None) -> dict:
     """Write every report file from raw ``results``; ``suite`` is a Suite or its saved meta dict."""
-    from .plots import plot_loss_curves, plot_memory_vs_throughput
+    from .plots import plot_loss_curves, plot_memory_vs_throughput, plot_methods
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -553,6 +556,8 @@ def write_reports(results: list[dict], suite, out_dir: str | Path, env: dict | N
     if any(r.get("status") != "failed" for r in rows):
         plot_memory_vs_throughput(rows, out / "memory_vs_throughput.png")
         plot_loss_curves(rows, out / "loss_curves.png")
+        if _has_methods(rows):
+            plot_methods(rows, out / "methods.png")
     return {"rows": rows, "parity": par, "ratios": rat, "frontier": front}
 
 

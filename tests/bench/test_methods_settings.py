@@ -107,6 +107,7 @@ def test_tiny_methods_run(tmp_path):
     assert full.optimizer_state_bytes >= 8 * full.trainable_params  # two fp32 moments per parameter
     assert rows[("npu-ft", "dora")].trainable_params > rows[("npu-ft", "lora")].trainable_params
     report = (out / "report.md").read_text()
+    assert (out / "methods.png").stat().st_size > 10_000
     assert "## Methods" in report and "npu-ft: dora (selective) / lora (selective)" in report
     assert "npu-ft: full+adamw_8bit_all (selective) / full (selective)" in report
     raw = [json.loads(line) for line in (out / "raw.jsonl").read_text().splitlines()]
