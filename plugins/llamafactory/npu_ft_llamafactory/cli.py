@@ -104,8 +104,7 @@ def lf_train_main(argv: list[str]) -> int:
             print("npu-ft lf-train: LLaMA-Factory would start torchrun workers, which are patched only through the "
                   "import hook; run `npu-ft lf-train --install-hook` once in this environment", file=sys.stderr)
             return 1
-        print(f"[npu-ft] LLaMA-Factory {info['llamafactory']} patched: PEFT LoRA -> npu_ft::lora_linear, "
-              "bitsandbytes 4-bit -> npu-ft NF4", file=sys.stderr)
+        print(lf_patch.startup_line(info), file=sys.stderr)
     from llamafactory.cli import main as lf_main
 
     sys.argv = ["llamafactory-cli", "train", *argv]

@@ -79,12 +79,11 @@ def _apply(options: PluginOptions | None) -> None:
     options = options if options is not None else _options_from_env()
     if options is None:
         return
-    from .lf_patch import apply_npu_ft_to_llamafactory
+    from .lf_patch import apply_npu_ft_to_llamafactory, startup_line
 
     info = apply_npu_ft_to_llamafactory(**options.as_kwargs())
     if info.get("patched") and os.environ.get("LOCAL_RANK", "0") in ("", "0"):
-        print(f"[npu-ft] LLaMA-Factory {info['llamafactory']} patched: PEFT LoRA -> npu_ft::lora_linear, "
-              "bitsandbytes 4-bit -> npu-ft NF4", file=sys.stderr)
+        print(startup_line(info), file=sys.stderr)
 
 
 def install_import_hook(options: PluginOptions | None = None) -> bool:

@@ -61,6 +61,7 @@ __all__ = [
     "check_llamafactory",
     "counters",
     "current_options",
+    "startup_line",
     "write_counters",
 ]
 
@@ -336,6 +337,12 @@ def apply_npu_ft_to_llamafactory(fallback: bool = False, fused_loss: bool = True
     _patch_checkpointing()
     _STATE["applied"] = True
     return {"patched": True, "llamafactory": version, "peft_classes": classes}
+
+
+def startup_line(info: dict) -> str:
+    """The one line a patched process prints at start (``npu-ft lf-train`` and the import hook)."""
+    return (f"[npu-ft] LLaMA-Factory {info['llamafactory']} patched: PEFT LoRA / DoRA -> npu_ft::lora_linear / "
+            "dora_linear, bitsandbytes 4-bit -> npu-ft NF4")
 
 
 def counters() -> dict:
