@@ -136,34 +136,45 @@ def plot_memory_vs_throughput(rows, path) -> None:
 
 
 def plot_methods(rows, path) -> None:
-    """Every method as one point per implementation: tokens/s against the absolute peak (left; where
-    QLoRA's and QDoRA's smaller weights show) and against the training increment (right), each point
-    labelled with its method and trainable parameters. For suites that compare methods
-    (``adapter`` / ``optim`` settings)."""
+    """Every method as one point per implementation, labelled with its method and trainable
+    parameters: tokens/s against the absolute peak (where QLoRA's and QDoRA's smaller weights show)
+    and against the training increment. When full fine-tuning is among them, npu-ft's adapter methods
+    get panels of their own (they sit close together, far from full fine-tuning and the reference).
+    For suites that compare methods (``adapter`` / ``optim`` settings)."""
     plt = _plt()
     ok = [r for r in _ok(rows) if r.get("train_mem_bytes") is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(15, 5.8), squeeze=False)
-    axes_x = (("peak_mem_bytes", "peak memory, absolute (MiB; CPU: resident set)"),
-              ("train_mem_bytes", "training memory: peak - post-build baseline (MiB)"))
-    for ax, (key, xlabel) in zip(axes[0], axes_x, strict=True):
+    adapters = [r for r in ok if r["method"] != "full" and r["implementation"] == "npu-ft"]
+    peak = ("peak_mem_bytes", "peak memory, absolute (MiB; CPU: resident set)")
+    train = ("train_mem_bytes", "training memory: peak - post-build baseline (MiB)")
+    if adapters and len(adapters) < len(ok):
+        panels = [(peak, ok, "every method"), (peak, adapters, "npu-ft's adapter methods"),
+                  (train, adapters, "npu-ft's adapter methods")]
+    else:
+        panels = [(peak, ok, "every method"), (train, ok, "every method")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 6), squeeze=False)
+    first = ok[0] if ok else {}
+    for ax, ((key, xlabel), members, what) in zip(axes[0], panels, strict=True):
         labels = []
-        for r in ok:
+        for r in members:
             x, y = r[key] / 2**20, r["tokens_per_s"]
             ax.errorbar(x, y, yerr=[[y - r["tokens_per_s_min"]], [r["tokens_per_s_max"] - y]],
                         fmt=IMPL_MARKERS.get(r["implementation"], "v"), color=METHOD_COLOURS.get(_method(r), "gray"),
                         markersize=7, capsize=3)
-            labels.append((x, y, f"{_method(r)} {_params(r['trainable_params'])}"))
+            who = "" if r["implementation"] == "npu-ft" else f"{r['implementation']}: "
+            # the checkpointing only where it tells two points of one method and implementation apart
+            twins = {o.get("policy") for o in ok
+                     if (_method(o), o["implementation"]) == (_method(r), r["implementation"])}
+            policy = f" ({r.get('policy')})" if len(twins) > 1 else ""
+            labels.append((x, y, f"{who}{_method(r)}{policy} {_params(r['trainable_params'])}"))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("tokens/s (median, bars: min-max)")
         ax.grid(alpha=0.3)
-        first = ok[0] if ok else {}
-        ax.set_title(f"{first.get('model', '')} on {first.get('device', '')}, {first.get('dtype', '')}, "
-                     f"{first.get('seq_len', '')}×{first.get('batch_size', '')} tokens/step; label: trainable "
-                     "parameters", fontsize=9)
-        if ax is axes[0][1]:
-            _legends(ax, _ordered(_method(r) for r in ok), _ordered(r["implementation"] for r in ok))
+        ax.set_title(f"{what}: {first.get('model', '')}, {first.get('device', '')}, {first.get('dtype', '')}, "
+                     f"{first.get('seq_len', '')}×{first.get('batch_size', '')} tokens/step", fontsize=9)
         fig.tight_layout()
         place_labels(ax, labels)
+    _legends(axes[0][-1], _ordered(_method(r) for r in ok), _ordered(r["implementation"] for r in ok))
+    fig.suptitle("label: method and trainable parameters", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
