@@ -265,13 +265,33 @@ def test_dora_same_loss_and_fused_block_ops_via_env_hook(work):
     _assert_same_adapter_files(work, "dora_ref", "dora_npu_ft")
 
 
+#: `llamafactory-cli train` with one fix: LLaMA-Factory 0.9.5 refuses DoRA on every quantized model
+#: ("DoRA is not compatible with PTQ-quantized models") because it compares transformers'
+#: model.quantization_method ("bitsandbytes") with its own QuantizationMethod.BNB ("bnb"); its intent
+#: is to allow bitsandbytes. The fix gives the check transformers' name; nothing else changes.
+LF_WITH_QDORA_FIX = """
+import sys
+from llamafactory.model import adapter
+class QuantizationMethod:
+    BNB = "bitsandbytes"
+adapter.QuantizationMethod = QuantizationMethod
+from llamafactory.cli import main
+sys.argv = ["llamafactory-cli", "train", *sys.argv[1:]]
+main()
+"""
+
+
 def test_qdora_same_loss_via_lf_train(work):
-    """`use_dora: true` with `quantization_bit: 4` (QDoRA): LLaMA-Factory + bitsandbytes 4-bit vs
-    `npu-ft lf-train`, where PEFT's DoRA layers over the NF4 base run npu_ft::dora_nf4_linear."""
-    _run(work, "qdora_ref", [LF_CLI, "train"], ["use_dora=true", "quantization_bit=4"])
+    """`use_dora: true` with `quantization_bit: 4` (QDoRA). Unpatched LLaMA-Factory 0.9.5 refuses it
+    (the enum mismatch above); with only that check fixed it trains PEFT DoRA over bitsandbytes 4-bit,
+    and `npu-ft lf-train` (which quantizes with npu-ft's NF4 and so passes the check as it is) gives
+    the same losses with PEFT's DoRA layers on npu_ft::dora_nf4_linear."""
+    args = ["use_dora=true", "quantization_bit=4"]
+    refused = _run(work, "qdora_unpatched", [LF_CLI, "train"], args, check=False)
+    assert refused.returncode != 0 and "DoRA is not compatible with PTQ-quantized models" in refused.stderr
+    _run(work, "qdora_ref", [sys.executable, "-c", LF_WITH_QDORA_FIX], args)
     counters = work / "qdora_counters.json"
-    _run(work, "qdora_npu_ft", [NPU_FT, "lf-train"], ["use_dora=true", "quantization_bit=4", "--counters",
-                                                      str(counters)])
+    _run(work, "qdora_npu_ft", [NPU_FT, "lf-train"], [*args, "--counters", str(counters)])
     _assert_same_losses(_losses(work, "qdora_ref"), _losses(work, "qdora_npu_ft"), 1e-3)
     c = _counters(counters)
     assert c["nf4_layers"] == 14, c
