@@ -146,21 +146,7 @@ def _peft_lora(model, case):
     return get_peft_model(model, cfg)
 
 
-def _method_builder(case, which: int):
-    """The LoRA-family builder (:data:`npu_ft.bench.impls_methods.BUILDERS`) of ``case.adapter``:
-    ``which`` 0 = npu-ft's, 1 = PEFT's; None for plain LoRA."""
-    adapter = getattr(case, "adapter", "lora")
-    if adapter == "lora":
-        return None
-    from .impls_methods import BUILDERS
-
-    return BUILDERS[adapter][which]
-
-
 def build_reference(case, base_model_factory, device: torch.device) -> Prepared:
-    method_builder = _method_builder(case, 1)
-    if method_builder is not None:
-        return method_builder(case, base_model_factory, device)
     dtype = torch_dtype(case.dtype)
     cleanup = None
     features = ["transformers"] + (["peft"] if case.method in ("lora", "qlora") else [])
@@ -223,9 +209,6 @@ def _npu_ft_features(model: nn.Module) -> list[str]:
 
 
 def build_npu_ft(case, base_model_factory, device: torch.device) -> Prepared:
-    method_builder = _method_builder(case, 0)
-    if method_builder is not None:
-        return method_builder(case, base_model_factory, device)
     model = base_model_factory()
     lora_kwargs = dict(
         targets=lora_targets(case),

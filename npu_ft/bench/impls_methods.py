@@ -2,7 +2,7 @@
 
 A builder is ``fn(case, base_model_factory, device) -> impls.Prepared`` (see
 :mod:`npu_ft.bench.registry`). A suite's ``adapter`` setting picks them in the ``npu-ft`` and
-``reference`` lanes (:func:`npu_ft.bench.impls.build_npu_ft`), with ``method: lora`` (dense base) or
+``reference`` lanes (:mod:`npu_ft.bench.lanes`), with ``method: lora`` (dense base) or
 ``method: qlora`` (NF4 base: QDoRA, QLoRA-FA, QVeRA); ``custom:npu_ft.bench.impls_methods:<fn>``
 names one directly:
 

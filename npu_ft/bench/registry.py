@@ -78,10 +78,10 @@ def case_runner(name: str) -> Callable[..., Any] | None:
     return _load(impl.runner) if impl is not None and impl.runner else None
 
 
-register(Implementation("npu-ft", builder="npu_ft.bench.impls:build_npu_ft",
+register(Implementation("npu-ft", builder="npu_ft.bench.lanes:npu_ft_lane",
                         doc="npu-ft's modules, fused loss and fused decoder-block ops, as run_sft trains",
                         policies=("off", "full", "selective"), fused_kernels=True))
-register(Implementation("reference", builder="npu_ft.bench.impls:build_reference",
+register(Implementation("reference", builder="npu_ft.bench.lanes:reference_lane",
                         doc="transformers + PEFT (+ bitsandbytes 4-bit), what LLaMA-Factory runs"))
 register(Implementation("llamafactory", runner="npu_ft.bench.impl_llamafactory:run_case",
                         doc="LLaMA-Factory 0.9.5's own trainer, in its own Python"))
