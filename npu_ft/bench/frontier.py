@@ -53,6 +53,12 @@ def fused_kernels_off(row: dict) -> bool:
     return str(row.get("fused_kernels")).lower() in ("false", "0")
 
 
+def method_label(row: dict) -> str:
+    """The row's ``method_name`` ("dora", "qdora", "full+adamw_8bit"; results from before the
+    column: the method)."""
+    return row.get("method_name") or row["method"]
+
+
 def point_label(row: dict) -> str:
     """Short settings of a point: ``selective b2 s1024`` (+ `` nofused`` without the fused block ops)."""
     fused = " nofused" if fused_kernels_off(row) else ""

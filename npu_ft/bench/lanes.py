@@ -11,17 +11,19 @@ from . import impls, impls_methods
 __all__ = ["npu_ft_lane", "reference_lane"]
 
 
+def _lane(case, base_model_factory, device: torch.device, plain, which: int) -> impls.Prepared:
+    """``plain`` (an :mod:`~npu_ft.bench.impls` builder) for plain LoRA / QLoRA / full, else the
+    ``which`` side (0 npu-ft, 1 reference) of ``impls_methods.BUILDERS[case.adapter]``."""
+    adapter = getattr(case, "adapter", "lora")
+    build = plain if adapter == "lora" else impls_methods.BUILDERS[adapter][which]
+    return build(case, base_model_factory, device)
+
+
 def npu_ft_lane(case, base_model_factory, device: torch.device) -> impls.Prepared:
     """npu-ft's modules for ``case.method`` and ``case.adapter``."""
-    adapter = getattr(case, "adapter", "lora")
-    if adapter == "lora":
-        return impls.build_npu_ft(case, base_model_factory, device)
-    return impls_methods.BUILDERS[adapter][0](case, base_model_factory, device)
+    return _lane(case, base_model_factory, device, impls.build_npu_ft, 0)
 
 
 def reference_lane(case, base_model_factory, device: torch.device) -> impls.Prepared:
     """transformers + PEFT (+ bitsandbytes) for ``case.method`` and ``case.adapter``."""
-    adapter = getattr(case, "adapter", "lora")
-    if adapter == "lora":
-        return impls.build_reference(case, base_model_factory, device)
-    return impls_methods.BUILDERS[adapter][1](case, base_model_factory, device)
+    return _lane(case, base_model_factory, device, impls.build_reference, 1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from .frontier import frontier
+from .frontier import frontier, method_label
 
 METHOD_COLOURS = {"lora": "tab:blue", "qlora": "tab:orange", "full": "tab:green", "dora": "tab:purple",
                   "qdora": "tab:pink", "pissa": "tab:brown", "lora_fa": "tab:cyan", "vera": "tab:olive",
@@ -64,10 +64,6 @@ def place_labels(ax, points: list[tuple[float, float, str]], fontsize: int = 7) 
     return out
 
 
-def _method(row: dict) -> str:
-    return row.get("method_name") or row["method"]
-
-
 def _params(n: float) -> str:
     """4.4e6 -> "4.4M" trainable parameters."""
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k"
@@ -78,10 +74,20 @@ def _point_label(row: dict, methods: bool, settings: bool) -> str:
     checkpointing, batch and sequence (when those vary in the panel)."""
     parts = []
     if methods:
-        parts.append(f"{_method(row)} {_params(row['trainable_params'])}")
+        parts.append(f"{method_label(row)} {_params(row['trainable_params'])}")
     if settings or not methods:
         parts.append(f"{row.get('policy', '')} b{row['batch_size']} s{row['seq_len']}")
     return ", ".join(parts)
+
+
+def _point(ax, row: dict, mem_key: str) -> tuple[float, float]:
+    """Draw ``row`` at (``row[mem_key]`` in MiB, tokens/s) with its min-max tokens/s as a bar, coloured
+    by method and marked by implementation; returns the point."""
+    x, y = row[mem_key] / 2**20, row["tokens_per_s"]
+    ax.errorbar(x, y, yerr=[[y - row["tokens_per_s_min"]], [row["tokens_per_s_max"] - y]],
+                fmt=IMPL_MARKERS.get(row["implementation"], "v"), color=METHOD_COLOURS.get(method_label(row), "gray"),
+                markersize=7, capsize=3)
+    return x, y
 
 
 def _legends(ax, methods: list[str], impls: list[str]) -> None:
@@ -109,16 +115,13 @@ def plot_memory_vs_throughput(rows, path) -> None:
     for ax, panel in zip(axes[0], panels, strict=False):
         members = [r for r in ok if (r["model"], r["device"], r["dtype"], r.get("data", "random")) == panel]
         labels = []
-        several_methods = len({_method(r) for r in members}) > 1
+        several_methods = len({method_label(r) for r in members}) > 1
         several_settings = len({(r.get("policy"), r["batch_size"], r["seq_len"]) for r in members}) > 1
         for r in members:
-            x, y = r["train_mem_bytes"] / 2**20, r["tokens_per_s"]
-            ax.errorbar(x, y, yerr=[[y - r["tokens_per_s_min"]], [r["tokens_per_s_max"] - y]],
-                        fmt=IMPL_MARKERS.get(r["implementation"], "v"), color=METHOD_COLOURS.get(_method(r), "gray"),
-                        markersize=7, capsize=3)
+            x, y = _point(ax, r, "train_mem_bytes")
             labels.append((x, y, _point_label(r, several_methods, several_settings)))
-        for method, impl in _ordered((_method(r), r["implementation"]) for r in members):
-            line = frontier([r for r in members if _method(r) == method and r["implementation"] == impl])
+        for method, impl in _ordered((method_label(r), r["implementation"]) for r in members):
+            line = frontier([r for r in members if method_label(r) == method and r["implementation"] == impl])
             if len(line) > 1:
                 ax.step([r["train_mem_bytes"] / 2**20 for r in line], [r["tokens_per_s"] for r in line], where="post",
                         color=METHOD_COLOURS.get(method, "gray"), linestyle=IMPL_LINES.get(impl, "-"), alpha=0.6)
@@ -127,7 +130,7 @@ def plot_memory_vs_throughput(rows, path) -> None:
         ax.set_xlabel("training memory: peak - post-build baseline (MiB)")
         ax.set_ylabel("tokens/s (median, bars: min-max)")
         ax.grid(alpha=0.3)
-        _legends(ax, _ordered(_method(r) for r in members), _ordered(r["implementation"] for r in members))
+        _legends(ax, _ordered(method_label(r) for r in members), _ordered(r["implementation"] for r in members))
         fig.tight_layout()
         place_labels(ax, labels)
     fig.tight_layout()
@@ -156,16 +159,13 @@ def plot_methods(rows, path) -> None:
     for ax, ((key, xlabel), members, what) in zip(axes[0], panels, strict=True):
         labels = []
         for r in members:
-            x, y = r[key] / 2**20, r["tokens_per_s"]
-            ax.errorbar(x, y, yerr=[[y - r["tokens_per_s_min"]], [r["tokens_per_s_max"] - y]],
-                        fmt=IMPL_MARKERS.get(r["implementation"], "v"), color=METHOD_COLOURS.get(_method(r), "gray"),
-                        markersize=7, capsize=3)
+            x, y = _point(ax, r, key)
             who = "" if r["implementation"] == "npu-ft" else f"{r['implementation']}: "
             # the checkpointing only where it tells two points of one method and implementation apart
             twins = {o.get("policy") for o in ok
-                     if (_method(o), o["implementation"]) == (_method(r), r["implementation"])}
+                     if (method_label(o), o["implementation"]) == (method_label(r), r["implementation"])}
             policy = f" ({r.get('policy')})" if len(twins) > 1 else ""
-            labels.append((x, y, f"{who}{_method(r)}{policy} {_params(r['trainable_params'])}"))
+            labels.append((x, y, f"{who}{method_label(r)}{policy} {_params(r['trainable_params'])}"))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("tokens/s (median, bars: min-max)")
         ax.grid(alpha=0.3)
@@ -173,7 +173,7 @@ def plot_methods(rows, path) -> None:
                      f"{first.get('seq_len', '')}×{first.get('batch_size', '')} tokens/step", fontsize=9)
         fig.tight_layout()
         place_labels(ax, labels)
-    _legends(axes[0][-1], _ordered(_method(r) for r in ok), _ordered(r["implementation"] for r in ok))
+    _legends(axes[0][-1], _ordered(method_label(r) for r in ok), _ordered(r["implementation"] for r in ok))
     fig.suptitle("label: method and trainable parameters", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -210,7 +210,7 @@ def plot_loss_curves(rows, path) -> None:
                 diffs = [max(abs(a - b) / max(abs(b), 1e-12), floor) for a, b in zip(losses, ref_losses, strict=False)]
                 bottom.plot(range(len(diffs)), diffs, label=label, **style)
         m = members[0]
-        top.set_title(f"{m['model']} {_method(m)} {m['dtype']} {m.get('data', '')} seq {m['seq_len']}×"
+        top.set_title(f"{m['model']} {method_label(m)} {m['dtype']} {m.get('data', '')} seq {m['seq_len']}×"
                       f"{m['batch_size']}", fontsize=9)
         top.set_ylabel("loss")
         top.legend(fontsize=6)

@@ -23,7 +23,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .frontier import BASELINES, fused_kernels_off, statements
+from .frontier import BASELINES, fused_kernels_off, method_label, statements
 
 #: results.csv columns, in order
 COLUMNS = [
@@ -145,17 +145,19 @@ def _run_wide_gemm_peak(rows: list[dict]) -> None:
     positions per step). Each process times the GEMMs once, after its training; under load one such
     measurement can come out at half the others (the 0.5B frontier run saw 73 vs 176 GFLOP/s), and a
     low peak flatters MFU past 100 %. The row keeps its own process's figure as gemm_peak_process_flops."""
+
+    def shape(r: dict) -> tuple:
+        return r["model"], r["device"], r["dtype"], r["seq_len"] * r["batch_size"]
+
+    measured = [r for r in rows if r.get("gemm_peak_flops")]
     best: dict[tuple, float] = {}
-    for r in rows:
-        if r.get("gemm_peak_flops"):
-            key = (r["model"], r["device"], r["dtype"], r["seq_len"] * r["batch_size"])
-            best[key] = max(best.get(key, 0.0), r["gemm_peak_flops"])
-    for r in rows:
-        if r.get("gemm_peak_flops"):
-            r["gemm_peak_process_flops"] = r["gemm_peak_flops"]
-            r["gemm_peak_flops"] = best[(r["model"], r["device"], r["dtype"], r["seq_len"] * r["batch_size"])]
-            if r.get("achieved_flops"):
-                r["mfu"] = r["achieved_flops"] / r["gemm_peak_flops"]
+    for r in measured:
+        best[shape(r)] = max(best.get(shape(r), 0.0), r["gemm_peak_flops"])
+    for r in measured:
+        r["gemm_peak_process_flops"] = r["gemm_peak_flops"]
+        r["gemm_peak_flops"] = best[shape(r)]
+        if r.get("achieved_flops"):
+            r["mfu"] = r["achieved_flops"] / r["gemm_peak_flops"]
 
 
 def rel_diffs(a: list[float], b: list[float]) -> list[float]:
@@ -193,7 +195,7 @@ def parity(rows: list[dict], tolerances: dict, cross_device: dict) -> list[dict]
     for members in groups.values():
         m0 = members[0]
         g = {k: m0[k] for k in ("model", "method", "dtype", "seq_len", "batch_size")} | {
-            "data": m0.get("data"), "method_name": _method_name(m0)}
+            "data": m0.get("data"), "method_name": method_label(m0)}
         tol = float(tolerances[g["dtype"]][g["method"]])
         devices = list(dict.fromkeys(r["device"] for r in members))
         for dev in devices:
@@ -293,24 +295,24 @@ def ratios(rows: list[dict]) -> list[dict]:
             for r in members:
                 if r["implementation"] in BASELINES:
                     continue
-                out.append(_ratio(r, base, f"{_method_name(r)}: {_label(r)} / {_label(base)}"))
+                out.append(_ratio(r, base, f"{method_label(r)}: {_label(r)} / {_label(base)}"))
     for r in ok:
         if r["implementation"] != "npu-ft":
             continue
-        name, base_name = _method_name(r), _method_baseline(r)
+        name, base_name = method_label(r), _method_baseline(r)
         if name == base_name:
             continue
-        bases = [x for x in ok if x["implementation"] == "npu-ft" and _method_name(x) == base_name
+        bases = [x for x in ok if x["implementation"] == "npu-ft" and method_label(x) == base_name
                  and all(x.get(k) == r.get(k) for k in ("model", "device", "dtype", "seq_len", "batch_size", "data"))]
-        base = next((x for x in bases if x.get("policy") == r.get("policy")), bases[0] if bases else None)
+        base = _same_policy(bases, r)
         if base is not None:
             out.append(_ratio(r, base, f"npu-ft: {name} ({r.get('policy')}) / {base_name} ({base.get('policy')})"))
     return out
 
 
-def _method_name(row: dict) -> str:
-    """The row's method_name ("dora", "qdora", "full+adamw_8bit"; older results: the method)."""
-    return row.get("method_name") or row["method"]
+def _same_policy(candidates: list[dict], row: dict) -> dict | None:
+    """The candidate that ran ``row``'s checkpointing policy, else the first one (None if none)."""
+    return next((c for c in candidates if c.get("policy") == row.get("policy")), candidates[0] if candidates else None)
 
 
 def _method_baseline(row: dict) -> str:
@@ -369,7 +371,7 @@ def _cases_table(rows: list[dict]) -> str:
               "MFU", "loss first→last"]
     body = []
     for r in rows:
-        head = [r["model"], _method_name(r), r["implementation"], r["device"], r["dtype"], r.get("data", ""),
+        head = [r["model"], method_label(r), r["implementation"], r["device"], r["dtype"], r.get("data", ""),
                 f"{r['seq_len']}×{r['batch_size']}", _gc_cell(r)]
         if r["status"] == "failed":
             body.append(head + ["FAILED", r["error"][:160]] + [""] * 7)
@@ -386,7 +388,7 @@ def _mfu_table(rows: list[dict]) -> str:
     body = []
     for r in _ok_rows(rows):
         spec = r.get("spec_peak_flops")
-        body.append([r["model"], _method_name(r), _label(r), f"{r['seq_len']}×{r['batch_size']}", r.get("data", ""),
+        body.append([r["model"], method_label(r), _label(r), f"{r['seq_len']}×{r['batch_size']}", r.get("data", ""),
                      _si(r.get("model_flops_per_token")), _si(r.get("achieved_flops")),
                      _si(r.get("gemm_peak_flops")), _pct(r.get("mfu")),
                      f"{spec / 1e12:g} T ({_pct(r['achieved_flops'] / spec)})" if spec else "unknown"])
@@ -418,16 +420,16 @@ def _methods_table(rows: list[dict]) -> str:
     """Every method as one row: what trains, what its optimizer keeps, tokens/s and memory, and the
     same against npu-ft's plain LoRA (same checkpointing policy where there is one)."""
     ok = _ok_rows(rows)
-    loras = [r for r in ok if r["implementation"] == "npu-ft" and _method_name(r) == "lora"]
+    loras = [r for r in ok if r["implementation"] == "npu-ft" and method_label(r) == "lora"]
     body = []
     for r in ok:
-        lora = next((x for x in loras if x.get("policy") == r.get("policy")), loras[0] if loras else None)
+        lora = _same_policy(loras, r)
 
         def vs(key: str, row=r, lora=lora) -> str:
             return f"{row[key] / lora[key]:.2f}×" if lora is not None and lora.get(key) and row.get(key) else ""
 
         state = r.get("optimizer_state_bytes")
-        body.append([_method_name(r), _label(r), f"{r['trainable_params'] / 1e6:,.2f} M", vs("trainable_params"),
+        body.append([method_label(r), _label(r), f"{r['trainable_params'] / 1e6:,.2f} M", vs("trainable_params"),
                      _state_mib(state),
                      f"{r['tokens_per_s']:.1f} [{r['tokens_per_s_min']:.1f}-{r['tokens_per_s_max']:.1f}]",
                      vs("tokens_per_s"), _mib(r["train_mem_bytes"]), vs("train_mem_bytes"), _mib(r["peak_mem_bytes"]),
@@ -498,7 +500,7 @@ def markdown(rows, par, rat, suite_meta: dict, env: dict | None = None, front: l
         parts += [
             _md_table(
                 ["model", "method", "dtype", "data", "seq×batch", "compare", "max rel loss diff", "tolerance", "pass"],
-                [[p["model"], p.get("method_name") or p["method"], p["dtype"], p.get("data", ""),
+                [[p["model"], p["method_name"], p["dtype"], p.get("data", ""),
                   f"{p['seq_len']}×{p['batch_size']}",
                   p["compare"], f"{p['max_rel_loss_diff']:.2e}", f"{p['tolerance']:.0e}",
                   "PASS" if p["pass"] else "FAIL"] for p in par],

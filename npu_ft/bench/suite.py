@@ -60,7 +60,7 @@ import dataclasses
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from npu_ft.config.schema import ConfigError, config_field, field_infos, parse_fields
 
@@ -106,10 +106,12 @@ LORA_DEFAULTS = dataclasses.asdict(LoraSettings())
 
 
 #: adapters of the LoRA family a lora / qlora case can train (npu_ft.bench.impls_methods); lora = plain LoRA
-ADAPTERS = ("lora", "dora", "pissa", "lora_fa", "vera")
+Adapter = Literal["lora", "dora", "pissa", "lora_fa", "vera"]
+ADAPTERS = get_args(Adapter)
 #: optimizers: torch's AdamW; 8-bit AdamW (npu-ft's, bitsandbytes' in the reference lane) with transformers'
 #: rule (nn.Embedding weights keep 32-bit states, as npu-ft train); or every large parameter in 8 bits
-OPTIMIZERS = ("adamw_torch", "adamw_8bit", "adamw_8bit_all")
+Optimizer = Literal["adamw_torch", "adamw_8bit", "adamw_8bit_all"]
+OPTIMIZERS = get_args(Optimizer)
 #: the implementations that can run an adapter other than lora or an optimizer other than adamw_torch
 METHOD_IMPLEMENTATIONS = ("npu-ft", "reference")
 
@@ -185,11 +187,11 @@ class CaseSettings:
         True, "npu-ft's fused decoder-block ops (RMSNorm + residual add, RoPE, SwiGLU), as npu-ft train's "
               "fused_kernels key. Only npu-ft and llamafactory+npu-ft (and custom implementations) use it; the "
               "others run transformers' modules whatever it says.")
-    adapter: Literal["lora", "dora", "pissa", "lora_fa", "vera"] = config_field(
+    adapter: Adapter = config_field(
         "lora", "The LoRA-family method of a lora or qlora case: lora (plain), dora (use_dora), pissa "
                 "(pissa_init, 16 fast SVD iterations), lora_fa (lora_A frozen), vera (VeRA, rank lora.vera_r, "
                 "default 256). npu-ft and reference (PEFT) lanes only.")
-    optim: Literal["adamw_torch", "adamw_8bit", "adamw_8bit_all"] = config_field(
+    optim: Optimizer = config_field(
         "adamw_torch", "The optimizer: torch's AdamW; adamw_8bit = npu-ft's AdamW8bit (reference lane: "
                        "bitsandbytes' AdamW8bit) with nn.Embedding weights on 32-bit states as npu-ft train and "
                        "transformers do; adamw_8bit_all = every parameter of 4096+ elements on 8-bit states "

@@ -50,6 +50,16 @@ def test_shipped_suites_are_valid():
     ({"tolerances": {"dora": 1e-3}}, ["'tolerances.dora'"]),
     ({"methods": ["lora", "lora"]}, ["listed twice"]),
     ({"methods": []}, ["at least one"]),
+    # the LoRA-family and optimizer settings (tests/bench/test_methods_settings.py has the rest)
+    ({"adapter": "dora", "methods": ["full"]}, ["'adapter'", "method lora or qlora"]),
+    ({"adapter": "pissa", "methods": ["qlora"]}, ["'adapter'", "full-precision"]),
+    ({"adapter": "loha"}, ["'adapter'", "'loha'"]),
+    ({"optim": "sgd"}, ["'optim'", "'sgd'"]),
+    ({"adapter": "dora", "implementations": ["llamafactory"]}, ["'adapter'", "not 'llamafactory'"]),
+    ({"optim": "adamw_8bit", "implementations": ["llamafactory+npu-ft"]}, ["'optim'", "npu-ft and reference"]),
+    ({"sweep": [{"method": "dora"}]}, ["'sweep[0].method'", "lora, qlora, full"]),
+    ({"sweep": {"method": ["full", "lorra"]}}, ["'sweep.method[1].method'", "'lorra'"]),
+    ({"lora": {"vera_r": 0}}, ["'lora.vera_r'", "> 0"]),
 ])
 def test_bad_key_is_named(patch, words):
     with pytest.raises(SuiteError) as err:
