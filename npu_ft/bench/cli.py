@@ -83,6 +83,10 @@ def _report_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="npu-ft bench report", description="rebuild the reports of a run from raw.jsonl")
     p.add_argument("dir")
     args = p.parse_args(argv)
+    missing = [name for name in ("suite.json", "raw.jsonl") if not (Path(args.dir) / name).is_file()]
+    if missing:  # not a bench run's folder: write nothing into it
+        return report("npu-ft bench report", f"{args.dir}: no {' or '.join(missing)} here (not the --out folder "
+                                             "of an `npu-ft bench` run)")
     regenerate(args.dir)
     print((Path(args.dir) / "report.md").read_text())
     return 0

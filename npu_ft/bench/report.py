@@ -25,6 +25,10 @@ from pathlib import Path
 
 from .frontier import BASELINES, fused_kernels_off, method_label, statements
 
+#: every file a run writes into its --out folder (the module docstring says what each holds)
+RUN_FILES = ("raw.jsonl", "suite.json", "results.csv", "parity.csv", "ratios.csv", "frontier.csv", "report.md",
+             "memory_vs_throughput.png", "loss_curves.png", "methods.png")
+
 #: results.csv columns, in order
 COLUMNS = [
     "suite", "case_id", "model", "method", "implementation", "device", "device_name", "dtype", "seq_len",

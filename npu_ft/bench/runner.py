@@ -97,6 +97,19 @@ def run_case_subprocess(case: BenchCase, repeat: int = 0, env: dict | None = Non
     return result
 
 
+def _check_out_folder(out: Path) -> None:
+    """A run writes its files (:data:`npu_ft.bench.report.RUN_FILES`) into ``out``: refuse a folder
+    holding any of those names that an earlier run did not write (no suite.json there), rather than
+    overwrite a user's file."""
+    from .report import RUN_FILES
+
+    if not out.is_dir() or (out / "suite.json").is_file():
+        return
+    clash = [name for name in RUN_FILES if (out / name).exists()]
+    if clash:
+        raise ValueError(f"{out}: holds {', '.join(clash)}, not from an `npu-ft bench` run; choose another --out")
+
+
 def run_suite(
     suite: Suite,
     out_dir: str | Path | None = None,
@@ -124,6 +137,7 @@ def run_suite(
     out = Path(out_dir) if out_dir else None
     raw_path = None
     if out:
+        _check_out_folder(out)
         out.mkdir(parents=True, exist_ok=True)
         raw_path = out / RAW_FILE
         raw_path.write_text("")

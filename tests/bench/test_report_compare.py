@@ -121,3 +121,26 @@ def test_method_ratios_against_npu_ft_lora_and_full():
     assert set(rat) == {"npu-ft: dora (off) / lora (off)", "npu-ft: full+adamw_8bit_all (off) / full (off)"}
     assert rat["npu-ft: full+adamw_8bit_all (off) / full (off)"]["optimizer_state"] == pytest.approx(210 / 800)
     assert rat["npu-ft: dora (off) / lora (off)"]["peak_mem"] == pytest.approx(800 / 700)
+
+
+def test_report_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    """`npu-ft bench report DIR` on a folder without a run's suite.json / raw.jsonl: one line, exit 1,
+    and nothing written into the folder."""
+    (tmp_path / "notes.txt").write_text("mine")
+    assert bench_main(["report", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no suite.json or raw.jsonl here" in err and str(tmp_path) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_run_refuses_an_out_folder_with_foreign_files(tmp_path, capsys):
+    """A --out folder that holds a report.md npu-ft did not write: one line, exit 1, the file kept."""
+    suite = tmp_path / "s.yaml"
+    suite.write_text("models: [tiny]\nmethods: [lora]\nimplementations: [npu-ft]\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("my own notes")
+    assert bench_main([str(suite), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds report.md, not from an `npu-ft bench` run" in err
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"] and (out / "report.md").read_text() == "my own notes"
