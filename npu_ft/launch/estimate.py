@@ -28,17 +28,19 @@ activations               per micro-batch of T = batch x cutoff tokens, e bytes 
                           more for the gradients of the layer being back-propagated. The loss: with
                           npu-ft's fused linear cross-entropy (``fused_cross_entropy``, the
                           default) one chunk of fp32 logits, min(T, c) V (4 + e for e < 4) bytes
-                          (c = rows per chunk), plus the saved fp32 [T, h] input gradient;
-                          with transformers' loss the logits, their fp32 upcast, log-softmax
-                          and its gradient: T V (16 + 2e for e < 4) bytes.
+                          (c = rows per chunk), plus the saved fp32 [T, h] input gradient,
+                          made in the forward: the chunk and the backward's working layers are
+                          never alive together (the larger of the two counts); with
+                          transformers' loss, alive through the backward, the logits, their
+                          fp32 upcast, log-softmax and its gradient: T V (16 + 2e for e < 4).
 ========================  =====================================================================
 
 plus ``overhead_gib`` per card for the runtime (CANN/HCCL workspaces and communication buffers:
 3 GiB by default on NPU, an assumption to check with ``npu-smi`` on the first run) and DeepSpeed's
 ZeRO-2 buckets (allgather + reduce, 2 x 5e8 elements x 2 bytes). The CPU check
-(:func:`measured_vs_estimated` and ``tests/launch/test_estimate.py``) runs small shapes in a fresh
-process each and compares the training-phase peak (weights excluded, they are exact) with
-:meth:`Estimate.train_bytes`.
+(``tests/launch/test_estimate.py``) runs small shapes in a fresh process each and compares the
+training-phase peak (weights excluded, they are exact) with :meth:`Estimate.train_bytes` plus
+``CPU_TRAIN_RUNTIME_BYTES``.
 """
 
 from __future__ import annotations
@@ -63,10 +65,11 @@ USABLE_FRACTION = 0.9
 #: bytes per parameter of an NF4 linear weight: 4 bits + absmax as uint8 per 64 (double
 #: quantization) + fp32 per 256 blocks of absmax (bitsandbytes' format)
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
-#: what a CPU training phase adds besides the four parts (autograd engine, oneDNN scratch, allocator
-#: arenas): measured ~20-45 MiB on the small shapes of the CPU check, independent of their size (32 MiB since
-#: 2026-12: the training increments measured ~5 % lower than when 40 MiB was fitted; docs/recipes.md)
-CPU_TRAIN_RUNTIME_BYTES = 32 * 1024 ** 2
+#: what a CPU training phase adds besides the four parts and stays after the first step (autograd
+#: engine, oneDNN primitive caches, the small-object heap): 20-25 MiB on every shape of the CPU check,
+#: measured with glibc's mmap threshold fixed so that freed tensors leave the resident set
+#: (tests/launch/test_estimate.py, docs/recipes.md)
+CPU_TRAIN_RUNTIME_BYTES = 22 * 1024 ** 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,15 +310,19 @@ def activation_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpo
     working = layer_working_bytes(shape, tokens, elem, lora_rank, fused_kernels)
     body = stored_layer_bytes(shape, tokens, elem, gradient_checkpointing, lora_rank, checkpoint_policy,
                               fused_kernels)
-    if gradient_checkpointing:
-        body += working  # the layer being recomputed
     if not lora_rank:
         # the final norm keeps the last layer's output (with LoRA it stands in for the first layer's
         # input, which nobody keeps: the frozen embedding's output needs no gradient)
         body += norm_bytes(h, tokens, elem, True, fused_kernels)
-    # the layer being back-propagated: the gradients of its activations, about one layer's forward worth
-    body += working
-    return body + loss_bytes(shape, tokens, elem, fused_cross_entropy, loss_chunk_rows)
+    # the layer being back-propagated: the gradients of its activations, about one layer's forward
+    # worth; with checkpointing also the layer being recomputed
+    backward = working * (2 if gradient_checkpointing else 1)
+    loss = loss_bytes(shape, tokens, elem, fused_cross_entropy, loss_chunk_rows)
+    if not fused_cross_entropy:  # the logits and their gradient live through the whole backward
+        return body + backward + loss
+    # the fused loss makes its logits chunks during the forward and keeps only the [T, h] input
+    # gradient: its chunk and the backward's working set are never alive at the same time
+    return body + max(loss, backward + 4 * tokens * h)
 
 
 def loss_bytes(shape: ModelShape, tokens: int, elem: int, fused_cross_entropy: bool = True,

@@ -3,6 +3,7 @@ and (slow) its predictions against measured CPU peaks of fresh processes (memory
 
 from __future__ import annotations
 
+import os
 import statistics
 
 import pytest
@@ -131,6 +132,22 @@ def test_layer_bytes_counts_saved_tensors(method, fused):
     assert sum(layers) + final_norm == pytest.approx(TINY_SHAPE.layers * expected + extra, rel=0.01)
 
 
+def test_fused_loss_chunk_and_backward_are_not_summed():
+    """The fused loss makes its logits chunks in the forward and keeps only the [T, h] input gradient,
+    so a chunk smaller than the backward's working layers adds nothing, a larger one its excess;
+    transformers' loss keeps its logits through the backward and always adds them."""
+    m = MODELS["qwen2.5-0.5b"]
+
+    def acts(rows, fused=True):
+        return estimate(m, "lora", seq=1024, dtype="fp32", loss_chunk_rows=rows, fused_cross_entropy=fused,
+                        checkpoint_policy="full").activations
+
+    chunk_row = m.vocab * 4  # one fp32 logits row
+    assert acts(8) == acts(16)  # both chunks fit under the backward's working set
+    assert acts(1024) - acts(512) == pytest.approx(512 * chunk_row)  # both above it: the excess grows
+    assert acts(1024, fused=False) > acts(1024) + 1024 * chunk_row
+
+
 def test_cards_needed():
     n, est = cards_needed("qwen2.5-72b", "full", zero=3, seq=2048)
     assert n == 32 and est.total <= 0.9 * 64 * GIB
@@ -147,8 +164,11 @@ OVERRIDES = dict(hidden_size=320, intermediate_size=896, num_hidden_layers=4, nu
 SHAPE = ModelShape("check-320", 320, 896, 4, 5, 1, 10000, True)
 #: every prediction within +-15 % of the measured training increment (the issue's requirement)
 BAND = (0.85, 1.15)
-#: fresh processes per configuration (the median is checked)
-REPEATS = 3
+#: fresh processes per configuration (the median is checked); one suffices since the check fixes
+#: glibc's mmap threshold (the same case then measures the same peak to 0.3 MiB in every process)
+REPEATS = 1
+#: glibc's initial mmap threshold (128 KiB), set explicitly so that glibc never raises it
+MMAP_THRESHOLD = 128 * 1024
 #: methods x checkpointing policies x sequence lengths (x micro-batch)
 CONFIGS = [("lora", "off", 384, 2), ("lora", "full", 640, 1), ("lora", "selective", 256, 2),
            ("lora", "selective", 896, 1), ("qlora", "full", 512, 2), ("qlora", "selective", 640, 1),
@@ -166,10 +186,12 @@ def test_estimate_against_measured_cpu_peak(method, policy, seq, batch):
     case = BenchCase(suite="estimate-check", model="tiny", method=method, implementation="npu-ft", device="cpu",
                      seq_len=seq, batch_size=batch, steps=2, warmup=1, gradient_checkpointing=gc,
                      checkpoint_policy=policy if gc else "full", model_overrides=OVERRIDES, timeout_s=900)
-    # A resident-set increment moves from process to process with the heap the build left behind:
-    # QLoRA (dense weights in, NF4 out) measured 108-156 MiB for one case, and fresh clones measured
-    # lora full 1x640 at 90-110 MiB. The check takes the median of three fresh processes.
-    runs = [run_case_subprocess(case) for _ in range(REPEATS)]
+    # glibc raises its mmap threshold each time a large block is freed, after which freed tensors
+    # stay in the heap and count in the resident set: lora full 1x640 measured 80-110 MiB from
+    # process to process (and host to host). With the threshold fixed every freed tensor leaves the
+    # resident set, and the same case measures the same peak to 0.3 MiB in every process.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    runs = [run_case_subprocess(case, env=env) for _ in range(REPEATS)]
     for result in runs:
         assert result["status"] == "ok", result.get("error")
     result = runs[0]

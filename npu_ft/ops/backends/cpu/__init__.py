@@ -12,3 +12,11 @@ from .._discover import register_submodules
 def register() -> None:
     """Register every cpu kernel."""
     register_submodules(__name__)
+
+
+def load_native() -> str | None:
+    """Load the native CPU kernels now (building them once per machine) rather than at the first op
+    call, e.g. before a memory baseline; returns why they are unavailable, or None."""
+    from . import _native
+
+    return _native.unavailable_reason()
