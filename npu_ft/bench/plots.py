@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from .frontier import frontier, method_label
+from .frontier import frontier, method_label, point_label
 
 METHOD_COLOURS = {"lora": "tab:blue", "qlora": "tab:orange", "full": "tab:green", "dora": "tab:purple",
                   "qdora": "tab:pink", "pissa": "tab:brown", "lora_fa": "tab:cyan", "vera": "tab:olive",
@@ -76,7 +76,7 @@ def _point_label(row: dict, methods: bool, settings: bool) -> str:
     if methods:
         parts.append(f"{method_label(row)} {_params(row['trainable_params'])}")
     if settings or not methods:
-        parts.append(f"{row.get('policy', '')} b{row['batch_size']} s{row['seq_len']}")
+        parts.append(point_label(row))
     return ", ".join(parts)
 
 

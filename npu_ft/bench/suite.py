@@ -435,11 +435,18 @@ def _sweep_points(sweep: dict[str, list[Any]] | list[dict[str, Any]] | None, whe
             raise ConfigError(f"unknown case setting {name!r}{unknown}", source=where, key=f"{key}.{name}")
         if not isinstance(sweep[name], list) or not sweep[name]:
             raise ConfigError("must be a non-empty list of values", source=where, key=f"{key}.{name}")
-    points = []
-    for combo in itertools.product(*(range(len(sweep[n])) for n in names)):
-        points.append({n: _parse_point({n: sweep[n][i]}, where, f"{key}.{n}[{i}].", unknown)[n]
-                       for n, i in zip(names, combo, strict=True)})
-    return points
+    values = {n: [_sweep_value(n, value, where, f"{key}.{n}[{i}]", unknown) for i, value in enumerate(sweep[n])]
+              for n in names}
+    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*(values[n] for n in names))]
+
+
+def _sweep_value(name: str, value: Any, where: str, key: str, unknown: str) -> Any:
+    """One value of a swept setting, checked like the case setting; errors name ``key``
+    (``sweep.<name>[<i>]``)."""
+    try:
+        return _parse_point({name: value}, where, "", unknown)[name]
+    except ConfigError as exc:
+        raise exc.with_key(key) from None
 
 
 def _check_case(case: BenchCase, where: str) -> None:

@@ -52,6 +52,7 @@ class ConfigError(ValueError):
     """A recipe problem: names the file (or override), the key, and what is wrong."""
 
     def __init__(self, message: str, *, source: str | None = None, key: str | None = None):
+        self.message = message
         self.source = source
         self.key = key
         where = []
@@ -66,6 +67,10 @@ class ConfigError(ValueError):
         else:
             text = f"{': '.join(where)}: {message}"
         super().__init__(text)
+
+    def with_key(self, key: str) -> ConfigError:
+        """The same error, naming ``key`` instead (e.g. where the value sits in a longer path)."""
+        return type(self)(self.message, source=self.source, key=key)
 
 
 class UnsupportedError(ConfigError, NotImplementedError):

@@ -57,7 +57,7 @@ def test_custom_implementations_get_the_value():
 @pytest.mark.parametrize("where, data", [
     ("fused_kernels", {"fused_kernels": "sometimes"}),
     ("variants[0].fused_kernels", {"variants": [{"fused_kernels": [1]}]}),
-    ("sweep.fused_kernels[1].fused_kernels", {"sweep": {"fused_kernels": [True, "no way"]}}),
+    ("sweep.fused_kernels[1]", {"sweep": {"fused_kernels": [True, "no way"]}}),
 ])
 def test_bad_value_names_the_key(where, data):
     with pytest.raises(SuiteError, match=re.escape(f"s.yaml: key '{where}'")):

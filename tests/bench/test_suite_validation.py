@@ -58,7 +58,7 @@ def test_shipped_suites_are_valid():
     ({"adapter": "dora", "implementations": ["llamafactory"]}, ["'adapter'", "not 'llamafactory'"]),
     ({"optim": "adamw_8bit", "implementations": ["llamafactory+npu-ft"]}, ["'optim'", "npu-ft and reference"]),
     ({"sweep": [{"method": "dora"}]}, ["'sweep[0].method'", "lora, qlora, full"]),
-    ({"sweep": {"method": ["full", "lorra"]}}, ["'sweep.method[1].method'", "'lorra'"]),
+    ({"sweep": {"method": ["full", "lorra"]}}, ["'sweep.method[1]'", "'lorra'"]),
     ({"lora": {"vera_r": 0}}, ["'lora.vera_r'", "> 0"]),
 ])
 def test_bad_key_is_named(patch, words):
