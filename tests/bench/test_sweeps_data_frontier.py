@@ -45,7 +45,7 @@ def test_yaml_off_and_explicit_policy_switch_checkpointing():
 @pytest.mark.parametrize("patch, words", [
     ({"sweep": {"batch": [1, 2]}}, ["'sweep.batch'", "unknown case setting"]),
     ({"sweep": {"batch_size": []}}, ["'sweep.batch_size'", "non-empty list"]),
-    ({"sweep": {"batch_size": [1, 0]}}, ["'sweep.batch_size[1].batch_size'", ">= 1"]),
+    ({"sweep": {"batch_size": [1, 0]}}, ["'sweep.batch_size[1]'", ">= 1"]),
     ({"sweep": {"checkpoint_policy": ["fastest"]}}, ["unknown policy 'fastest'"]),
     ({"sweep_per_implementation": {"reference": {"batch_size": [2]}}}, ["'sweep_per_implementation.reference'"]),
     ({"sweep_per_implementation": {"npu-ft": [{"seq": 8}]}}, ["'sweep_per_implementation.npu-ft[0].seq'"]),
