@@ -24,7 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .estimate import GIB, MODELS, USABLE_FRACTION, Estimate, ModelShape, estimate
+from .estimate import GIB, MODELS, OPTIMS, USABLE_FRACTION, Estimate, ModelShape, estimate
 
 __all__ = ["CARDS", "Card", "EstimateError", "card", "check_before_loading", "choose_checkpoint_policy",
            "device_total_bytes", "memory_warning", "model_shape", "recipe_estimate"]
@@ -112,6 +112,35 @@ def _deepspeed(cfg: Any) -> tuple[int, bool, bool]:
         raise EstimateError(str(exc)) from None
 
 
+def _method_and_adapter(cfg: Any) -> tuple[str, str]:
+    """(estimate's method, its adapter) of a recipe: VeRA is an adapter on a dense or NF4 base."""
+    base = "qlora" if cfg.get("quantization_bit") == 4 else "lora"
+    if cfg.method == "vera":
+        return base, "vera"
+    if cfg.method == "full":
+        return "full", "lora"
+    if cfg.get("use_dora"):
+        return cfg.method, "dora"
+    return cfg.method, "lora_fa" if cfg.get("lora_fa") else "lora"
+
+
+def _adapter_words(adapter: str, rank: int) -> str:
+    return {"lora": f"LoRA r={rank}: A and B train",
+            "dora": f"DoRA r={rank}: A, B and one magnitude per output feature train; each adapted linear keeps "
+                    "its output and weight norm for backward",
+            "lora_fa": f"LoRA-FA r={rank}: B trains, A is frozen; the adapted linears keep x A^T, not x",
+            "vera": f"VeRA r={rank}: two vectors per linear train over frozen projections shared by all layers; "
+                    "the adapted linears keep x A^T, not x"}[adapter]
+
+
+def _optimizer_words(optim: str) -> str:
+    bits, paged = OPTIMS[optim]
+    words = ("AdamW: 2 fp32 moments per trainable weight" if bits == 32 else
+             "8-bit AdamW: 2 one-byte blockwise moments per trainable weight (fp32 ones for the embedding)")
+    return words + ("; paged: the states in host memory, one tensor's on the card while it is updated"
+                    if paged else "")
+
+
 def recipe_estimate(cfg: Any, target: Card, world_size: int = 1, policy: str | None = None
                     ) -> tuple[Estimate, list[str], dict[str, Any]]:
     """The per-card estimate of recipe ``cfg`` (an :class:`~npu_ft.config.SftConfig`) on ``target``.
@@ -137,15 +166,17 @@ def recipe_estimate(cfg: Any, target: Card, world_size: int = 1, policy: str | N
                   checkpoint_policy=policy if gc else "full",
                   # Liger-Kernel's RMSNorm / SwiGLU keep what npu-ft's fused ops keep (input + 1/rms; gate, up)
                   fused_kernels=bool(cfg.get("fused_kernels", True)) or bool(cfg.get("enable_liger_kernel", False)))
-    if cfg.method == "qlora" and zero == 3:
-        raise EstimateError(f"{cfg.source}: QLoRA with DeepSpeed ZeRO-3 is not supported")
-    # VeRA trains far fewer values than LoRA r=lora_rank on the same layers: LoRA's numbers bound it
-    method = "lora" if cfg.method == "vera" else cfg.method
+    method, adapter = _method_and_adapter(cfg)
+    if method == "qlora" and zero == 3:
+        raise EstimateError(f"{cfg.source}: a 4-bit base with DeepSpeed ZeRO-3 is not supported")
+    kwargs["adapter"] = adapter
     if cfg.method == "vera":
-        assumptions.append("VeRA estimated as LoRA of rank lora_rank on the same layers (an upper bound: VeRA "
-                           "trains two vectors per layer)")
-    elif cfg.get("use_dora"):
-        assumptions.append("DoRA estimated as LoRA (its magnitude vectors add one value per output feature)")
+        kwargs["lora_rank"] = int(cfg.vera_rank)
+    optim = str(cfg.optim)
+    if optim in OPTIMS:
+        kwargs["optim"] = optim
+    else:
+        assumptions.append(f"optim {optim} estimated as AdamW (two fp32 moments per trainable weight)")
     est = estimate(shape, method, **kwargs)  # type: ignore[arg-type]
     tokens = kwargs["batch"] * kwargs["seq"]
     assumptions += [
@@ -162,9 +193,10 @@ def recipe_estimate(cfg: Any, target: Card, world_size: int = 1, policy: str | N
         "decoder blocks: " + ("fused RMSNorm / RoPE / SwiGLU ops (input + 1/rms per norm, gate and up kept)"
                               if kwargs["fused_kernels"] else "transformers' modules (silu(gate) kept too, "
                               "fp32 norm copies with 16-bit activations)"),
-        "AdamW: 2 fp32 moments per trainable weight" + (" + an fp32 master copy (DeepSpeed bf16)" if zero and half
-                                                        and cfg.method == "full" else "")
+        _optimizer_words(kwargs.get("optim", "adamw_torch"))
+        + (" + an fp32 master copy (DeepSpeed bf16)" if zero and half and cfg.method == "full" else "")
         + ("; optimizer states offloaded to the host" if off_opt else ""),
+        _adapter_words(adapter, kwargs["lora_rank"]) if method != "full" else "full fine-tuning: every weight trains",
         f"DeepSpeed ZeRO-{zero} over {world_size} card(s)" if zero else f"no DeepSpeed; {world_size} card(s), "
         "memory per card does not fall with more cards",
         f"runtime overhead {kwargs['overhead_gib']:g} GiB per card ({target.note or target.name}), "

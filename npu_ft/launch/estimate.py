@@ -70,6 +70,14 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 #: measured with glibc's mmap threshold fixed so that freed tensors leave the resident set
 #: (tests/launch/test_estimate.py, docs/recipes.md)
 CPU_TRAIN_RUNTIME_BYTES = 22 * 1024 ** 2
+#: the adapter methods of ``method`` lora / qlora (:func:`estimate`'s ``adapter``)
+ADAPTERS = ("lora", "dora", "lora_fa", "vera")
+#: optimizer state bytes per trainable element: AdamW's two fp32 moments, or two 8-bit blockwise codes
+#: with an fp32 absmax per 256 (bitsandbytes' layout, npu_ft.optim.adamw8bit)
+ADAMW_STATE_BYTES = {32: 8.0, 8: 2 * (1 + 4 / 256)}
+#: ``optim`` names :func:`estimate` knows: (state bits, states paged to host memory)
+OPTIMS = {"adamw_torch": (32, False), "adamw_8bit": (8, False), "adamw_bnb_8bit": (8, False),
+          "paged_adamw_8bit": (8, True), "paged_adamw_32bit": (32, True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +212,7 @@ def norm_bytes(width: int, rows: int, elem: int, trains_weight: bool, fused_kern
 
 
 def layer_bytes(shape: ModelShape, tokens: int, elem: int, lora_rank: int | None = None,
-                fused_kernels: bool = True) -> float:
+                fused_kernels: bool = True, adapter: str = "lora") -> float:
     """What one decoder layer saves for backward when it is not checkpointed (part of
     :func:`activation_bytes`), per micro-batch of ``tokens`` tokens. ``lora_rank=None``: full
     fine-tuning (the norm weights train).
@@ -237,15 +245,31 @@ def layer_bytes(shape: ModelShape, tokens: int, elem: int, lora_rank: int | None
     normalised tensor (+ 2 e h) and with 16-bit activations each norm's fp32 input (+ 2 (4 - e) h).
     Qwen3's q/k norms add :func:`norm_bytes` of q and kv (per head rows). QLoRA's NF4 linears also
     keep their dequantized absmax (weight-sized, added in :func:`estimate`).
+
+    ``adapter`` (with ``lora_rank``; no dropout): ``dora`` keeps each linear's output beside what LoRA
+    keeps (the outputs of gate / up are SwiGLU's, v is attention's: + e (q + 2 kv + 2 h) per token) and
+    each linear's fp32 weight norm (4 x the outputs per layer); ``lora_fa`` and ``vera`` (A frozen: the
+    fused op keeps x A^T, never x) drop what only the linears kept: the two norm outputs and the
+    product, - e (2 h + i); VeRA's scaled B (lambda_b B lambda_d and B lambda_d, fp32 [out, r] per
+    linear) adds 8 r x the outputs per layer.
     """
     h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
     trains_norm = not lora_rank
     per_token = elem * (2 * h + 2 * q + 2 * kv + 3 * i) + 4 * shape.heads
+    outputs = sum(out for _, out in shape.linear_shapes())
+    per_layer = 0.0
     if lora_rank:
         per_token += elem * lora_rank * 7
+        if adapter == "dora":
+            per_token += elem * (q + 2 * kv + 2 * h)
+            per_layer += 4 * outputs
+        elif adapter in ("lora_fa", "vera"):
+            per_token -= elem * (2 * h + i)
+            if adapter == "vera":
+                per_layer += 2 * 4 * lora_rank * outputs
     if not fused_kernels:
         per_token += elem * i  # silu(gate)
-    body = tokens * per_token + 2 * norm_bytes(h, tokens, elem, trains_norm, fused_kernels)
+    body = tokens * per_token + per_layer + 2 * norm_bytes(h, tokens, elem, trains_norm, fused_kernels)
     if shape.qk_norm:
         body += norm_bytes(shape.hd, tokens * shape.heads, elem, trains_norm, fused_kernels)
         body += norm_bytes(shape.hd, tokens * shape.kv_heads, elem, trains_norm, fused_kernels)
@@ -276,13 +300,13 @@ def layer_working_bytes(shape: ModelShape, tokens: int, elem: int, lora_rank: in
 
 def stored_layer_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpointing: bool,
                        lora_rank: int | None = None, checkpoint_policy: str = "full",
-                       fused_kernels: bool = True) -> float:
+                       fused_kernels: bool = True, adapter: str = "lora") -> float:
     """What all decoder layers keep between their forward and their backward (part of
     :func:`activation_bytes`): :func:`layer_bytes` each without checkpointing; with it, each layer's
     input (``full``), plus its GEMM outputs (q, k, v, o, gate, up, down) and attention output
     (``selective``)."""
     if not gradient_checkpointing:
-        return shape.layers * layer_bytes(shape, tokens, elem, lora_rank, fused_kernels)
+        return shape.layers * layer_bytes(shape, tokens, elem, lora_rank, fused_kernels, adapter)
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
     kept = h
     if checkpoint_policy == "selective":
@@ -293,7 +317,7 @@ def stored_layer_bytes(shape: ModelShape, tokens: int, elem: int, gradient_check
 def activation_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpointing: bool,
                      lora_rank: int | None = None, fused_cross_entropy: bool = True,
                      loss_chunk_rows: int | None = None, checkpoint_policy: str = "full",
-                     fused_kernels: bool = True) -> float:
+                     fused_kernels: bool = True, adapter: str = "lora") -> float:
     """Saved activations of one micro-batch of ``tokens`` tokens (see the module docstring).
 
     Each layer that is not checkpointed keeps :func:`layer_bytes` (``fused_kernels``: npu-ft's fused
@@ -309,7 +333,7 @@ def activation_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpo
     h = shape.hidden
     working = layer_working_bytes(shape, tokens, elem, lora_rank, fused_kernels)
     body = stored_layer_bytes(shape, tokens, elem, gradient_checkpointing, lora_rank, checkpoint_policy,
-                              fused_kernels)
+                              fused_kernels, adapter)
     if not lora_rank:
         # the final norm keeps the last layer's output (with LoRA it stands in for the first layer's
         # input, which nobody keeps: the frozen embedding's output needs no gradient)
@@ -343,8 +367,18 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
              gradient_checkpointing: bool = True, lora_rank: int = 16, dtype: str = "bf16",
              overhead_gib: float | None = None, fused_cross_entropy: bool = True,
              checkpoint_policy: str = "full",
-             loss_chunk_rows: int | None = None, fused_kernels: bool = True) -> Estimate:
+             loss_chunk_rows: int | None = None, fused_kernels: bool = True, adapter: str = "lora",
+             optim: str = "adamw_torch") -> Estimate:
     """Per-card memory of ``method`` (lora | qlora | full) on ``world_size`` data-parallel cards.
+
+    ``adapter`` (lora / qlora; :data:`ADAPTERS`): what trains and what the adapted linears keep for
+    backward (:func:`layer_bytes`). DoRA trains LoRA's A and B and one magnitude per output feature;
+    LoRA-FA trains B only (A is a frozen fp32 weight); VeRA trains two vectors per linear (lambda_b per
+    output, lambda_d per rank) over frozen fp32 projections shared by all layers (A [r, largest in],
+    B [largest out, r]); ``lora_rank`` is VeRA's rank. ``optim`` (:data:`OPTIMS`): AdamW's fp32
+    moments, or 8-bit blockwise ones (every trainable tensor of 4096 elements or more but the
+    embedding, which keeps fp32 states as transformers' Trainer does), paged ones in host memory (the
+    card holds the largest tensor's states while it is updated).
 
     ``fused_cross_entropy`` / ``loss_chunk_rows``: the loss as npu-ft trains by default (chunked,
     no full logits) or transformers' loss (False); ``fused_kernels``: npu-ft's fused decoder-block
@@ -357,6 +391,11 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
         shape = MODELS[shape]
     if method not in ("lora", "qlora", "full"):
         raise ValueError(f"method must be lora, qlora or full, got {method!r}")
+    if adapter not in ADAPTERS or (adapter != "lora" and method == "full"):
+        raise ValueError(f"adapter must be one of {', '.join(ADAPTERS)} with lora or qlora, got {adapter!r} "
+                         f"with {method}")
+    if optim not in OPTIMS:
+        raise ValueError(f"optim must be one of {', '.join(OPTIMS)}, got {optim!r}")
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero must be 0..3, got {zero}")
     if method == "qlora" and zero == 3:
@@ -367,26 +406,34 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
     elem = 4 if fp32 else 2
     half = 4 if fp32 else 2  # bytes of a frozen / DeepSpeed-held weight
     p = shape.params
+    bits, paged = OPTIMS[optim]
+    master = 0.0  # DeepSpeed's fp32 master weights (with the optimizer, on the card)
     if method == "full":
         trainable = p
         frozen_bytes = 0.0
+        embedding = shape.vocab * shape.hidden  # fp32 states with 8-bit ones (transformers' rule)
+        opt = ADAMW_STATE_BYTES[bits] * (p - embedding) + ADAMW_STATE_BYTES[32] * embedding
+        largest_states = ADAMW_STATE_BYTES[32] * embedding  # the largest tensor
         if ds and not fp32:
             weights = 2.0 * p
             grads = 2.0 * p
-            opt = 12.0 * p
+            master = 4.0 * p
         else:
             weights = 4.0 * p
             grads = 4.0 * p
-            opt = 8.0 * p
     else:
-        trainable = shape.lora_params(lora_rank)
+        trainable, frozen_adapter, largest = _adapter_params(shape, adapter, lora_rank)
         if method == "qlora":
             frozen_bytes = NF4_BYTES_PER_PARAM * shape.linear_params + half * (p - shape.linear_params)
         else:
             frozen_bytes = half * p
-        weights = frozen_bytes + 4.0 * trainable
+        weights = frozen_bytes + 4.0 * (trainable + frozen_adapter)
         grads = 4.0 * trainable
-        opt = 8.0 * trainable
+        opt = ADAMW_STATE_BYTES[bits] * trainable
+        largest_states = ADAMW_STATE_BYTES[bits] * largest
+    if paged:  # the states live in host memory; the card holds one tensor's while it is updated
+        opt = largest_states
+    opt += master
     # ZeRO partitioning
     if zero >= 1:
         opt /= n
@@ -406,7 +453,7 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
         grads += 2 * (2 if ds and not fp32 else 4) * shape.vocab * shape.hidden / (n if zero >= 2 else 1)
     acts = activation_bytes(shape, batch * seq, elem, gradient_checkpointing,
                             lora_rank if method != "full" else None, fused_cross_entropy, loss_chunk_rows,
-                            checkpoint_policy, fused_kernels)
+                            checkpoint_policy, fused_kernels, adapter)
     if method == "full" and zero < 2:
         # back to front, each layer's weight gradients are made while its kept activations are freed:
         # at any time the decoder layers hold the gradients of the layers behind and the activations
@@ -430,6 +477,23 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
     loss = loss_bytes(shape, batch * seq, elem, fused_cross_entropy, loss_chunk_rows)
     return Estimate(weights=weights, gradients=grads, optimizer=opt, activations=acts, overhead=overhead,
                     adapters=adapters, loss=loss)
+
+
+def _adapter_params(shape: ModelShape, adapter: str, rank: int) -> tuple[int, int, int]:
+    """(trainable, frozen fp32 adapter elements, largest trainable tensor) of ``adapter`` at ``rank``
+    on every decoder linear."""
+    linears = shape.linear_shapes()
+    if adapter == "vera":
+        trainable = shape.layers * sum(out + rank for _, out in linears)
+        projections = rank * (max(a for a, _ in linears) + max(b for _, b in linears))
+        return trainable, projections, max(b for _, b in linears)
+    a_part = shape.layers * sum(rank * a for a, _ in linears)
+    b_part = shape.layers * sum(rank * b for _, b in linears)
+    largest = rank * max(max(a, b) for a, b in linears)
+    if adapter == "lora_fa":
+        return b_part, a_part, largest
+    magnitudes = shape.layers * sum(b for _, b in linears) if adapter == "dora" else 0
+    return a_part + b_part + magnitudes, 0, largest
 
 
 def cards_needed(shape: ModelShape | str, method: str, *, zero: int = 0, card_gib: float = CARD_GIB,

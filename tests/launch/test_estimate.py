@@ -73,20 +73,25 @@ TINY = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_atten
 TINY_SHAPE = ModelShape("tiny-48", 48, 80, 3, 3, 1, 128, True)
 
 
-def _saved_bytes(method: str, fused: bool, tokens: int) -> tuple[list[int], int]:
+def _saved_bytes(method: str, fused: bool, tokens: int, adapter: str = "lora",
+                 overrides: dict = TINY) -> tuple[list[int], int]:
     """Bytes autograd saves in each decoder layer's forward and in the final norm's: distinct
     storages, no parameters or buffers, storages saved in several layers (cos/sin) left out."""
     import torch
 
     from npu_ft.bench.shapes import build_model
     from npu_ft.modules.fused_blocks import apply_fused_kernels
-    from npu_ft.modules.inject import apply_lora, apply_qlora
+    from npu_ft.modules.inject import apply_lora, apply_qlora, apply_vera
 
-    model = build_model("tiny", 0, torch.float32, TINY)
-    if method == "lora":
-        apply_lora(model, r=4)
+    model = build_model("tiny", 0, torch.float32, overrides)
+    flags = dict(use_dora=adapter == "dora", lora_fa=adapter == "lora_fa")
+    if adapter == "vera":
+        assert method == "lora"
+        apply_vera(model, r=4)
+    elif method == "lora":
+        apply_lora(model, r=4, **flags)
     elif method == "qlora":
-        apply_qlora(model, r=4, compute_dtype=torch.float32)
+        apply_qlora(model, r=4, compute_dtype=torch.float32, **flags)
     else:
         model.requires_grad_(True)
     if fused:
@@ -130,6 +135,46 @@ def test_layer_bytes_counts_saved_tensors(method, fused):
     # the last layer's output: together exactly layers x layer_bytes; full fine-tuning keeps both
     extra = norm_bytes(TINY_SHAPE.hidden, tokens, 4, True, fused) if method == "full" else 0
     assert sum(layers) + final_norm == pytest.approx(TINY_SHAPE.layers * expected + extra, rel=0.01)
+
+
+#: q (heads x head_dim 20 = 60) unlike h (48), so a formula that mixed them up would fail
+TINY_HD = dict(TINY, head_dim=20)
+TINY_HD_SHAPE = ModelShape("tiny-48-hd20", 48, 80, 3, 3, 1, 128, True, head_dim=20)
+
+
+@pytest.mark.parametrize("method, adapter", [("lora", "dora"), ("qlora", "dora"), ("lora", "lora_fa"),
+                                             ("qlora", "lora_fa"), ("lora", "vera"), ("lora", "lora")])
+def test_layer_bytes_counts_saved_tensors_of_each_adapter(method, adapter):
+    tokens = 40
+    layers, _ = _saved_bytes(method, True, tokens, adapter, TINY_HD)
+    expected = layer_bytes(TINY_HD_SHAPE, tokens, 4, 4, True, adapter)
+    if method == "qlora":  # the dequantized absmax of each NF4 linear (estimate() adds it per layer)
+        expected += 4 * TINY_HD_SHAPE.linear_params / TINY_HD_SHAPE.layers / 64
+    assert layers[1] == pytest.approx(expected, rel=0.01)
+
+
+def test_adapter_and_optimizer_states():
+    m = MODELS["qwen2.5-0.5b"]
+    kw = dict(seq=1024, dtype="fp32", lora_rank=16)
+    lora, dora, fa, vera = (estimate(m, "lora", adapter=a, **kw) for a in ("lora", "dora", "lora_fa", "vera"))
+    outputs = m.layers * sum(out for _, out in m.linear_shapes())
+    assert dora.gradients - lora.gradients == 4 * outputs  # one magnitude per output feature
+    assert fa.gradients == 4 * 16 * outputs and fa.weights == lora.weights  # B trains; A frozen, still there
+    assert vera.gradients == 4 * (outputs + m.layers * 7 * 16)
+    # without checkpointing every layer keeps what its adapted linears need
+    lora, dora, fa = (estimate(m, "lora", adapter=a, gradient_checkpointing=False, **kw).activations
+                      for a in ("lora", "dora", "lora_fa"))
+    assert fa < lora < dora
+    full32, full8 = (estimate(m, "full", optim=o, **kw) for o in ("adamw_torch", "adamw_8bit"))
+    embedding = m.vocab * m.hidden  # keeps fp32 states
+    assert full8.optimizer == pytest.approx(2 * (1 + 4 / 256) * (m.params - embedding) + 8 * embedding)
+    assert 0.25 < full8.optimizer / full32.optimizer < 0.5
+    paged = estimate(m, "full", optim="paged_adamw_8bit", **kw)
+    assert paged.optimizer == pytest.approx(8 * embedding)  # the largest tensor's states, while updated
+    with pytest.raises(ValueError, match="adapter"):
+        estimate(m, "full", adapter="dora")
+    with pytest.raises(ValueError, match="optim"):
+        estimate(m, "lora", optim="sgd")
 
 
 def test_fused_loss_chunk_and_backward_are_not_summed():

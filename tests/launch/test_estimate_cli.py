@@ -36,6 +36,37 @@ def test_breakdown_adds_up_to_the_estimate(capsys):
     assert "DOES NOT FIT" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("overrides, adapter, rank, words", [
+    (["use_dora=true"], "dora", 16, "DoRA r=16"),
+    (["lora_fa=true"], "lora_fa", 16, "LoRA-FA r=16"),
+    (["finetuning_type=vera", "vera_rank=256"], "vera", 256, "VeRA r=256"),
+])
+def test_each_adapter_is_estimated_as_itself(overrides, adapter, rank, words, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"  # VeRA has no lora_rank / lora_alpha
+    keep = [line for line in RECIPE.read_text().splitlines() if adapter != "vera" or
+            not line.startswith(("lora_rank:", "lora_alpha:"))]
+    recipe.write_text("\n".join(keep) + "\n")
+    assert estimate_main([str(recipe), "--card", "910B4-32G", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert words in out and "estimated as LoRA" not in out
+    want = estimate("qwen2.5-7b", "lora", batch=2, seq=2048, lora_rank=rank, overhead_gib=3.0, adapter=adapter)
+    assert f"{want.total_gib:8.2f} GiB" in out
+
+
+def test_8bit_and_paged_optimizers(capsys):
+    full = ROOT / "recipes" / "qwen2.5-0.5b" / "full.yaml"
+    totals = {}
+    for optim in ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "adafactor"):
+        assert estimate_main([str(full), f"optim={optim}"]) == 0
+        out = capsys.readouterr().out
+        totals[optim] = float(out.split("optimizer states")[1].split()[0])
+        if optim == "adafactor":
+            assert "optim adafactor estimated as AdamW" in out
+    # (the recipe runs DeepSpeed bf16: its fp32 master copy and the embedding's fp32 states stay)
+    assert totals["paged_adamw_8bit"] < totals["adamw_8bit"] < 0.7 * totals["adamw_torch"]
+    assert totals["adafactor"] == totals["adamw_torch"]
+
+
 def test_zero3_divides_per_card(capsys):
     full72 = ROOT / "recipes" / "qwen2.5-72b" / "full.yaml"
     assert estimate_main([str(full72), "--nodes", "2", "--devices-per-node", "8"]) == 0
