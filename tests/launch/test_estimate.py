@@ -218,11 +218,15 @@ MMAP_THRESHOLD = 128 * 1024
 CONFIGS = [("lora", "off", 384, 2), ("lora", "full", 640, 1), ("lora", "selective", 256, 2),
            ("lora", "selective", 896, 1), ("qlora", "full", 512, 2), ("qlora", "selective", 640, 1),
            ("qlora", "off", 256, 1), ("full", "full", 384, 1), ("full", "selective", 256, 2)]
+#: members of the LoRA family (bench case setting ``adapter``), rank 8 (VeRA: the bench's 256)
+ADAPTER_CONFIGS = [("lora", "off", 384, 2, "dora"), ("qlora", "off", 256, 1, "dora"),
+                   ("lora", "full", 640, 1, "dora"), ("lora", "off", 384, 2, "lora_fa"),
+                   ("lora", "off", 384, 2, "vera")]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, policy, seq, batch", CONFIGS)
-def test_estimate_against_measured_cpu_peak(method, policy, seq, batch):
+@pytest.mark.parametrize("method, policy, seq, batch, adapter", [(*c, "lora") for c in CONFIGS] + ADAPTER_CONFIGS)
+def test_estimate_against_measured_cpu_peak(method, policy, seq, batch, adapter):
     from npu_ft.bench.runner import run_case_subprocess
     from npu_ft.bench.suite import BenchCase
     from npu_ft.ops.linear_cross_entropy import default_chunk_rows
@@ -230,7 +234,8 @@ def test_estimate_against_measured_cpu_peak(method, policy, seq, batch):
     gc = policy != "off"
     case = BenchCase(suite="estimate-check", model="tiny", method=method, implementation="npu-ft", device="cpu",
                      seq_len=seq, batch_size=batch, steps=2, warmup=1, gradient_checkpointing=gc,
-                     checkpoint_policy=policy if gc else "full", model_overrides=OVERRIDES, timeout_s=900)
+                     checkpoint_policy=policy if gc else "full", model_overrides=OVERRIDES, timeout_s=900,
+                     adapter=adapter)
     # glibc raises its mmap threshold each time a large block is freed, after which freed tensors
     # stay in the heap and count in the resident set: lora full 1x640 measured 80-110 MiB from
     # process to process (and host to host). With the threshold fixed every freed tensor leaves the
@@ -241,15 +246,16 @@ def test_estimate_against_measured_cpu_peak(method, policy, seq, batch):
         assert result["status"] == "ok", result.get("error")
     result = runs[0]
     # the bench's npu-ft implementation trains with the fused loss, in CPU-sized chunks
-    est = estimate(SHAPE, method, batch=batch, seq=seq, gradient_checkpointing=gc, lora_rank=8, dtype="fp32",
+    est = estimate(SHAPE, method, batch=batch, seq=seq, gradient_checkpointing=gc, dtype="fp32",
+                   lora_rank=case.lora["vera_r" if adapter == "vera" else "r"],
                    loss_chunk_rows=default_chunk_rows(SHAPE.vocab, device="cpu"),
-                   checkpoint_policy=policy if gc else "full")
+                   checkpoint_policy=policy if gc else "full", adapter=adapter)
     assert result["weight_bytes"] == pytest.approx(est.weights, rel=0.02)
     if result["mem_kind"] != "rss":
         pytest.skip(f"per-phase CPU peak not available here ({result['mem_kind']})")
     measured = statistics.median(r["peak_mem_bytes"] - r["baseline_mem_bytes"] for r in runs)
     ratio = measured / (est.train_bytes + CPU_TRAIN_RUNTIME_BYTES)
     assert BAND[0] <= ratio <= BAND[1], (
-        f"{method} {policy} {batch}x{seq}: measured {measured / 2**20:.1f} MiB, "
+        f"{method} {adapter} {policy} {batch}x{seq}: measured {measured / 2**20:.1f} MiB, "
         f"estimated {(est.train_bytes + CPU_TRAIN_RUNTIME_BYTES) / 2**20:.1f} MiB, ratio {ratio:.3f}"
     )
