@@ -21,7 +21,7 @@ import traceback
 import torch
 
 from .data import make_batches
-from .measure import step_counts, timing_fields, trim_heap, versions
+from .measure import file_rss_bytes, step_counts, timing_fields, trim_heap, versions
 from .optimizers import build_optimizer, state_bytes
 
 
@@ -71,6 +71,7 @@ def run_case(case) -> dict:
     backend.synchronize()
     backend.reset_peak_memory()
     baseline = backend.memory().current_bytes
+    file_baseline = file_rss_bytes()
     losses, step_s = [], []
     torch.manual_seed(case.seed)  # dropout masks
     for batch in batches:
@@ -84,6 +85,9 @@ def run_case(case) -> dict:
         step_s.append(time.perf_counter() - t)
         losses.append(float(loss.detach().float().item()))
     mem = backend.memory()
+    file_end = file_rss_bytes()
+    if device.type == "cpu" and file_baseline is not None and file_end is not None:
+        result["file_rss_growth_bytes"] = file_end - file_baseline  # library code first run in training
     result["optimizer_state_bytes"] = state_bytes(opt)
     if prepared.cleanup:
         prepared.cleanup()

@@ -65,11 +65,11 @@ USABLE_FRACTION = 0.9
 #: bytes per parameter of an NF4 linear weight: 4 bits + absmax as uint8 per 64 (double
 #: quantization) + fp32 per 256 blocks of absmax (bitsandbytes' format)
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
-#: what a CPU training phase adds besides the four parts and stays after the first step (autograd
-#: engine, oneDNN primitive caches, the small-object heap): 20-25 MiB on every shape of the CPU check,
-#: measured with glibc's mmap threshold fixed so that freed tensors leave the resident set
-#: (tests/launch/test_estimate.py, docs/recipes.md)
-CPU_TRAIN_RUNTIME_BYTES = 22 * 1024 ** 2
+#: the anonymous memory a CPU training phase adds besides the four parts and keeps after the first
+#: step (autograd engine, oneDNN primitive caches, the small-object heap): 11-15 MiB on the shapes of
+#: the CPU check, measured with glibc's mmap threshold fixed (freed tensors leave the resident set) and
+#: without the library pages the phase maps (tests/launch/test_estimate.py, docs/recipes.md)
+CPU_TRAIN_RUNTIME_BYTES = 12 * 1024 ** 2
 #: the adapter methods of ``method`` lora / qlora (:func:`estimate`'s ``adapter``)
 ADAPTERS = ("lora", "dora", "lora_fa", "vera")
 #: optimizer state bytes per trainable element: AdamW's two fp32 moments, or two 8-bit blockwise codes

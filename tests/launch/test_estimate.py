@@ -253,7 +253,10 @@ def test_estimate_against_measured_cpu_peak(method, policy, seq, batch, adapter)
     assert result["weight_bytes"] == pytest.approx(est.weights, rel=0.02)
     if result["mem_kind"] != "rss":
         pytest.skip(f"per-phase CPU peak not available here ({result['mem_kind']})")
-    measured = statistics.median(r["peak_mem_bytes"] - r["baseline_mem_bytes"] for r in runs)
+    # ... and without the pages of library code the training phase ran first, which a fresh install
+    # maps in larger pieces (npu_ft.bench.measure.file_rss_bytes: +17 MiB in fresh clones)
+    measured = statistics.median(r["peak_mem_bytes"] - r["baseline_mem_bytes"] - r["file_rss_growth_bytes"]
+                                 for r in runs)
     ratio = measured / (est.train_bytes + CPU_TRAIN_RUNTIME_BYTES)
     assert BAND[0] <= ratio <= BAND[1], (
         f"{method} {adapter} {policy} {batch}x{seq}: measured {measured / 2**20:.1f} MiB, "
