@@ -79,6 +79,7 @@ def prepare_model(cfg: Any, device: torch.device, compute_dtype: torch.dtype | N
         raise SetupError(f"{cfg.source}: key '{_method_error_key(cfg, str(exc))}': {exc}") from exc
     model = model.to(device)
     model.config.use_cache = False
+    model.npu_ft_attention_plan = plan  # the collator follows the same decision (train.run._collator)
     if cfg.shift_attn:
         from npu_ft.modules.shift_attn import enable_shift_attn
 

@@ -225,13 +225,15 @@ def _check_prediction(cfg: Any) -> None:
                                 f"{', '.join(missing)}: pip install \"npu-ft[metrics]\"")
 
 
-def _collator(cfg: Any, tokenizer: Any, dtype: Any, device: Any):
-    """LLaMA-Factory's SFT collator; on an NPU with transformers' fused attention, packed batches
-    (``neat_packing``) are flattened for its varlen path instead of a dense 4D mask."""
+def _collator(cfg: Any, tokenizer: Any, dtype: Any, model: Any):
+    """LLaMA-Factory's SFT collator; where the model was loaded with transformers' fused attention on
+    an NPU (``model_setup.prepare_model``'s attention plan), packed batches (``neat_packing``) are
+    flattened for its varlen path instead of a dense 4D mask."""
     from npu_ft.data import SFTDataCollator
-    from npu_ft.modules.npu_attention import VarlenPackedCollator, attention_plan
+    from npu_ft.modules.npu_attention import VarlenPackedCollator
 
-    varlen = bool(cfg.neat_packing) and attention_plan(cfg.flash_attn, device.type).varlen_packing
+    plan = getattr(model, "npu_ft_attention_plan", None)
+    varlen = bool(cfg.neat_packing) and plan is not None and plan.varlen_packing
     base = SFTDataCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=8,
                            neat_packing=bool(cfg.neat_packing) and not varlen, compute_dtype=dtype)
     return VarlenPackedCollator(base) if varlen else base
@@ -333,7 +335,7 @@ def run_sft(cfg: Any, callbacks: Sequence[Any] | None = None, trainer_kwargs: di
         from .pissa import PissaConvertCallback
 
         callbacks = [*(callbacks or []), PissaConvertCallback(cfg)]
-    collator = _collator(cfg, tokenizer, dtype, device)
+    collator = _collator(cfg, tokenizer, dtype, model)
     save_adapter, load_adapter = _adapter_fns(cfg, cfg.method)
     trainer = SftTrainer(
         model=model,

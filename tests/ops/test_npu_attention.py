@@ -126,3 +126,18 @@ def test_fa2_on_npu_takes_the_varlen_path(fake_npu, monkeypatch):  # noqa: F811
     assert calls[0]["head_num"] == 4 and calls[0]["sparse_mode"] == npu_fa.SPARSE_MODE
     torch.testing.assert_close(loss.float().cpu(), ref_loss.float(), rtol=2e-2, atol=0)
     assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_the_collator_follows_the_models_attention_plan():
+    """One decision: the plan prepare_model loaded the model with also picks the collator."""
+    from types import SimpleNamespace
+
+    from npu_ft.train.run import _collator
+
+    tokenizer = SimpleNamespace(pad_token_id=0)
+    on_npu = SimpleNamespace(npu_ft_attention_plan=attention_plan("auto", "npu"))
+    on_cpu = SimpleNamespace(npu_ft_attention_plan=attention_plan("auto", "cpu"))
+    packed, unpacked = SimpleNamespace(neat_packing=True), SimpleNamespace(neat_packing=False)
+    assert isinstance(_collator(packed, tokenizer, torch.float32, on_npu), VarlenPackedCollator)
+    for cfg, model in ((packed, on_cpu), (unpacked, on_npu), (packed, object())):
+        assert not isinstance(_collator(cfg, tokenizer, torch.float32, model), VarlenPackedCollator)
