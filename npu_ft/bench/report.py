@@ -39,6 +39,7 @@ COLUMNS = [
     "timed_steps", "s_per_step_median", "s_per_step_min", "s_per_step_max",
     "train_mem_bytes", "train_mem_mib", "train_mem_min_bytes", "train_mem_max_bytes",
     "peak_mem_bytes", "peak_mem_mib", "peak_mem_max_bytes", "mem_kind", "baseline_mem_bytes",
+    "tensor_mem_bytes", "tensor_mem_mib",
     "model_flops_per_token", "achieved_flops", "gemm_peak_flops", "gemm_peak_process_flops", "mfu",
     "spec_peak_flops",
     "trainable_params", "total_params", "weight_bytes", "weight_mib", "optimizer_state_bytes", "loss_first",
@@ -47,7 +48,8 @@ COLUMNS = [
     "torch", "torch_npu", "transformers", "peft", "bitsandbytes", "git_commit",
 ]
 #: columns that may be empty on an ok row
-MAY_BE_EMPTY = {"error", "spec_peak_flops", "optimizer_state_bytes"}  # the last: not from LLaMA-Factory's lanes
+#: (optimizer_state_bytes: not from LLaMA-Factory's lanes; tensor_mem_*: only with the suite's memory_probe)
+MAY_BE_EMPTY = {"error", "spec_peak_flops", "optimizer_state_bytes", "tensor_mem_bytes", "tensor_mem_mib"}
 _CASE_KEYS = ("suite", "case_id", "model", "method", "implementation", "device", "dtype", "seq_len",
               "batch_size", "steps", "warmup", "gradient_checkpointing", "checkpoint_policy")
 #: fewer timed steps than this (over all repeats) make a ratio "not significant"
@@ -73,12 +75,19 @@ def _step_rates(run: dict, warmup: int, counts_key: str, fallback: int) -> list[
 
 def aggregate(results: list[dict]) -> list[dict]:
     """One row per case: per-step rates pooled over the ok repeats (median, min, max); memory the
-    median over repeats (with min/max); losses from the first ok repeat."""
+    median over repeats (with min/max); losses from the first ok repeat; the live-tensor increment
+    from the case's memory probe, if it ran (:func:`npu_ft.bench.runner._memory_probes`)."""
+    from .runner import tensor_increment
+
     by_case: dict[str, list[dict]] = {}
+    probes: dict[str, dict] = {}
     for r in results:
-        by_case.setdefault(r["case"]["case_id"], []).append(r)
+        if r.get("memory_probe"):
+            probes[r["case"]["case_id"]] = r
+        else:
+            by_case.setdefault(r["case"]["case_id"], []).append(r)
     rows = []
-    for _case_id, runs in by_case.items():
+    for case_id, runs in by_case.items():
         case = runs[0]["case"]
         view = _case_view(case)
         row = {k: case.get(k) for k in _CASE_KEYS}
@@ -121,6 +130,10 @@ def aggregate(results: list[dict]) -> list[dict]:
             baseline_mem_bytes=int(statistics.median(r["baseline_mem_bytes"] for r in ok)), mem_kind=first["mem_kind"],
         )
         row["peak_mem_mib"] = round(row["peak_mem_bytes"] / 2**20, 1)
+        probe = probes.get(case_id)
+        if probe is not None and probe.get("status") == "ok" and "file_rss_growth_bytes" in probe:
+            row["tensor_mem_bytes"] = tensor_increment(probe)
+            row["tensor_mem_mib"] = round(row["tensor_mem_bytes"] / 2**20, 1)
         row["train_mem_mib"] = round(row["train_mem_bytes"] / 2**20, 1)
         for k in ("model_flops_per_token", "gemm_peak_flops", "spec_peak_flops"):
             row[k] = first.get(k)
@@ -276,6 +289,7 @@ def _ratio(r: dict, base: dict, name: str) -> dict:
         "tokens_per_s_range": (div(r["tokens_per_s_min"], base["tokens_per_s_max"]),
                                div(r["tokens_per_s_max"], base["tokens_per_s_min"])),
         "train_mem": div(r.get("train_mem_bytes"), base.get("train_mem_bytes")),
+        "tensor_mem": div(r.get("tensor_mem_bytes"), base.get("tensor_mem_bytes")),
         "peak_mem": div(r["peak_mem_bytes"], base["peak_mem_bytes"]),
         "weight_bytes": div(r["weight_bytes"], base["weight_bytes"]),
         "optimizer_state": div(r.get("optimizer_state_bytes") or None, base.get("optimizer_state_bytes") or None),
@@ -400,17 +414,25 @@ def _mfu_table(rows: list[dict]) -> str:
                       "GEMM peak FLOP/s (run's best)", "MFU", "spec-sheet peak FLOP/s (MFU)"], body)
 
 
+def _times(v: float) -> str:
+    """1.234 -> "1.23×"; nothing for a ratio that could not be formed."""
+    return "" if v is None or math.isnan(v) else f"{v:.2f}×"
+
+
 def _ratios_table(rat: list[dict]) -> str:
+    probed = any(not math.isnan(x.get("tensor_mem", math.nan)) for x in rat)
     body = []
     for x in rat:
         lo, hi = x["tokens_per_s_range"]
         flag = "; ".join(f for f in (x["significance"], x["memory_significance"]) if f)
         body.append([x["model"], x["device"], x.get("data", ""), f"{x['seq_len']}×{x['batch_size']}", x["ratio"],
                      f"{x['tokens_per_s']:.2f}× [{lo:.2f}-{hi:.2f}]", f"{x['train_mem']:.2f}×",
+                     *([_times(x.get("tensor_mem", math.nan))] if probed else []),
                      f"{x['peak_mem']:.2f}×", f"{x['weight_bytes']:.2f}×",
-                     "" if math.isnan(x.get("optimizer_state", math.nan)) else f"{x['optimizer_state']:.2f}×",
+                     _times(x.get("optimizer_state", math.nan)),
                      f"not significant ({flag})" if flag else "yes"])
     return _md_table(["model", "device", "data", "seq×batch", "ratio", "tokens/s [range]", "training memory",
+                      *(["live tensors (memory probe)"] if probed else []),
                       "peak memory (abs)", "weight bytes", "optimizer state", "significant"], body)
 
 
@@ -425,6 +447,7 @@ def _methods_table(rows: list[dict]) -> str:
     same against npu-ft's plain LoRA (same checkpointing policy where there is one)."""
     ok = _ok_rows(rows)
     loras = [r for r in ok if r["implementation"] == "npu-ft" and method_label(r) == "lora"]
+    probed = any(r.get("tensor_mem_bytes") for r in ok)
     body = []
     for r in ok:
         lora = _same_policy(loras, r)
@@ -436,10 +459,12 @@ def _methods_table(rows: list[dict]) -> str:
         body.append([method_label(r), _label(r), f"{r['trainable_params'] / 1e6:,.2f} M", vs("trainable_params"),
                      _state_mib(state),
                      f"{r['tokens_per_s']:.1f} [{r['tokens_per_s_min']:.1f}-{r['tokens_per_s_max']:.1f}]",
-                     vs("tokens_per_s"), _mib(r["train_mem_bytes"]), vs("train_mem_bytes"), _mib(r["peak_mem_bytes"]),
-                     vs("peak_mem_bytes"), f"{r['loss_first']:.4f}→{r['loss_last']:.4f}"])
+                     vs("tokens_per_s"), _mib(r["train_mem_bytes"]), vs("train_mem_bytes"),
+                     *([_mib(r.get("tensor_mem_bytes")), vs("tensor_mem_bytes")] if probed else []),
+                     _mib(r["peak_mem_bytes"]), vs("peak_mem_bytes"), f"{r['loss_first']:.4f}→{r['loss_last']:.4f}"])
     return _md_table(["method", "impl (gc)", "trainable params", "vs LoRA", "optimizer state MiB", "tokens/s [min-max]",
-                      "vs LoRA", "train MiB", "vs LoRA", "peak MiB (abs)", "vs LoRA", "loss first→last"], body)
+                      "vs LoRA", "train MiB", "vs LoRA", *(["live tensors MiB", "vs LoRA"] if probed else []),
+                      "peak MiB (abs)", "vs LoRA", "loss first→last"], body)
 
 
 def _frontier_table(front: list[dict]) -> str:
@@ -490,6 +515,12 @@ def markdown(rows, par, rat, suite_meta: dict, env: dict | None = None, front: l
         parts += ["## Methods", "", "Every method's point of methods.png (tokens/s against absolute peak and training "
                   "memory); \"vs LoRA\": against npu-ft's plain LoRA with the same checkpointing policy.", "",
                   _methods_table(rows), ""]
+    if any(r.get("tensor_mem_bytes") for r in _ok_rows(rows)):
+        parts += ["Live tensors: the training increment of the suite's memory probe (one more process per CPU case "
+                  "with glibc's mmap threshold fixed, so freed tensors leave the resident set at once, and without "
+                  "the library pages it mapped): the live tensors plus the runtime, what an accelerator's allocator "
+                  "reports. Training memory: the resident set of the timed repeats, glibc's retained heap "
+                  "included.", ""]
     if rat:
         parts += ["## Ratios", "", _ratios_table(rat), ""]
     if front:

@@ -17,6 +17,7 @@ every case runs in a fresh process (see :mod:`npu_ft.bench.runner`).
     steps: 6                          # timed steps (after warmup)
     warmup: 2
     repeats: 3                        # fresh process per case per repeat, interleaved
+    memory_probe: false               # cpu: + one process per case measuring live tensors (tensor_mem_bytes)
     gradient_checkpointing: true
     checkpoint_policy: full           # off | full | selective, or per method {lora: selective}
     fused_kernels: true               # npu-ft's fused RMSNorm/RoPE/SwiGLU ops (npu-ft lanes only)
@@ -246,6 +247,10 @@ class SuiteFile(CaseSettings):
     devices: list[str] = config_field(doc="cpu | cuda | npu.", default_factory=lambda: ["cpu"],
                                       check=_check_name_list(DEVICES, "device"))
     repeats: int = config_field(1, "Fresh process per case per repeat, interleaved.", minimum=1)
+    memory_probe: bool = config_field(
+        False, "CPU cases: one more process per case after the repeats, with glibc's mmap threshold fixed, whose "
+               "training increment without the library pages it maps is the live tensors plus the runtime (what "
+               "an accelerator's allocator reports): results column tensor_mem_bytes.")
     tolerances: dict[Literal["lora", "qlora", "full"], float] | None = config_field(
         None, "Loss-parity tolerance per method (relative), for every dtype.")
     cross_device_tolerance: float | None = config_field(None, "Tolerance between devices, every dtype.")
@@ -359,6 +364,7 @@ class Suite:
     repeats: int
     tolerances: dict  # dtype -> method -> tol
     cross_device_tolerance: dict  # dtype -> tol
+    memory_probe: bool = False  # SuiteFile.memory_probe
 
     def tolerance(self, method: str, dtype: str) -> float:
         return float(self.tolerances[dtype][method])
@@ -554,7 +560,7 @@ def _parse_suite(data: Any, path: str | None, check_devices: bool) -> Suite:
                     seen.add(identity)
                     cases.append(case)
     return Suite(name=name, description=str(top.description), path=path, cases=cases, repeats=top.repeats,
-                 tolerances=tolerances, cross_device_tolerance=cross)
+                 tolerances=tolerances, cross_device_tolerance=cross, memory_probe=bool(top.memory_probe))
 
 
 def load_suite(path: str | Path, check_devices: bool = True) -> Suite:

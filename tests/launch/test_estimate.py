@@ -212,8 +212,6 @@ BAND = (0.85, 1.15)
 #: fresh processes per configuration (the median is checked); one suffices since the check fixes
 #: glibc's mmap threshold (the same case then measures the same peak to 0.3 MiB in every process)
 REPEATS = 1
-#: glibc's initial mmap threshold (128 KiB), set explicitly so that glibc never raises it
-MMAP_THRESHOLD = 128 * 1024
 #: methods x checkpointing policies x sequence lengths (x micro-batch)
 CONFIGS = [("lora", "off", 384, 2), ("lora", "full", 640, 1), ("lora", "selective", 256, 2),
            ("lora", "selective", 896, 1), ("qlora", "full", 512, 2), ("qlora", "selective", 640, 1),
@@ -227,7 +225,7 @@ ADAPTER_CONFIGS = [("lora", "off", 384, 2, "dora"), ("qlora", "off", 256, 1, "do
 @pytest.mark.slow
 @pytest.mark.parametrize("method, policy, seq, batch, adapter", [(*c, "lora") for c in CONFIGS] + ADAPTER_CONFIGS)
 def test_estimate_against_measured_cpu_peak(method, policy, seq, batch, adapter):
-    from npu_ft.bench.runner import run_case_subprocess
+    from npu_ft.bench.runner import PROBE_ENV, run_case_subprocess, tensor_increment
     from npu_ft.bench.suite import BenchCase
     from npu_ft.ops.linear_cross_entropy import default_chunk_rows
 
@@ -236,11 +234,12 @@ def test_estimate_against_measured_cpu_peak(method, policy, seq, batch, adapter)
                      seq_len=seq, batch_size=batch, steps=2, warmup=1, gradient_checkpointing=gc,
                      checkpoint_policy=policy if gc else "full", model_overrides=OVERRIDES, timeout_s=900,
                      adapter=adapter)
-    # glibc raises its mmap threshold each time a large block is freed, after which freed tensors
-    # stay in the heap and count in the resident set: lora full 1x640 measured 80-110 MiB from
-    # process to process (and host to host). With the threshold fixed every freed tensor leaves the
-    # resident set, and the same case measures the same peak to 0.3 MiB in every process.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    # Measured as the bench's memory probe does. glibc raises its mmap threshold each time a large
+    # block is freed, after which freed tensors stay in the heap and count in the resident set: lora
+    # full 1x640 measured 80-110 MiB from process to process. With the threshold fixed every freed
+    # tensor leaves the resident set, and the same case measures the same peak to 0.3 MiB in every
+    # process.
+    env = {**os.environ, **PROBE_ENV}
     runs = [run_case_subprocess(case, env=env) for _ in range(REPEATS)]
     for result in runs:
         assert result["status"] == "ok", result.get("error")
@@ -255,8 +254,7 @@ def test_estimate_against_measured_cpu_peak(method, policy, seq, batch, adapter)
         pytest.skip(f"per-phase CPU peak not available here ({result['mem_kind']})")
     # ... and without the pages of library code the training phase ran first, which a fresh install
     # maps in larger pieces (npu_ft.bench.measure.file_rss_bytes: +17 MiB in fresh clones)
-    measured = statistics.median(r["peak_mem_bytes"] - r["baseline_mem_bytes"] - r["file_rss_growth_bytes"]
-                                 for r in runs)
+    measured = statistics.median(tensor_increment(r) for r in runs)
     ratio = measured / (est.train_bytes + CPU_TRAIN_RUNTIME_BYTES)
     assert BAND[0] <= ratio <= BAND[1], (
         f"{method} {adapter} {policy} {batch}x{seq}: measured {measured / 2**20:.1f} MiB, "
