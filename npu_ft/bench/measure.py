@@ -11,7 +11,11 @@ import math
 import statistics
 from typing import Any
 
-__all__ = ["file_rss_bytes", "step_counts", "timing_fields", "trim_heap", "versions"]
+__all__ = ["PROBE_ENV", "file_rss_bytes", "step_counts", "tensor_increment", "timing_fields", "trim_heap", "versions"]
+
+#: the environment of a memory probe (npu_ft.bench.runner): glibc's mmap threshold fixed at its initial
+#: 128 KiB (M_MMAP_THRESHOLD; glibc then never raises it, so freed tensors leave the resident set)
+PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
 def trim_heap() -> None:
@@ -39,6 +43,11 @@ def file_rss_bytes() -> int | None:
     except OSError:
         pass
     return None
+
+
+def tensor_increment(result: dict) -> int:
+    """A memory probe's training increment without the library pages it mapped, in bytes."""
+    return int(result["peak_mem_bytes"] - result["baseline_mem_bytes"] - result["file_rss_growth_bytes"])
 
 
 def versions() -> dict[str, Any]:

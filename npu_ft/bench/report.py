@@ -24,6 +24,7 @@ import statistics
 from pathlib import Path
 
 from .frontier import BASELINES, fused_kernels_off, method_label, statements
+from .measure import tensor_increment
 
 #: every file a run writes into its --out folder (the module docstring says what each holds)
 RUN_FILES = ("raw.jsonl", "suite.json", "results.csv", "parity.csv", "ratios.csv", "frontier.csv", "report.md",
@@ -76,9 +77,7 @@ def _step_rates(run: dict, warmup: int, counts_key: str, fallback: int) -> list[
 def aggregate(results: list[dict]) -> list[dict]:
     """One row per case: per-step rates pooled over the ok repeats (median, min, max); memory the
     median over repeats (with min/max); losses from the first ok repeat; the live-tensor increment
-    from the case's memory probe, if it ran (:func:`npu_ft.bench.runner._memory_probes`)."""
-    from .runner import tensor_increment
-
+    from the case's memory probe, if it ran (``memory_probe`` in :mod:`npu_ft.bench.runner`)."""
     by_case: dict[str, list[dict]] = {}
     probes: dict[str, dict] = {}
     for r in results:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .measure import PROBE_ENV, tensor_increment
 from .suite import BenchCase, Suite
 
 RAW_FILE = "raw.jsonl"
@@ -204,11 +205,3 @@ def _memory_probes(cases: list[BenchCase], env: dict | None, raw_path: Path | No
                 f.write(json.dumps(res) + "\n")
     return probes
 
-
-#: the environment of a memory probe: glibc's mmap threshold fixed (M_MMAP_THRESHOLD, 128 KiB)
-PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-
-
-def tensor_increment(result: dict) -> int:
-    """A memory probe's training increment without the library pages it mapped, in bytes."""
-    return int(result["peak_mem_bytes"] - result["baseline_mem_bytes"] - result["file_rss_growth_bytes"])

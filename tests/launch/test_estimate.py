@@ -225,7 +225,8 @@ ADAPTER_CONFIGS = [("lora", "off", 384, 2, "dora"), ("qlora", "off", 256, 1, "do
 @pytest.mark.slow
 @pytest.mark.parametrize("method, policy, seq, batch, adapter", [(*c, "lora") for c in CONFIGS] + ADAPTER_CONFIGS)
 def test_estimate_against_measured_cpu_peak(method, policy, seq, batch, adapter):
-    from npu_ft.bench.runner import PROBE_ENV, run_case_subprocess, tensor_increment
+    from npu_ft.bench.measure import PROBE_ENV, tensor_increment
+    from npu_ft.bench.runner import run_case_subprocess
     from npu_ft.bench.suite import BenchCase
     from npu_ft.ops.linear_cross_entropy import default_chunk_rows
 
