@@ -346,7 +346,7 @@ def activation_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpo
         return body + backward + loss
     # the fused loss makes its logits chunks during the forward and keeps only the [T, h] input
     # gradient: its chunk and the backward's working set are never alive at the same time
-    return body + max(loss, backward + 4 * tokens * h)
+    return body + max(loss, backward + loss_input_grad_bytes(shape, tokens))
 
 
 def loss_bytes(shape: ModelShape, tokens: int, elem: int, fused_cross_entropy: bool = True,
@@ -358,8 +358,15 @@ def loss_bytes(shape: ModelShape, tokens: int, elem: int, fused_cross_entropy: b
             from npu_ft.ops.linear_cross_entropy import default_chunk_rows
 
             loss_chunk_rows = default_chunk_rows(shape.vocab)
-        return min(tokens, loss_chunk_rows) * shape.vocab * (4 + (elem if elem < 4 else 0)) + 4 * tokens * shape.hidden
+        return (min(tokens, loss_chunk_rows) * shape.vocab * (4 + (elem if elem < 4 else 0))
+                + loss_input_grad_bytes(shape, tokens))
     return tokens * shape.vocab * (16 + (2 * elem if elem < 4 else 0))
+
+
+def loss_input_grad_bytes(shape: ModelShape, tokens: int) -> float:
+    """The fp32 ``[tokens, hidden]`` input gradient the fused linear cross-entropy makes in the forward
+    and keeps for the backward (part of :func:`loss_bytes`)."""
+    return 4.0 * tokens * shape.hidden
 
 
 def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_optimizer: bool = False,
@@ -487,13 +494,12 @@ def _adapter_params(shape: ModelShape, adapter: str, rank: int) -> tuple[int, in
         trainable = shape.layers * sum(out + rank for _, out in linears)
         projections = rank * (max(a for a, _ in linears) + max(b for _, b in linears))
         return trainable, projections, max(b for _, b in linears)
-    a_part = shape.layers * sum(rank * a for a, _ in linears)
-    b_part = shape.layers * sum(rank * b for _, b in linears)
     largest = rank * max(max(a, b) for a, b in linears)
-    if adapter == "lora_fa":
-        return b_part, a_part, largest
+    if adapter == "lora_fa":  # B trains, A stays
+        b_part = shape.layers * sum(rank * b for _, b in linears)
+        return b_part, shape.lora_params(rank) - b_part, largest
     magnitudes = shape.layers * sum(b for _, b in linears) if adapter == "dora" else 0
-    return a_part + b_part + magnitudes, 0, largest
+    return shape.lora_params(rank) + magnitudes, 0, largest
 
 
 def cards_needed(shape: ModelShape | str, method: str, *, zero: int = 0, card_gib: float = CARD_GIB,

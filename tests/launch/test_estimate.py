@@ -261,3 +261,17 @@ def test_estimate_against_measured_cpu_peak(method, policy, seq, batch, adapter)
         f"{method} {adapter} {policy} {batch}x{seq}: measured {measured / 2**20:.1f} MiB, "
         f"estimated {(est.train_bytes + CPU_TRAIN_RUNTIME_BYTES) / 2**20:.1f} MiB, ratio {ratio:.3f}"
     )
+
+
+def test_estimator_optimizers_match_npu_ft_optimizers():
+    """estimate.OPTIMS (kept torch-free for the CLI) names every optimizer npu_ft.optim serves, with
+    the state bits and paging that optimizer really has."""
+    import torch
+
+    from npu_ft.launch.estimate import OPTIMS
+    from npu_ft.optim.names import NPU_FT_OPTIMS
+
+    assert set(NPU_FT_OPTIMS) | {"adamw_torch"} == set(OPTIMS)
+    for name, (cls, kwargs) in NPU_FT_OPTIMS.items():
+        opt = cls([torch.nn.Parameter(torch.zeros(8))], **kwargs)
+        assert OPTIMS[name] == (opt.optim_bits, opt.paged), name
