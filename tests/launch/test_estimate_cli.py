@@ -16,7 +16,7 @@ from npu_ft.launch import budget
 from npu_ft.launch.budget import CARDS, EstimateError, card, choose_checkpoint_policy, memory_warning, model_shape
 from npu_ft.launch.estimate import GIB, MODELS, estimate
 from npu_ft.launch.estimate_cli import estimate_main
-from npu_ft.launch.planner import plan, plan_main
+from npu_ft.launch.planner import METHODS, plan, plan_main, zero_choices
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "qwen2.5-7b" / "lora.yaml"
@@ -157,6 +157,37 @@ def test_plan_fits_and_writes_a_recipe_that_estimates_the_same(tmp_path, capsys)
     capsys.readouterr()
     assert plan_main(["qwen2.5-7b", "--method", "lora", "--seq-len", "2048", "--out", str(foreign)]) == 1
     assert foreign.read_text() == "keep me\n" and "not written by npu-ft plan" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_8bit", "paged_adamw_8bit"])
+def test_every_method_and_optimizer_plans_a_recipe_that_trains_and_estimates_as_itself(method, optim, tmp_path):
+    out = tmp_path / "plan.yaml"
+    assert plan_main(["qwen2.5-1.5b", "--method", method, "--optim", optim, "--card", "910B4-32G",
+                      "--seq-len", "4096", "--out", str(out)]) == 0
+    best, _ = plan("qwen2.5-1.5b", method, "910B4-32G", 4096, optim=optim)
+    cfg = load_config(out)  # npu-ft train's own validation accepts it
+    est, words, kwargs = budget.recipe_estimate(cfg, CARDS["910B4-32G"])
+    assert est.total_gib == pytest.approx(best.total_gib, rel=1e-6)
+    base, adapter = METHODS[method]
+    assert budget._method_and_adapter(cfg) == (base, adapter)
+    assert kwargs.get("optim", "adamw_torch") == optim and cfg.pissa_init == (method == "pissa")
+    assert not any("estimated as" in w for w in words)
+    zeros = [z for z, _, _ in zero_choices(method, optim)]
+    assert best.zero in zeros
+    # paging is its own offload; an 8-bit optimizer never meets DeepSpeed's CPU Adam; NF4 bases take no ZeRO
+    assert zeros == [None] if optim.startswith("paged") or base == "qlora" else "z3" in zeros
+    assert "z3_offload" not in zeros or optim == "adamw_torch"
+
+
+def test_plan_picks_more_tokens_with_smaller_states():
+    """8-bit states free room for activations: full fine-tuning of the 1.5B on one 32 GB card fits 8x the
+    micro-batch it fits with AdamW's fp32 moments, and paging the states frees more."""
+    plans = {optim: plan("qwen2.5-1.5b", "full", "910B4-32G", 4096, optim=optim)[0]
+             for optim in ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")}
+    assert all(p is not None and p.zero is None for p in plans.values())
+    fp32, int8, paged = (plans[o] for o in ("adamw_torch", "adamw_8bit", "paged_adamw_8bit"))
+    assert int8.micro_batch >= 4 * fp32.micro_batch and paged.micro_batch >= int8.micro_batch
 
 
 def test_plan_nothing_fits(capsys):
