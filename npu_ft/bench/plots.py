@@ -1,5 +1,6 @@
 """The report's plots (matplotlib, Agg): tokens/s against training memory with each implementation's
-frontier, and the loss curves with their relative difference to the reference.
+frontier, and the loss curves with their relative difference to the reference (or, in a group
+without one, to its first lane).
 
 Colour is the method (``method_name``: "dora", "qdora", "full+adamw_8bit", ...), the marker the
 implementation (one legend for each); panels come in the order the report's tables list them; point
@@ -20,8 +21,12 @@ METHOD_COLOURS = {"lora": "tab:blue", "qlora": "tab:orange", "full": "tab:green"
                   "full+adamw_8bit_all": "darkred"}
 IMPL_MARKERS = {"npu-ft": "o", "reference": "s", "llamafactory": "D", "llamafactory+npu-ft": "^"}
 IMPL_LINES = {"npu-ft": "-", "reference": "--", "llamafactory": ":", "llamafactory+npu-ft": "-."}
-#: label offsets (points) tried in turn until one does not overlap a placed label
-_OFFSETS = [(6, 4), (6, -12), (-6, 4), (-6, -12), (6, 14), (6, -22), (-6, 14), (-6, -22), (10, 24), (10, -32)]
+#: label offsets (points) tried in turn until one overlaps no placed label and stays inside the axes:
+#: beside the point first, then stacked further above and below it (a label line apart, up to 12
+#: lines: dense clusters), right before left; a label left of its point ends there (right-aligned),
+#: one away from its point gets a thin leader line
+_OFFSETS = [(dx, dy) for k in range(13) for dx in (6, -6) for dy in ((4 + 11 * k), (-12 - 11 * k))]
+_LEADER_BEYOND = 16
 
 
 def _plt():
@@ -43,25 +48,51 @@ def _ordered(keys: Iterable[tuple]) -> list[tuple]:
 
 
 def place_labels(ax, points: list[tuple[float, float, str]], fontsize: int = 7) -> list:
-    """Annotate ``(x, y, text)`` points, each at the first offset whose box overlaps no label
-    placed before it (the last offset when all overlap). Returns the annotations."""
+    """Annotate ``(x, y, text)`` points, each at the first offset whose box overlaps no label placed
+    before it and lies inside the axes (where the legends beside them cannot cover it); when none
+    does, the first offset inside the axes, else the first. Returns the annotations."""
     fig = ax.figure
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
     placed: list = []
     out = []
     for x, y, text in points:
-        ann = None
+        fits = []  # (overlaps nothing, inside the axes) per offset
         for dx, dy in _OFFSETS:
-            if ann is not None:
-                ann.remove()
-            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize)
-            box = ann.get_window_extent(renderer)
-            if not any(box.overlaps(b) for b in placed):
-                break
-        placed.append(ann.get_window_extent(renderer))
+            ann = _annotate(ax, x, y, text, dx, dy, fontsize)
+            box = _text_box(ann, renderer)
+            ann.remove()
+            within = (box.x0 >= inside.x0 and box.x1 <= inside.x1 and box.y0 >= inside.y0 and box.y1 <= inside.y1)
+            fits.append((within and not any(box.overlaps(b) for b in placed), within))
+        choice = next((i for i, (free, _) in enumerate(fits) if free),
+                      next((i for i, (_, within) in enumerate(fits) if within), 0))
+        ann = _annotate(ax, x, y, text, *_OFFSETS[choice], fontsize)
+        placed.append(_text_box(ann, renderer))
         out.append(ann)
     return out
+
+
+def _text_box(ann, renderer):
+    """The box of an annotation's text, without its leader line."""
+    from matplotlib.text import Text
+
+    ann.update_positions(renderer)
+    return Text.get_window_extent(ann, renderer)
+
+
+def _place_after_layout(fig, pending: list[tuple]) -> None:
+    """Lay the figure out, then label each ``(ax, points)``: labels are placed in screen space, so
+    the axes must not move or rescale after them (a later tight_layout would push them together)."""
+    fig.tight_layout()
+    for ax, points in pending:
+        place_labels(ax, points)
+
+
+def _annotate(ax, x: float, y: float, text: str, dx: float, dy: float, fontsize: int):
+    leader = dict(arrowstyle="-", lw=0.5, color="gray", shrinkA=0, shrinkB=4) if abs(dy) > _LEADER_BEYOND else None
+    return ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
+                       ha="left" if dx >= 0 else "right", arrowprops=leader)
 
 
 def _params(n: float) -> str:
@@ -73,8 +104,9 @@ def _point_label(row: dict, methods: bool, settings: bool) -> str:
     """A point's label: its method and trainable parameters (several methods in the panel), and its
     checkpointing, batch and sequence (when those vary in the panel)."""
     parts = []
-    if methods:
-        parts.append(f"{method_label(row)} {_params(row['trainable_params'])}")
+    if methods:  # the implementation too where it is not npu-ft (the marker alone is easy to miss there)
+        who = "" if row["implementation"] == "npu-ft" else f"{row['implementation']}: "
+        parts.append(f"{who}{method_label(row)} {_params(row['trainable_params'])}")
     if settings or not methods:
         parts.append(point_label(row))
     return ", ".join(parts)
@@ -112,6 +144,7 @@ def plot_memory_vs_throughput(rows, path) -> None:
     panels = _ordered((r["model"], r["device"], r["dtype"], r.get("data", "random")) for r in ok)
     n = max(1, len(panels))
     fig, axes = plt.subplots(1, n, figsize=(8.5 * n, 5.2), squeeze=False)
+    pending = []
     for ax, panel in zip(axes[0], panels, strict=False):
         members = [r for r in ok if (r["model"], r["device"], r["dtype"], r.get("data", "random")) == panel]
         labels = []
@@ -131,9 +164,8 @@ def plot_memory_vs_throughput(rows, path) -> None:
         ax.set_ylabel("tokens/s (median, bars: min-max)")
         ax.grid(alpha=0.3)
         _legends(ax, _ordered(method_label(r) for r in members), _ordered(r["implementation"] for r in members))
-        fig.tight_layout()
-        place_labels(ax, labels)
-    fig.tight_layout()
+        pending.append((ax, labels))
+    _place_after_layout(fig, pending)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -156,6 +188,7 @@ def plot_methods(rows, path) -> None:
         panels = [(peak, ok, "every method"), (train, ok, "every method")]
     fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 6), squeeze=False)
     first = ok[0] if ok else {}
+    pending = []
     for ax, ((key, xlabel), members, what) in zip(axes[0], panels, strict=True):
         labels = []
         for r in members:
@@ -171,18 +204,29 @@ def plot_methods(rows, path) -> None:
         ax.grid(alpha=0.3)
         ax.set_title(f"{what}: {first.get('model', '')}, {first.get('device', '')}, {first.get('dtype', '')}, "
                      f"{first.get('seq_len', '')}×{first.get('batch_size', '')} tokens/step", fontsize=9)
-        fig.tight_layout()
-        place_labels(ax, labels)
+        pending.append((ax, labels))
     _legends(axes[0][-1], _ordered(method_label(r) for r in ok), _ordered(r["implementation"] for r in ok))
     fig.suptitle("label: method and trainable parameters", fontsize=9)
-    fig.tight_layout()
+    _place_after_layout(fig, pending)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _lane(row: dict) -> str:
+    return f"{row['implementation']} ({row.get('policy', '')}, {row['device']})"
+
+
+def _loss_baseline(members: list[dict]) -> dict:
+    """The lane the others' losses are compared with: the reference at full checkpointing, any
+    reference, else the group's first lane (a group without a reference still shows its spread)."""
+    refs = [r for r in members if r["implementation"] == "reference"]
+    return next((r for r in refs if r.get("policy") == "full"), refs[0] if refs else members[0])
+
+
 def plot_loss_curves(rows, path) -> None:
     """A column per parity group: overlaid loss curves, and under them each curve's relative
-    difference to the reference's (log scale; exact zeros drawn at the axis floor)."""
+    difference to the group's baseline (:func:`_loss_baseline`, named in the panel; log scale, exact
+    zeros drawn at the axis floor)."""
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
 
@@ -196,19 +240,18 @@ def plot_loss_curves(rows, path) -> None:
     for i, key in enumerate(groups):
         top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
         members = [r for r in ok if (r.get("parity_key") or r["case_id"]) == key]
-        ref = next((r for r in members if r["implementation"] == "reference" and r.get("policy") == "full"),
-                   next((r for r in members if r["implementation"] == "reference"), None))
-        ref_losses = json.loads(ref["losses"]) if ref else None
+        ref = _loss_baseline(members)
+        ref_losses = json.loads(ref["losses"])
         floor = 1e-10
         for r in members:
             losses = json.loads(r["losses"])
-            label = f"{r['implementation']} ({r.get('policy', '')}, {r['device']})"
+            label = _lane(r)
             style = dict(linestyle=IMPL_LINES.get(r["implementation"], "-"),
                          marker=IMPL_MARKERS.get(r["implementation"], "v"), markersize=4)
-            top.plot(range(len(losses)), losses, label=label, **style)
-            if ref_losses is not None and r is not ref:
+            (line,) = top.plot(range(len(losses)), losses, label=label, **style)
+            if r is not ref:  # the same colour as its loss curve above
                 diffs = [max(abs(a - b) / max(abs(b), 1e-12), floor) for a, b in zip(losses, ref_losses, strict=False)]
-                bottom.plot(range(len(diffs)), diffs, label=label, **style)
+                bottom.plot(range(len(diffs)), diffs, label=label, color=line.get_color(), **style)
         m = members[0]
         top.set_title(f"{m['model']} {method_label(m)} {m['dtype']} {m.get('data', '')} seq {m['seq_len']}×"
                       f"{m['batch_size']}", fontsize=9)
@@ -217,8 +260,7 @@ def plot_loss_curves(rows, path) -> None:
         bottom.set_yscale("log")
         bottom.set_ylabel("|loss - ref| / ref", fontsize=8)
         bottom.set_xlabel("step")
-        if ref is None:
-            bottom.text(0.5, 0.5, "no reference in this group", ha="center", va="center", transform=bottom.transAxes)
+        bottom.set_title(f"ref: {_lane(ref)}" if len(members) > 1 else "one lane: nothing to compare", fontsize=7)
         for ax in (top, bottom):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
