@@ -52,6 +52,7 @@ __all__ = [
     "modules_to_save",
     "output_head_modules",
     "output_head_names",
+    "quantize_base",
     "quantize_linears",
     "set_submodule",
 ]
@@ -307,6 +308,15 @@ def quantize_linears(model: nn.Module, skip: Iterable[str] = (), blocksize: int 
     return done
 
 
+def quantize_base(model: nn.Module, additional_target: str | Sequence[str] | None = None, double_quant: bool = True,
+                  compute_dtype: torch.dtype | None = None) -> list[str]:
+    """The NF4 base of a QLoRA-style run: every linear but the output head and the ``additional_target``
+    (``modules_to_save``) modules, which train in full, quantized (:func:`quantize_linears`).
+    Returns the quantized names."""
+    return quantize_linears(model, skip=_modules_to_save_names(model, _split(additional_target)),
+                            double_quant=double_quant, compute_dtype=compute_dtype)
+
+
 def apply_qlora(model: nn.Module, targets: str | Sequence[str] = "all", r: int = 8, alpha: float | None = None,
                 dropout: float = 0.0, use_rslora: bool = False,
                 additional_target: str | Sequence[str] | None = None, blocksize: int = 64,
@@ -436,8 +446,7 @@ def apply_adapter_method(model: nn.Module, cfg: Any, device: torch.device | str 
         find_target_linear_names(model, targets)  # before quantizing: the same answer, early errors
         if device is not None:
             model.to(device)
-        quantize_linears(model, skip=_modules_to_save_names(model, saved),
-                         double_quant=bool(get("double_quantization", True)), compute_dtype=compute_dtype)
+        quantize_base(model, saved, double_quant=bool(get("double_quantization", True)), compute_dtype=compute_dtype)
     dropout = float(get("lora_dropout", 0.0))
     if method == "vera":
         return apply_vera(model, targets, r=int(get("vera_rank", 256)), d_initial=float(get("vera_d_initial", 0.1)),

@@ -3,8 +3,9 @@ write an ordinary Hugging Face folder.
 
 Keys are LLaMA-Factory's (:data:`EXPORT_KEYS`): ``model_name_or_path``, ``adapter_name_or_path``,
 ``template``, ``export_dir``, ``export_size``, ``export_device``, ``export_legacy_format``; with
-``quantization_bit: 4`` the base is quantized to NF4 first, the adapter loaded on top and
-everything merged into dequantized weights, i.e. the exact function the QLoRA run trained.
+``quantization_bit: 4`` the base is quantized to NF4 first, the (single) adapter loaded on top as
+its config says (LoRA, DoRA, LoRA-FA or VeRA) and everything merged into dequantized weights, i.e.
+the exact function the QLoRA-style run trained.
 
 Everything is checked before the model is loaded: the keys and values, each adapter's files
 (``adapter_config.json`` and the safetensors header), and the export folder
@@ -118,6 +119,9 @@ def load_export_options(argv: Sequence[str]) -> dict[str, Any]:
     if opts["quantization_bit"] is not None and not opts["adapter_name_or_path"]:
         raise ExportError(f"{where('quantization_bit')}: exporting a quantized model without an adapter is not "
                           "supported (nothing to merge)")
+    if opts["quantization_bit"] is not None and len(opts["adapter_name_or_path"]) > 1:
+        raise ExportError(f"{where('adapter_name_or_path')}: a quantized base takes a single adapter (as "
+                          "LLaMA-Factory); merge the others first, then export the last one over the merged model")
     _check_model_and_device(opts, source)
     for adapter in opts["adapter_name_or_path"]:
         check_adapter_files(Path(adapter), where("adapter_name_or_path"))
@@ -199,7 +203,7 @@ def _merged_model(opts: dict[str, Any], folder: Path):
 
     from npu_ft.device import get_backend
     from npu_ft.model.loading import load_model
-    from npu_ft.modules.inject import apply_qlora, merge_adapter
+    from npu_ft.modules.inject import merge_adapter, quantize_base
 
     from .adapter_io import load_adapter, read_adapter_config
 
@@ -209,12 +213,9 @@ def _merged_model(opts: dict[str, Any], folder: Path):
     model = load_model({"model_name_or_path": str(folder), "trust_remote_code": opts["trust_remote_code"]},
                        device=device, dtype=torch.float32)
     for adapter in opts["adapter_name_or_path"]:
-        if opts["quantization_bit"] == 4:
-            config = read_adapter_config(adapter)
-            apply_qlora(model, list(config["target_modules"]), r=int(config["r"]),
-                        alpha=config.get("lora_alpha", 8), use_rslora=bool(config.get("use_rslora")),
-                        additional_target=config.get("modules_to_save"), use_dora=bool(config.get("use_dora")),
-                        double_quant=bool(opts["double_quantization"]), compute_dtype=torch.float32)
+        if opts["quantization_bit"] == 4:  # the NF4 base the adapter (LoRA, DoRA, LoRA-FA, VeRA) trained on
+            quantize_base(model, read_adapter_config(adapter).get("modules_to_save"),
+                          double_quant=bool(opts["double_quantization"]), compute_dtype=torch.float32)
         try:
             load_adapter(model, adapter, strict=True)
         except (FileNotFoundError, ValueError) as exc:  # adapter files that do not fit the model

@@ -225,3 +225,53 @@ def test_vera_over_an_nf4_base_matches_peft_over_bitsandbytes():
         out.append((y.detach(), xx.grad, b.grad, d.grad))
     for name, got, want in zip(("y", "dx", "dlambda_b", "dlambda_d"), *out, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("keys", [
+    {},                                                   # QLoRA
+    {"use_dora": True},                                   # QDoRA
+    {"lora_fa": True},                                    # QLoRA-FA
+    {"finetuning_type": "vera", "vera_rank": 8},          # QVeRA
+    {"additional_target": "embed_tokens"},                # a module trained in full stays dense
+], ids=["qlora", "qdora", "qlora_fa", "qvera", "modules_to_save"])
+def test_export_over_an_nf4_base_is_the_function_that_trained(keys, tmp_path):
+    """`npu-ft export quantization_bit=4` rebuilds the NF4 base the adapter trained on, whatever the
+    method (VeRA too), and merges into its dequantized weights: the exported folder's logits are the
+    adapted model's."""
+    from transformers import AutoModelForCausalLM
+
+    from npu_ft.model.loading import load_model
+    from npu_ft.train.export import export_main
+
+    from ._sft_helpers import tiny_model_dir
+
+    folder = tiny_model_dir(tmp_path)
+    model = load_model({"model_name_or_path": str(folder)}, device="cpu", dtype=torch.float32)
+    rank = {} if keys.get("finetuning_type") == "vera" else {"lora_rank": 4}  # VeRA has vera_rank
+    cfg = build_config({"model_name_or_path": str(folder), "quantization_bit": 4, **rank, **keys})
+    apply_adapter_method(model, cfg, compute_dtype=torch.float32)
+    perturb_trainable(model)
+    save_adapter(model, tmp_path / "adapter", cfg)
+    x = ids()
+    want = logits(model, x)
+    out = tmp_path / "merged"
+    assert export_main([f"model_name_or_path={folder}", f"adapter_name_or_path={tmp_path / 'adapter'}",
+                        "quantization_bit=4", f"export_dir={out}"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    torch.testing.assert_close(logits(merged, x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_export_over_an_nf4_base_takes_one_adapter(tmp_path, capsys):
+    from npu_ft.train.export import export_main
+
+    from ._sft_helpers import tiny_model_dir
+
+    folder = tiny_model_dir(tmp_path)
+    model = apply_lora(tiny(), "all", r=4)
+    for name in ("a", "b"):
+        save_adapter(model, tmp_path / name)
+    assert export_main([f"model_name_or_path={folder}", f"adapter_name_or_path={tmp_path / 'a'},{tmp_path / 'b'}",
+                        "quantization_bit=4", f"export_dir={tmp_path / 'out'}"]) == 1
+    err = capsys.readouterr().err
+    assert "single adapter" in err and "adapter_name_or_path" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
