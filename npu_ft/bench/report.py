@@ -298,7 +298,8 @@ def _ratio(r: dict, base: dict, name: str) -> dict:
 
 def ratios(rows: list[dict]) -> list[dict]:
     """Every implementation / each baseline (llamafactory, reference) with the same numerics and
-    device (the baseline at its default checkpointing, full), and npu-ft QLoRA / LoRA."""
+    device (the baseline at its default checkpointing, full), npu-ft's methods / their baseline
+    (QLoRA, DoRA, ... / LoRA), and a case with the fused decoder-block ops / its twin without them."""
     ok = _ok_rows(rows)
     groups: dict[tuple, list[dict]] = {}
     for r in ok:
@@ -324,6 +325,25 @@ def ratios(rows: list[dict]) -> list[dict]:
         base = _same_policy(bases, r)
         if base is not None:
             out.append(_ratio(r, base, f"npu-ft: {name} ({r.get('policy')}) / {base_name} ({base.get('policy')})"))
+    return out + _fused_ratios(ok)
+
+
+#: what must match for two rows to differ only in npu-ft's fused decoder-block ops
+_SAME_BUT_FUSED = ("implementation", "model", "device", "dtype", "seq_len", "batch_size", "data", "policy",
+                   "method_name", "lora_r")
+
+
+def _fused_ratios(ok: list[dict]) -> list[dict]:
+    """Each case with npu-ft's fused decoder-block ops over its twin without them (issue 14's pair)."""
+    out = []
+    for r in ok:
+        if fused_kernels_off(r):
+            continue
+        twin = next((x for x in ok if fused_kernels_off(x) and all(x.get(k) == r.get(k) for k in _SAME_BUT_FUSED)),
+                    None)
+        if twin is not None:
+            out.append(_ratio(r, twin, f"{method_label(r)}: {r['implementation']} ({r.get('policy')}): fused block "
+                                       "ops / without"))
     return out
 
 

@@ -103,3 +103,24 @@ def test_report_labels_say_when_the_fused_ops_were_off():
     assert point_label(row) == "full b2 s64"  # rows from before the column, and fused rows
     assert point_label({**row, "fused_kernels": True}) == "full b2 s64"
     assert point_label({**row, "fused_kernels": "False"}) == "full b2 s64 nofused"  # as read back from a CSV
+
+
+def test_ratios_pair_each_fused_case_with_its_twin_without_the_ops():
+    from npu_ft.bench.report import ratios
+
+    def row(fused, policy, tok, mem, impl="npu-ft"):
+        return {"implementation": impl, "model": "m", "device": "cpu", "dtype": "float32", "seq_len": 64,
+                "batch_size": 1, "data": "random", "policy": policy, "method": "lora", "method_name": "lora",
+                "lora_r": 8, "fused_kernels": fused, "status": "ok", "case_id": f"{impl}-{policy}-{fused}",
+                "tokens_per_s": tok, "tokens_per_s_min": tok * 0.9, "tokens_per_s_max": tok * 1.1,
+                "train_mem_bytes": mem, "tensor_mem_bytes": mem / 2, "peak_mem_bytes": 2 * mem, "weight_bytes": 1,
+                "steps": 3, "timed_steps": 3}
+
+    rows = [row(True, "selective", 110.0, 800), row("False", "selective", 100.0, 1000),  # read back from a CSV
+            row(True, "off", 120.0, 900), row(True, "full", 90.0, 500), row(False, "full", 90.0, 500)]
+    fused = {r["ratio"]: r for r in ratios(rows) if "fused block ops" in r["ratio"]}
+    assert sorted(fused) == ["lora: npu-ft (full): fused block ops / without",
+                             "lora: npu-ft (selective): fused block ops / without"]  # "off" has no twin
+    sel = fused["lora: npu-ft (selective): fused block ops / without"]
+    assert sel["tokens_per_s"] == pytest.approx(1.1) and sel["train_mem"] == pytest.approx(0.8)
+    assert sel["tensor_mem"] == pytest.approx(0.8)
