@@ -49,13 +49,17 @@ def _ordered(keys: Iterable[tuple]) -> list[tuple]:
 
 def place_labels(ax, points: list[tuple[float, float, str]], fontsize: int = 7) -> list:
     """Annotate ``(x, y, text)`` points, each at the first offset whose box overlaps no label placed
-    before it and lies inside the axes (where the legends beside them cannot cover it); when none
+    before it and no point's marker and lies inside the axes (where the legends beside them cannot cover it); when none
     does, the first offset inside the axes, else the first. Returns the annotations."""
+    from matplotlib.transforms import Bbox
+
     fig = ax.figure
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     inside = ax.get_window_extent(renderer)
-    placed: list = []
+    # the markers are obstacles too (a label may not run over another point)
+    placed: list = [Bbox.from_extents(px - 5, py - 5, px + 5, py + 5)
+                    for px, py in ax.transData.transform([(x, y) for x, y, _ in points])] if points else []
     out = []
     for x, y, text in points:
         fits = []  # (overlaps nothing, inside the axes) per offset

@@ -403,19 +403,22 @@ def _si(v) -> str:
 
 
 def _cases_table(rows: list[dict]) -> str:
+    probed = any(r.get("tensor_mem_bytes") for r in rows)  # the suite ran the memory probe
     header = ["model", "method", "impl", "device", "dtype", "data", "seq×batch", "gc", "status",
-              "tokens/s [min-max]", "labelled tok/s", "s/step", "train MiB", "peak MiB (abs)", "weights MiB",
-              "MFU", "loss first→last"]
+              "tokens/s [min-max]", "labelled tok/s", "s/step", "train MiB", *(["live tensors MiB"] if probed else []),
+              "peak MiB (abs)", "weights MiB", "MFU", "loss first→last"]
     body = []
     for r in rows:
-        head = [r["model"], method_label(r), r["implementation"], r["device"], r["dtype"], r.get("data", ""),
+        impl = r["implementation"] + (", no fused kernels" if fused_kernels_off(r) else "")
+        head = [r["model"], method_label(r), impl, r["device"], r["dtype"], r.get("data", ""),
                 f"{r['seq_len']}×{r['batch_size']}", _gc_cell(r)]
         if r["status"] == "failed":
-            body.append(head + ["FAILED", r["error"][:160]] + [""] * 7)
+            body.append(head + ["FAILED", r["error"][:160]] + [""] * (len(header) - len(head) - 2))
             continue
         body.append(head + [
             r["status"], f"{r['tokens_per_s']:.1f} [{r['tokens_per_s_min']:.1f}-{r['tokens_per_s_max']:.1f}]",
             f"{r['labelled_tokens_per_s']:.1f}", r["s_per_step_median"], _mib(r["train_mem_bytes"]),
+            *([_mib(r.get("tensor_mem_bytes") or None)] if probed else []),
             _mib(r["peak_mem_bytes"]), r["weight_mib"], _pct(r.get("mfu")),
             f"{r['loss_first']:.4f}→{r['loss_last']:.4f}"])
     return _md_table(header, body)
