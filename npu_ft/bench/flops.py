@@ -27,6 +27,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from npu_ft.launch.estimate import LINEAR_NAMES
+
 __all__ = ["SPEC_TFLOPS", "gemm_peak_flops", "spec_tflops", "step_flops"]
 
 #: published dense peak TFLOPS per dtype (vendor spec sheets / public reports; not measured here).
@@ -48,8 +50,6 @@ def spec_tflops(device_name: str, dtype: str) -> float | None:
     return None
 
 
-#: the decoder linears, in the order of ModelShape.linear_shapes()
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def step_flops(shape: Any, method: str, positions: int, row_len: int, head_positions: int,

@@ -24,7 +24,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .estimate import GIB, MODELS, OPTIMS, USABLE_FRACTION, Estimate, ModelShape, estimate
+from .estimate import (
+    GIB,
+    LINEAR_NAMES,
+    MODELS,
+    OPTIMS,
+    USABLE_FRACTION,
+    Estimate,
+    ModelShape,
+    adapted_linears,
+    estimate,
+)
 
 __all__ = ["CARDS", "Card", "EstimateError", "card", "check_before_loading", "choose_checkpoint_policy",
            "device_total_bytes", "memory_warning", "model_shape", "recipe_estimate"]
@@ -170,6 +180,13 @@ def recipe_estimate(cfg: Any, target: Card, world_size: int = 1, policy: str | N
     if method == "qlora" and zero == 3:
         raise EstimateError(f"{cfg.source}: a 4-bit base with DeepSpeed ZeRO-3 is not supported")
     kwargs["adapter"] = adapter
+    if cfg.method != "full":
+        targets = adapted_linears(cfg.lora_target)
+        if not targets:
+            raise EstimateError(f"{cfg.where('lora_target')}: key 'lora_target': names none of the decoder linears "
+                                f"({', '.join(LINEAR_NAMES)}) the estimator counts")
+        if targets != LINEAR_NAMES:
+            kwargs["targets"] = targets
     if cfg.method == "vera":
         kwargs["lora_rank"] = int(cfg.vera_rank)
     optim = str(cfg.optim)
@@ -202,9 +219,9 @@ def recipe_estimate(cfg: Any, target: Card, world_size: int = 1, policy: str | N
         f"runtime overhead {kwargs['overhead_gib']:g} GiB per card ({target.note or target.name}), "
         f"usable {USABLE_FRACTION:.0%} of the card",
     ]
-    if cfg.method != "full" and list(cfg.lora_target) != ["all"]:
-        assumptions.append(f"LoRA counted on every decoder linear (the recipe names {','.join(cfg.lora_target)}: "
-                           "fewer adapters, a little less memory)")
+    if "targets" in kwargs:
+        assumptions.append(f"adapters on {', '.join(kwargs['targets'])} of each decoder layer (lora_target); the "
+                           "other linears are frozen and keep no input for backward")
     return est, assumptions, kwargs
 
 

@@ -46,14 +46,16 @@ training-phase peak (weights excluded, they are exact) with :meth:`Estimate.trai
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 __all__ = [
     "CARD_GIB",
     "CPU_TRAIN_RUNTIME_BYTES",
+    "LINEAR_NAMES",
     "MODELS",
     "Estimate",
     "ModelShape",
+    "adapted_linears",
     "cards_needed",
     "estimate",
 ]
@@ -78,6 +80,19 @@ ADAMW_STATE_BYTES = {32: 8.0, 8: 2 * (1 + 4 / 256)}
 #: ``optim`` names :func:`estimate` knows: (state bits, states paged to host memory)
 OPTIMS = {"adamw_torch": (32, False), "adamw_8bit": (8, False), "adamw_bnb_8bit": (8, False),
           "paged_adamw_8bit": (8, True), "paged_adamw_32bit": (32, True)}
+
+
+#: the decoder linears of a Qwen layer, in the order of :meth:`ModelShape.linear_shapes`
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def adapted_linears(lora_target: Iterable[str]) -> tuple[str, ...]:
+    """The :data:`LINEAR_NAMES` a recipe's ``lora_target`` adapts (PEFT's rule: the name or a
+    ``.``-separated suffix of it; ``all``: every one)."""
+    names = list(lora_target)
+    if names == ["all"]:
+        return LINEAR_NAMES
+    return tuple(n for n in LINEAR_NAMES if any(t == n or t.endswith("." + n) for t in names))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +124,14 @@ class ModelShape:
         return self.kv_heads * self.hd
 
     def linear_shapes(self) -> list[tuple[int, int]]:
-        """(in, out) of the seven linears of one decoder layer."""
+        """(in, out) of the seven linears of one decoder layer, in :data:`LINEAR_NAMES` order."""
         h, i = self.hidden, self.intermediate
         return [(h, self.q_dim), (h, self.kv_dim), (h, self.kv_dim), (self.q_dim, h), (h, i), (h, i), (i, h)]
+
+    def adapted_shapes(self, targets: Collection[str] | None = None) -> list[tuple[int, int]]:
+        """(in, out) of the linears of one decoder layer that carry an adapter: those of ``targets``
+        (names of :data:`LINEAR_NAMES`), all seven when None."""
+        return [s for n, s in zip(LINEAR_NAMES, self.linear_shapes(), strict=True) if targets is None or n in targets]
 
     @property
     def linear_params(self) -> int:
@@ -129,8 +149,9 @@ class ModelShape:
         embed = self.vocab * h * (1 if self.tied else 2)
         return self.layers * per_layer + embed + h
 
-    def lora_params(self, rank: int) -> int:
-        return self.layers * sum(rank * (a + b) for a, b in self.linear_shapes())
+    def lora_params(self, rank: int, targets: Collection[str] | None = None) -> int:
+        """LoRA's A and B over every layer's adapted linears (:meth:`adapted_shapes`)."""
+        return self.layers * sum(rank * (a + b) for a, b in self.adapted_shapes(targets))
 
     def layer_params(self) -> int:
         return self.params // max(self.layers, 1)
@@ -212,7 +233,7 @@ def norm_bytes(width: int, rows: int, elem: int, trains_weight: bool, fused_kern
 
 
 def layer_bytes(shape: ModelShape, tokens: int, elem: int, lora_rank: int | None = None,
-                fused_kernels: bool = True, adapter: str = "lora") -> float:
+                fused_kernels: bool = True, adapter: str = "lora", targets: Collection[str] | None = None) -> float:
     """What one decoder layer saves for backward when it is not checkpointed (part of
     :func:`activation_bytes`), per micro-batch of ``tokens`` tokens. ``lora_rank=None``: full
     fine-tuning (the norm weights train).
@@ -252,21 +273,30 @@ def layer_bytes(shape: ModelShape, tokens: int, elem: int, lora_rank: int | None
     fused op keeps x A^T, never x) drop what only the linears kept: the two norm outputs and the
     product, - e (2 h + i); VeRA's scaled B (lambda_b B lambda_d and B lambda_d, fp32 [out, r] per
     linear) adds 8 r x the outputs per layer.
+
+    ``targets`` (LoRA family; :data:`LINEAR_NAMES`, None = all seven): only the adapted linears keep
+    their input (a frozen linear's backward needs its weight, not its input: the norm output of q/k/v
+    is kept when one of them is adapted, gate/up's likewise, the product for down_proj), their
+    ``x A^T`` (r each), DoRA's outputs (q: q, k and v: kv, o and down: h; gate's and up's are SwiGLU's)
+    and weight norms, VeRA's scaled B.
     """
     h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
     trains_norm = not lora_rank
-    per_token = elem * (2 * h + 2 * q + 2 * kv + 3 * i) + 4 * shape.heads
-    outputs = sum(out for _, out in shape.linear_shapes())
+    adapted = set(LINEAR_NAMES if targets is None or not lora_rank else targets) & set(LINEAR_NAMES)
+    # attention's q, k, v (after RoPE) and output, SwiGLU's gate and up, attention's fp32 logsumexp
+    per_token = elem * (2 * q + 2 * kv + 2 * i) + 4 * shape.heads
+    if not lora_rank or adapter in ("lora", "dora"):  # the linears that keep their input x
+        per_token += elem * linear_input_elems(shape, adapted)
+    outputs = sum(out for _, out in shape.adapted_shapes(adapted))
     per_layer = 0.0
     if lora_rank:
-        per_token += elem * lora_rank * 7
+        per_token += elem * lora_rank * len(adapted)
         if adapter == "dora":
-            per_token += elem * (q + 2 * kv + 2 * h)
+            kept_output = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": h, "down_proj": h}
+            per_token += elem * sum(kept_output.get(n, 0) for n in adapted)
             per_layer += 4 * outputs
-        elif adapter in ("lora_fa", "vera"):
-            per_token -= elem * (2 * h + i)
-            if adapter == "vera":
-                per_layer += 2 * 4 * lora_rank * outputs
+        elif adapter == "vera":
+            per_layer += 2 * 4 * lora_rank * outputs
     if not fused_kernels:
         per_token += elem * i  # silu(gate)
     body = tokens * per_token + per_layer + 2 * norm_bytes(h, tokens, elem, trains_norm, fused_kernels)
@@ -276,37 +306,63 @@ def layer_bytes(shape: ModelShape, tokens: int, elem: int, lora_rank: int | None
     return body
 
 
+def linear_input_elems(shape: ModelShape, names: Collection[str]) -> int:
+    """Elements per token of the distinct inputs of the named decoder linears: q/k/v share the first
+    norm's output (h), gate/up the second's (h), down_proj takes the SwiGLU product (i); o_proj's input
+    is attention's output, kept by attention anyway (not counted)."""
+    names = set(names)
+    return (shape.hidden * bool(names & {"q_proj", "k_proj", "v_proj"})
+            + shape.hidden * bool(names & {"gate_proj", "up_proj"}) + shape.intermediate * ("down_proj" in names))
+
+
+def nf4_frozen_input_bytes(shape: ModelShape, tokens: int, elem: int, adapter: str,
+                           targets: Collection[str] | None) -> float:
+    """What one decoder layer of an NF4 base keeps beyond :func:`layer_bytes` when only some linears
+    carry adapters: npu-ft's ``nf4_linear`` op keeps its input for backward also on a linear without
+    an adapter (an nn.Linear with a frozen weight keeps none), per micro-batch of ``tokens`` tokens."""
+    if targets is None:
+        return 0.0
+    adapted = set(targets)
+    frozen = set(LINEAR_NAMES) - adapted
+    keeps_x = adapted if adapter in ("lora", "dora") else set()
+    return float(elem * tokens * (linear_input_elems(shape, frozen | keeps_x) - linear_input_elems(shape, keeps_x)))
+
+
 def layer_working_bytes(shape: ModelShape, tokens: int, elem: int, lora_rank: int | None = None,
-                        fused_kernels: bool = True) -> float:
+                        fused_kernels: bool = True, targets: Collection[str] | None = None) -> float:
     """Every tensor one decoder layer's forward creates, saved for backward or not (part of
     :func:`activation_bytes`): what the layer being recomputed under checkpointing and the layer being
     back-propagated hold at once, per micro-batch of ``tokens`` tokens.
 
     Per token, in elements: its input, the first norm's output, q / k / v and q / k after RoPE, the
     attention output, o_proj's output, the residual sum, the second norm's output, gate, up, their
-    product, down_proj's output and the second residual sum: 7 h + 3 q + 3 kv + 3 i, + 7 r for LoRA's
-    ``x A^T``; transformers' unfused modules also make what they keep beyond the fused ops
-    (:func:`layer_bytes` with and without ``fused_kernels``: ``silu(gate)``, the norms' copies).
+    product, down_proj's output and the second residual sum: 7 h + 3 q + 3 kv + 3 i, + r for LoRA's
+    ``x A^T`` per adapted linear (``targets``, :func:`layer_bytes`); transformers' unfused modules
+    also make what they keep beyond the fused ops (:func:`layer_bytes` with and without
+    ``fused_kernels``: ``silu(gate)``, the norms' copies).
     :func:`layer_bytes` is the subset autograd keeps; the difference is what a layer's forward frees
     again at once, which a CPU allocator keeps mapped while the backward's working set is live.
     """
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
-    per_token = 7 * h + 3 * shape.q_dim + 3 * kv + 3 * i + (7 * lora_rank if lora_rank else 0)
+    adapters = len(shape.adapted_shapes(targets)) * lora_rank if lora_rank else 0
+    per_token = 7 * h + 3 * shape.q_dim + 3 * kv + 3 * i + adapters
     working = float(elem * tokens * per_token)
     if not fused_kernels:
-        working += layer_bytes(shape, tokens, elem, lora_rank, False) - layer_bytes(shape, tokens, elem, lora_rank)
+        working += (layer_bytes(shape, tokens, elem, lora_rank, False, targets=targets)
+                    - layer_bytes(shape, tokens, elem, lora_rank, targets=targets))
     return working
 
 
 def stored_layer_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpointing: bool,
                        lora_rank: int | None = None, checkpoint_policy: str = "full",
-                       fused_kernels: bool = True, adapter: str = "lora") -> float:
+                       fused_kernels: bool = True, adapter: str = "lora",
+                       targets: Collection[str] | None = None) -> float:
     """What all decoder layers keep between their forward and their backward (part of
     :func:`activation_bytes`): :func:`layer_bytes` each without checkpointing; with it, each layer's
     input (``full``), plus its GEMM outputs (q, k, v, o, gate, up, down) and attention output
     (``selective``)."""
     if not gradient_checkpointing:
-        return shape.layers * layer_bytes(shape, tokens, elem, lora_rank, fused_kernels, adapter)
+        return shape.layers * layer_bytes(shape, tokens, elem, lora_rank, fused_kernels, adapter, targets)
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
     kept = h
     if checkpoint_policy == "selective":
@@ -317,7 +373,8 @@ def stored_layer_bytes(shape: ModelShape, tokens: int, elem: int, gradient_check
 def activation_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpointing: bool,
                      lora_rank: int | None = None, fused_cross_entropy: bool = True,
                      loss_chunk_rows: int | None = None, checkpoint_policy: str = "full",
-                     fused_kernels: bool = True, adapter: str = "lora") -> float:
+                     fused_kernels: bool = True, adapter: str = "lora",
+                     targets: Collection[str] | None = None) -> float:
     """Saved activations of one micro-batch of ``tokens`` tokens (see the module docstring).
 
     Each layer that is not checkpointed keeps :func:`layer_bytes` (``fused_kernels``: npu-ft's fused
@@ -331,9 +388,9 @@ def activation_bytes(shape: ModelShape, tokens: int, elem: int, gradient_checkpo
     ``loss_chunk_rows``: rows per chunk of the fused loss (default: its accelerator default for
     this vocabulary, ``npu_ft.ops.linear_cross_entropy.default_chunk_rows``)."""
     h = shape.hidden
-    working = layer_working_bytes(shape, tokens, elem, lora_rank, fused_kernels)
+    working = layer_working_bytes(shape, tokens, elem, lora_rank, fused_kernels, targets)
     body = stored_layer_bytes(shape, tokens, elem, gradient_checkpointing, lora_rank, checkpoint_policy,
-                              fused_kernels, adapter)
+                              fused_kernels, adapter, targets)
     if not lora_rank:
         # the final norm keeps the last layer's output (with LoRA it stands in for the first layer's
         # input, which nobody keeps: the frozen embedding's output needs no gradient)
@@ -375,7 +432,7 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
              overhead_gib: float | None = None, fused_cross_entropy: bool = True,
              checkpoint_policy: str = "full",
              loss_chunk_rows: int | None = None, fused_kernels: bool = True, adapter: str = "lora",
-             optim: str = "adamw_torch") -> Estimate:
+             optim: str = "adamw_torch", targets: Collection[str] | None = None) -> Estimate:
     """Per-card memory of ``method`` (lora | qlora | full) on ``world_size`` data-parallel cards.
 
     ``adapter`` (lora / qlora; :data:`ADAPTERS`): what trains and what the adapted linears keep for
@@ -389,7 +446,9 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
 
     ``fused_cross_entropy`` / ``loss_chunk_rows``: the loss as npu-ft trains by default (chunked,
     no full logits) or transformers' loss (False); ``fused_kernels``: npu-ft's fused decoder-block
-    ops (the default) or transformers' modules (False); see :func:`activation_bytes`.
+    ops (the default) or transformers' modules (False); see :func:`activation_bytes`. ``targets``:
+    the adapted decoder linears of the LoRA family (names of :data:`LINEAR_NAMES`; None = all seven,
+    ``lora_target: all``), see :func:`layer_bytes`.
 
     ``dtype="fp32"`` describes a plain fp32 run (weights, gradients and activations in fp32, no
     mixed precision), which is what the CPU check measures.
@@ -405,6 +464,8 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
         raise ValueError(f"optim must be one of {', '.join(OPTIMS)}, got {optim!r}")
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero must be 0..3, got {zero}")
+    if targets is not None and (not set(targets) <= set(LINEAR_NAMES) or not targets):
+        raise ValueError(f"targets must be some of {', '.join(LINEAR_NAMES)}, got {sorted(targets)}")
     if method == "qlora" and zero == 3:
         raise ValueError("QLoRA with ZeRO-3 is not supported")
     n = max(int(world_size), 1)
@@ -429,7 +490,7 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
             weights = 4.0 * p
             grads = 4.0 * p
     else:
-        trainable, frozen_adapter, largest = _adapter_params(shape, adapter, lora_rank)
+        trainable, frozen_adapter, largest = _adapter_params(shape, adapter, lora_rank, targets)
         if method == "qlora":
             frozen_bytes = NF4_BYTES_PER_PARAM * shape.linear_params + half * (p - shape.linear_params)
         else:
@@ -460,7 +521,7 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
         grads += 2 * (2 if ds and not fp32 else 4) * shape.vocab * shape.hidden / (n if zero >= 2 else 1)
     acts = activation_bytes(shape, batch * seq, elem, gradient_checkpointing,
                             lora_rank if method != "full" else None, fused_cross_entropy, loss_chunk_rows,
-                            checkpoint_policy, fused_kernels, adapter)
+                            checkpoint_policy, fused_kernels, adapter, targets)
     if method == "full" and zero < 2:
         # back to front, each layer's weight gradients are made while its kept activations are freed:
         # at any time the decoder layers hold the gradients of the layers behind and the activations
@@ -470,6 +531,8 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
                                                     checkpoint_policy, fused_kernels))
     if method == "qlora":  # one dequantized weight at a time
         acts += half * max(a * b for a, b in shape.linear_shapes())
+        if not gradient_checkpointing:
+            acts += shape.layers * nf4_frozen_input_bytes(shape, batch * seq, elem, adapter, targets)
         # each NF4 linear keeps its dequantized fp32 absmax (one per 64 weights) for backward, in every
         # layer that is not checkpointed (with checkpointing: the one recomputed)
         acts += (1 if gradient_checkpointing else shape.layers) * 4 * shape.linear_params / shape.layers / 64
@@ -486,10 +549,11 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
                     adapters=adapters, loss=loss)
 
 
-def _adapter_params(shape: ModelShape, adapter: str, rank: int) -> tuple[int, int, int]:
+def _adapter_params(shape: ModelShape, adapter: str, rank: int,
+                    targets: Collection[str] | None = None) -> tuple[int, int, int]:
     """(trainable, frozen fp32 adapter elements, largest trainable tensor) of ``adapter`` at ``rank``
-    on every decoder linear."""
-    linears = shape.linear_shapes()
+    on the adapted decoder linears (``targets``, None = all seven)."""
+    linears = shape.adapted_shapes(targets)
     if adapter == "vera":
         trainable = shape.layers * sum(out + rank for _, out in linears)
         projections = rank * (max(a for a, _ in linears) + max(b for _, b in linears))
@@ -497,9 +561,9 @@ def _adapter_params(shape: ModelShape, adapter: str, rank: int) -> tuple[int, in
     largest = rank * max(max(a, b) for a, b in linears)
     if adapter == "lora_fa":  # B trains, A stays
         b_part = shape.layers * sum(rank * b for _, b in linears)
-        return b_part, shape.lora_params(rank) - b_part, largest
+        return b_part, shape.lora_params(rank, targets) - b_part, largest
     magnitudes = shape.layers * sum(b for _, b in linears) if adapter == "dora" else 0
-    return shape.lora_params(rank) + magnitudes, 0, largest
+    return shape.lora_params(rank, targets) + magnitudes, 0, largest
 
 
 def cards_needed(shape: ModelShape | str, method: str, *, zero: int = 0, card_gib: float = CARD_GIB,

@@ -28,7 +28,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["Plan", "plan", "plan_main", "render_plan"]
+__all__ = ["METHODS", "Plan", "plan", "plan_main", "render_plan", "zero_choices"]
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 #: fastest first

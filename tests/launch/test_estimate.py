@@ -16,6 +16,7 @@ from npu_ft.launch.estimate import (
     cards_needed,
     estimate,
     layer_bytes,
+    nf4_frozen_input_bytes,
     norm_bytes,
 )
 
@@ -74,7 +75,7 @@ TINY_SHAPE = ModelShape("tiny-48", 48, 80, 3, 3, 1, 128, True)
 
 
 def _saved_bytes(method: str, fused: bool, tokens: int, adapter: str = "lora",
-                 overrides: dict = TINY) -> tuple[list[int], int]:
+                 overrides: dict = TINY, targets: str = "all") -> tuple[list[int], int]:
     """Bytes autograd saves in each decoder layer's forward and in the final norm's: distinct
     storages, no parameters or buffers, storages saved in several layers (cos/sin) left out."""
     import torch
@@ -87,11 +88,11 @@ def _saved_bytes(method: str, fused: bool, tokens: int, adapter: str = "lora",
     flags = dict(use_dora=adapter == "dora", lora_fa=adapter == "lora_fa")
     if adapter == "vera":
         assert method == "lora"
-        apply_vera(model, r=4)
+        apply_vera(model, targets, r=4)
     elif method == "lora":
-        apply_lora(model, r=4, **flags)
+        apply_lora(model, targets, r=4, **flags)
     elif method == "qlora":
-        apply_qlora(model, r=4, compute_dtype=torch.float32, **flags)
+        apply_qlora(model, targets, r=4, compute_dtype=torch.float32, **flags)
     else:
         model.requires_grad_(True)
     if fused:
@@ -151,6 +152,24 @@ def test_layer_bytes_counts_saved_tensors_of_each_adapter(method, adapter):
     if method == "qlora":  # the dequantized absmax of each NF4 linear (estimate() adds it per layer)
         expected += 4 * TINY_HD_SHAPE.linear_params / TINY_HD_SHAPE.layers / 64
     assert layers[1] == pytest.approx(expected, rel=0.01)
+
+
+@pytest.mark.parametrize("method, adapter, targets", [
+    ("lora", "lora", "q_proj,v_proj"), ("lora", "dora", "k_proj,o_proj,down_proj"), ("lora", "lora", "gate_proj"),
+    ("lora", "vera", "up_proj,down_proj"), ("lora", "lora_fa", "q_proj,o_proj"), ("qlora", "lora", "q_proj,v_proj"),
+    ("qlora", "dora", "v_proj,up_proj")])
+def test_layer_bytes_counts_saved_tensors_of_some_targets(method, adapter, targets):
+    """With adapters on some linears only (lora_target), the frozen ones keep no input for backward."""
+    tokens = 40
+    layers, _ = _saved_bytes(method, True, tokens, adapter, TINY_HD, targets)
+    names = tuple(targets.split(","))
+    expected = layer_bytes(TINY_HD_SHAPE, tokens, 4, 4, True, adapter, names)
+    if method == "qlora":  # the dequantized absmax of each NF4 linear, and the input of one without an adapter
+        expected += 4 * TINY_HD_SHAPE.linear_params / TINY_HD_SHAPE.layers / 64
+        expected += nf4_frozen_input_bytes(TINY_HD_SHAPE, tokens, 4, adapter, names)
+    assert layers[1] == pytest.approx(expected, rel=0.01)
+    if method == "lora":  # fewer adapters keep less than all seven
+        assert expected < layer_bytes(TINY_HD_SHAPE, tokens, 4, 4, True, adapter)
 
 
 def test_adapter_and_optimizer_states():

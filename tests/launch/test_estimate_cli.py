@@ -53,6 +53,22 @@ def test_each_adapter_is_estimated_as_itself(overrides, adapter, rank, words, tm
     assert f"{want.total_gib:8.2f} GiB" in out
 
 
+@pytest.mark.parametrize("target, names", [("q_proj,v_proj", ("q_proj", "v_proj")),
+                                           ("self_attn.o_proj,mlp.down_proj", ("o_proj", "down_proj"))])
+def test_lora_target_subset_is_estimated_as_itself(target, names, capsys):
+    no_gc = ["disable_gradient_checkpointing=true"]  # where what each linear keeps shows most
+    assert estimate_main([str(RECIPE), "--card", "910B4-32G", *no_gc, f"lora_target={target}"]) == 0
+    out = capsys.readouterr().out
+    assert f"adapters on {', '.join(names)} of each decoder layer" in out and "counted on every" not in out
+    kw = dict(batch=2, seq=2048, lora_rank=16, overhead_gib=3.0, gradient_checkpointing=False)
+    want, every = estimate("qwen2.5-7b", "lora", targets=names, **kw), estimate("qwen2.5-7b", "lora", **kw)
+    assert f"{want.total_gib:8.2f} GiB" in out
+    assert want.adapters < every.adapters and want.activations < every.activations
+    assert estimate_main([str(RECIPE), "lora_target=embed_tokens"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "lora_target" in err and "names none of the decoder linears" in err and len(err.splitlines()) == 1
+
+
 def test_8bit_and_paged_optimizers(capsys):
     full = ROOT / "recipes" / "qwen2.5-0.5b" / "full.yaml"
     totals = {}
