@@ -281,6 +281,9 @@ def check_before_loading(cfg: Any, backend: Any) -> None:
     if warning is not None:
         logger.warning("%s", warning)
     if cfg.get("gradient_checkpointing_policy") == "auto":
-        policy, why = choose_checkpoint_policy(cfg, device_total_bytes(backend) or 0)
+        try:
+            policy, why = choose_checkpoint_policy(cfg, device_total_bytes(backend) or 0)
+        except EstimateError as exc:  # a recipe the estimator cannot read still trains, as LLaMA-Factory would
+            policy, why = "full", f"full: the estimator cannot read this recipe ({exc})"
         cfg.gradient_checkpointing_policy = "full" if policy == "off" else policy
         logger.info("gradient_checkpointing_policy auto -> %s", why)

@@ -242,3 +242,10 @@ def test_check_before_loading_resolves_auto_and_warns(monkeypatch, caplog):
     explicit = _cfg(gradient_checkpointing_policy="selective")
     budget.check_before_loading(explicit, backend)
     assert explicit.gradient_checkpointing_policy == "selective"  # only auto is changed
+    # a recipe the estimator cannot read (adapters only outside the decoder linears) still trains: full
+    caplog.clear()
+    odd = _cfg(gradient_checkpointing_policy="auto", lora_target=["lm_head"])
+    monkeypatch.setattr(budget, "device_total_bytes", lambda b: 64 * GIB)
+    with caplog.at_level(logging.INFO, logger="npu_ft.train"):
+        budget.check_before_loading(odd, backend)
+    assert odd.gradient_checkpointing_policy == "full" and "cannot read this recipe" in caplog.text
