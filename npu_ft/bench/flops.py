@@ -50,16 +50,13 @@ def spec_tflops(device_name: str, dtype: str) -> float | None:
     return None
 
 
-
-
 def step_flops(shape: Any, method: str, positions: int, row_len: int, head_positions: int,
                lora_rank: int = 0, lora_targets: tuple[str, ...] | list[str] = LINEAR_NAMES) -> dict[str, float]:
     """Model FLOPs of one training step, by part (see the module docstring).
 
     ``shape``: :class:`npu_ft.launch.estimate.ModelShape`; ``positions`` T = batch x row length;
     ``row_len`` S; ``head_positions`` H (positions whose logits the loss needs); ``lora_targets``:
-    how many of the 7 linears of a layer carry an adapter (the first ones in q, k, v, o, gate, up,
-    down order).
+    the linears of a layer that carry an adapter (names of :data:`~npu_ft.launch.estimate.LINEAR_NAMES`).
     """
     linears = shape.linear_shapes()
     gemm = sum(a * b for a, b in linears)
@@ -72,9 +69,7 @@ def step_flops(shape: Any, method: str, positions: int, row_len: int, head_posit
         adapters = 0.0
     elif method in ("lora", "qlora"):
         bwd_weight = 0.0
-        lora = sum(lora_rank * (a + b) for name, (a, b) in zip(LINEAR_NAMES, linears, strict=True)
-                   if name in lora_targets)
-        adapters = shape.layers * 2 * t * lora  # forward; its input and weight gradients below
+        adapters = 2 * t * shape.lora_params(lora_rank, lora_targets)  # forward; input and weight gradients below
         bwd_input += adapters
         bwd_weight += adapters
         fwd += adapters

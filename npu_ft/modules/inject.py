@@ -308,13 +308,13 @@ def quantize_linears(model: nn.Module, skip: Iterable[str] = (), blocksize: int 
     return done
 
 
-def quantize_base(model: nn.Module, additional_target: str | Sequence[str] | None = None, double_quant: bool = True,
-                  compute_dtype: torch.dtype | None = None) -> list[str]:
+def quantize_base(model: nn.Module, additional_target: str | Sequence[str] | None = None, blocksize: int = 64,
+                  double_quant: bool = True, compute_dtype: torch.dtype | None = None) -> list[str]:
     """The NF4 base of a QLoRA-style run: every linear but the output head and the ``additional_target``
     (``modules_to_save``) modules, which train in full, quantized (:func:`quantize_linears`).
     Returns the quantized names."""
     return quantize_linears(model, skip=_modules_to_save_names(model, _split(additional_target)),
-                            double_quant=double_quant, compute_dtype=compute_dtype)
+                            blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype)
 
 
 def apply_qlora(model: nn.Module, targets: str | Sequence[str] = "all", r: int = 8, alpha: float | None = None,
@@ -328,8 +328,7 @@ def apply_qlora(model: nn.Module, targets: str | Sequence[str] = "all", r: int =
     target_names = find_target_linear_names(model, targets)  # before quantizing: same answer, early errors
     saved = _split(additional_target)
     check_rank(model, target_names, r, saved)
-    quantize_linears(model, skip=_modules_to_save_names(model, saved), blocksize=blocksize,
-                     double_quant=double_quant, compute_dtype=compute_dtype)
+    quantize_base(model, saved, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype)
     return apply_lora(model, target_names, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                       additional_target=saved, upcast_trainable=upcast_trainable, use_dora=use_dora,
                       lora_fa=lora_fa)
