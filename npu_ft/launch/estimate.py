@@ -315,19 +315,6 @@ def linear_input_elems(shape: ModelShape, names: Collection[str]) -> int:
             + shape.hidden * bool(names & {"gate_proj", "up_proj"}) + shape.intermediate * ("down_proj" in names))
 
 
-def nf4_frozen_input_bytes(shape: ModelShape, tokens: int, elem: int, adapter: str,
-                           targets: Collection[str] | None) -> float:
-    """What one decoder layer of an NF4 base keeps beyond :func:`layer_bytes` when only some linears
-    carry adapters: npu-ft's ``nf4_linear`` op keeps its input for backward also on a linear without
-    an adapter (an nn.Linear with a frozen weight keeps none), per micro-batch of ``tokens`` tokens."""
-    if targets is None:
-        return 0.0
-    adapted = set(targets)
-    frozen = set(LINEAR_NAMES) - adapted
-    keeps_x = adapted if adapter in ("lora", "dora") else set()
-    return float(elem * tokens * (linear_input_elems(shape, frozen | keeps_x) - linear_input_elems(shape, keeps_x)))
-
-
 def layer_working_bytes(shape: ModelShape, tokens: int, elem: int, lora_rank: int | None = None,
                         fused_kernels: bool = True, targets: Collection[str] | None = None) -> float:
     """Every tensor one decoder layer's forward creates, saved for backward or not (part of
@@ -531,8 +518,6 @@ def estimate(shape: ModelShape | str, method: str, *, zero: int = 0, offload_opt
                                                     checkpoint_policy, fused_kernels))
     if method == "qlora":  # one dequantized weight at a time
         acts += half * max(a * b for a, b in shape.linear_shapes())
-        if not gradient_checkpointing:
-            acts += shape.layers * nf4_frozen_input_bytes(shape, batch * seq, elem, adapter, targets)
         # each NF4 linear keeps its dequantized fp32 absmax (one per 64 weights) for backward, in every
         # layer that is not checkpointed (with checkpointing: the one recomputed)
         acts += (1 if gradient_checkpointing else shape.layers) * 4 * shape.linear_params / shape.layers / 64

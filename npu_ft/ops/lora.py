@@ -26,9 +26,11 @@ the reference kernel that serves any device, and the cpu and npu backends regist
 keys. The ``*_reference`` functions below are the readable statement of PEFT's math: the **oracle**
 the tests and ``npu-ft doctor`` compare every kernel against (differentiable by torch autograd);
 they are not registered. Backward is a separate op per family (``lora_linear_backward``,
-``nf4_linear_backward``) so every device can bring its own backward kernel. Backward saves x,
-x_lora, h and references to the frozen weight (the NF4 op saves packed/absmax and dequantizes again);
-it never saves a copy of W nor a full-size output, and the frozen weight gets no gradient.
+``nf4_linear_backward``) so every device can bring its own backward kernel. Backward saves x (only
+where lora_A's gradient reads it: not on an NF4 linear without an adapter, nor with dropout, where it
+saves x_lora), h and references to the frozen weight (the NF4 op saves packed/absmax and dequantizes
+again); it never saves a copy of W nor a full-size output, and the frozen weight gets no gradient.
+A backward kernel reads x's data only for dA without dropout, otherwise only its shape and dtype.
 """
 
 from __future__ import annotations
@@ -210,13 +212,28 @@ def nf4_linear_backward_reference(
 # --------------------------------------------------------------------------------------------------
 
 
+def _input_for_backward(x: torch.Tensor, lora_A: torch.Tensor | None, x_lora: torch.Tensor | None,
+                        needs_dA: bool) -> torch.Tensor:
+    """What a LoRA/NF4 linear keeps of its input ``x`` ``[..., in]`` for backward.
+
+    The backward reads x's data only for lora_A's gradient without dropout (``dA = dh^T x``); dx needs
+    the weight only, and with dropout dA reads ``x_lora``. Otherwise it keeps a one-element stand-in
+    with x's shape, dtype and device (all that the backward kernels read of it then), so that an NF4
+    linear without an adapter or a LoRA linear with dropout keeps no ``[..., in]`` copy of its input.
+    """
+    if lora_A is not None and x_lora is None and needs_dA:
+        return x
+    return x.new_empty(()).expand(x.shape)
+
+
 def _lora_linear_setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, x_lora = inputs
     _, h = output
     ctx.scaling = scaling
     ctx.has_x_lora = x_lora is not None
     ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.save_for_backward(x, weight, lora_A, lora_B, h, x_lora)
+    kept_x = _input_for_backward(x, lora_A, x_lora, ctx.needs_input_grad[3])
+    ctx.save_for_backward(kept_x, weight, lora_A, lora_B, h, x_lora)
 
 
 def _mask(ctx, i_x, i_bias, i_A, i_B, i_xl):
@@ -248,7 +265,8 @@ def _nf4_linear_setup_context(ctx, inputs, output):
     ctx.weight_shape = list(weight_shape)
     ctx.scaling = scaling
     ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.save_for_backward(x, packed, absmax, lora_A, lora_B, h, x_lora)
+    kept_x = _input_for_backward(x, lora_A, x_lora, ctx.needs_input_grad[6])
+    ctx.save_for_backward(kept_x, packed, absmax, lora_A, lora_B, h, x_lora)
 
 
 def _nf4_linear_backward(ctx, grad_y, grad_h):
