@@ -24,7 +24,7 @@ import torch
 from npu_ft.modules.checkpointing import POLICIES
 
 
-def profile_case(case, args):
+def profile_case(case, profile_memory: bool = True):
     """Profile ``case``'s timed steps; returns (profiler, wall seconds per timed step, timed steps)."""
     from npu_ft.bench import impls, registry
     from npu_ft.bench.data import make_batches
@@ -49,7 +49,7 @@ def profile_case(case, args):
         step(batch)
     timed = batches[case.warmup:]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=not args.kinds) as prof:
+                                profile_memory=profile_memory) as prof:
         start = time.perf_counter()
         for batch in timed:
             step(batch)
@@ -57,12 +57,19 @@ def profile_case(case, args):
     return prof, wall, len(timed)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("suite")
     p.add_argument("cases", nargs="+", metavar="case")
-    p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--layers", type=_positive, default=None)
+    p.add_argument("--seq-len", type=_positive, default=None)
     p.add_argument("--checkpoint-policy", choices=POLICIES, default=None)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--kinds", action="store_true",
@@ -70,8 +77,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from npu_ft.bench import load_suite
     from npu_ft.bench.step_profile import kinds_table, time_by_kind
+    from npu_ft.bench.suite import SuiteError
 
-    suite = load_suite(args.suite)
+    try:
+        suite = load_suite(args.suite)
+    except SuiteError as err:
+        p.error(str(err))
     rows = {}
     for wanted in args.cases:
         matching = [c for c in suite.cases if wanted in c.case_id]
@@ -84,7 +95,7 @@ def main(argv=None) -> int:
             case.seq_len = args.seq_len
         if args.checkpoint_policy:
             case.checkpoint_policy = args.checkpoint_policy
-        prof, wall, steps = profile_case(case, args)
+        prof, wall, steps = profile_case(case, profile_memory=not args.kinds)
         if args.kinds:
             rows[case.case_id] = (wall, {k: s / steps for k, s in time_by_kind(prof.events()).items()})
             print(f"# {case.case_id} layers={args.layers or 'all'}: {wall:.2f} s/step", flush=True)
